@@ -1,0 +1,483 @@
+"""GPU energy from NVML (nvidia-ml-py / pynvml).
+
+Energy comes from `nvmlDeviceGetTotalEnergyConsumption` (mJ since the driver loaded; a decrease
+is a reset) and, on GPUs without that counter, from `nvmlDeviceGetPowerUsage` (mW) integrated by
+a small background sampler at 1 s or finer, so the result does not depend on how often the
+daemon reads. A GPU that is lost, unsupported or not permitted is marked down and left out of
+readings while the other GPUs go on; down GPUs are looked up again (by UUID, else by index) every
+`retry_interval_s`, and a GPU that comes back continues its series from where it stopped: energy
+spent while it was lost is unknown and is not counted, so there is never a spike.
+Nothing here raises at construction or read: a missing library or unloaded driver leaves the
+meter down with the reason in `report()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from carbond.meters.base import DeviceEnergy, DeviceReport, EnergyCounter, MeterReading
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_LOST = "lost"
+STATUS_NOT_SUPPORTED = "not supported"
+STATUS_NO_PERMISSION = "no permission"
+STATUS_ERROR = "error"
+
+METHOD_COUNTER = "energy counter"
+METHOD_POWER = "power integration"
+
+# NVML return codes (stable across driver versions; duplicated so the module imports without NVML).
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_ERROR_GPU_IS_LOST = 15
+
+
+def load_pynvml() -> ModuleType | None:
+    """The pynvml module, or None when nvidia-ml-py is not installed."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+def error_code(exc: BaseException) -> int | None:
+    """The NVML return code carried by a pynvml exception, if any."""
+    value = getattr(exc, "value", None)
+    return value if isinstance(value, int) else None
+
+
+def status_for(exc: BaseException) -> str:
+    """Map an NVML failure to the per-GPU status shown by `carbond check`."""
+    code = error_code(exc)
+    if code == NVML_ERROR_GPU_IS_LOST:
+        return STATUS_LOST
+    if code in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND):
+        return STATUS_NOT_SUPPORTED
+    if code == NVML_ERROR_NO_PERMISSION:
+        return STATUS_NO_PERMISSION
+    return STATUS_ERROR
+
+
+def describe(exc: BaseException) -> str:
+    """One-line text for an NVML failure; pynvml's str() can itself fail on odd codes."""
+    try:
+        text = str(exc)
+    except Exception:  # pragma: no cover - pynvml calls into the library for unknown codes
+        text = ""
+    code = error_code(exc)
+    if not text:
+        text = type(exc).__name__
+    return f"{text} (NVML error {code})" if code is not None else text
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    """A MIG device of a GPU. It has no energy counter of its own: its share of the parent's
+    energy comes from its processes' usage (see carbond.workloads.gpu)."""
+
+    slot: int  # index for nvmlDeviceGetMigDeviceHandleByIndex
+    uuid: str
+    gpu_instance_id: int
+    compute_instance_id: int
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """What is known about one GPU, for `carbond_gpu_info` and `carbond check`."""
+
+    index: int  # NVML index
+    device: str  # "gpu-N", the `device` label
+    uuid: str  # "" when the GPU was never readable
+    name: str
+    status: str  # ok, lost, not supported, no permission, error
+    reason: str  # why it is down; "" when ok
+    method: str  # "energy counter", "power integration", or "" while down
+    mig_enabled: bool
+    mig_instances: tuple[MigInstance, ...]
+
+
+class _Gpu:
+    """Mutable per-GPU state; only touched under NvmlMeter._lock."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.device = f"gpu-{index}"
+        self.uuid = ""
+        self.name = ""
+        self.handle: Any = None
+        self.status = STATUS_ERROR
+        self.reason = "not yet read"
+        self.method = ""
+        self.counter = EnergyCounter(range_units=None)  # mJ; no range: a decrease is a reset
+        self.counter_millijoules = 0  # counter increments folded in, exact integer
+        self.power_millijoules = 0.0  # integrated power
+        self.last_power_milliwatts: int | None = None
+        self.last_power_time = 0.0
+        self.has_sample = False  # at least one good read since the last (re)start
+        self.last_retry = float("-inf")
+        self.mig_enabled = False
+        self.mig_instances: tuple[MigInstance, ...] = ()
+
+    @property
+    def joules(self) -> float:
+        return (self.counter_millijoules + self.power_millijoules) / 1000.0
+
+    def info(self) -> GpuInfo:
+        return GpuInfo(self.index, self.device, self.uuid, self.name, self.status,
+                       "" if self.status == STATUS_OK else self.reason,
+                       self.method if self.status == STATUS_OK else "",
+                       self.mig_enabled, self.mig_instances)
+
+
+class NvmlMeter:
+    """Cumulative joules per GPU from NVML; see the module docstring for the rules."""
+
+    name = "nvml"
+
+    def __init__(
+        self,
+        nvml: ModuleType | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        power_interval_s: float = 1.0,
+        retry_interval_s: float = 10.0,
+        start_sampler: bool = True,
+    ) -> None:
+        if not 0 < power_interval_s <= 1.0:
+            raise ValueError("power_interval_s must be in (0, 1] seconds")
+        self._nvml = nvml if nvml is not None else load_pynvml()
+        self._clock = clock
+        self.power_interval_s = power_interval_s
+        self.retry_interval_s = retry_interval_s
+        self._start_sampler = start_sampler
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self._gpus: list[_Gpu] = []
+        self._initialised = False
+        self._closed = False
+        self._reason = ""  # why the whole meter is down
+        self._last_init_try = float("-inf")
+        self._init_retryable = False  # driver not loaded yet: try nvmlInit again later
+        self._up = False
+        self.errors = 0  # cumulative failed reads, for carbond_meter_errors_total
+        self.driver_version = ""
+        self._init()
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _init(self) -> None:
+        """nvmlInit once and discover GPUs; failures only set the reason."""
+        nvml = self._nvml
+        self._last_init_try = self._clock()
+        if nvml is None:
+            self._reason = "nvidia-ml-py (pynvml) is not installed"
+            return
+        try:
+            nvml.nvmlInit()
+        except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, OSError …
+            self._reason = self._init_failure(exc)
+            self._init_retryable = error_code(exc) != NVML_ERROR_LIBRARY_NOT_FOUND
+            log.info("nvml meter down: %s", self._reason)
+            return
+        self._initialised = True
+        self._reason = ""
+        try:
+            self.driver_version = _text(nvml.nvmlSystemGetDriverVersion())
+        except Exception:
+            self.driver_version = ""
+        try:
+            count = int(nvml.nvmlDeviceGetCount())
+        except Exception as exc:
+            self._reason = f"cannot count GPUs: {describe(exc)}"
+            self.errors += 1
+            return
+        if count == 0:
+            self._reason = "NVML found no GPUs"
+        now = self._clock()
+        for index in range(count):
+            gpu = _Gpu(index)
+            self._gpus.append(gpu)
+            self._acquire(gpu, now)
+
+    @staticmethod
+    def _init_failure(exc: BaseException) -> str:
+        code = error_code(exc)
+        if code == NVML_ERROR_LIBRARY_NOT_FOUND:
+            return "NVML library libnvidia-ml.so.1 not found (no NVIDIA driver installed)"
+        if code == NVML_ERROR_DRIVER_NOT_LOADED:
+            return "NVIDIA driver not loaded"
+        if code == NVML_ERROR_NO_PERMISSION:
+            return "no permission to open the NVIDIA device files"
+        return f"nvmlInit failed: {describe(exc)}"
+
+    def _acquire(self, gpu: _Gpu, now: float) -> None:
+        """(Re)get a GPU's handle and pick its energy method; marks it ok or down."""
+        nvml = self._nvml
+        assert nvml is not None
+        gpu.last_retry = now
+        try:
+            handle = None
+            if gpu.uuid:
+                try:
+                    handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+                except Exception as exc:
+                    if error_code(exc) == NVML_ERROR_GPU_IS_LOST:
+                        raise
+            if handle is None:
+                handle = nvml.nvmlDeviceGetHandleByIndex(gpu.index)
+            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+            name = _text(nvml.nvmlDeviceGetName(handle))
+        except Exception as exc:
+            self._mark_down(gpu, exc, "cannot get a handle")
+            return
+        if gpu.uuid and uuid != gpu.uuid:
+            log.warning("%s is now %s (was %s)", gpu.device, uuid, gpu.uuid)
+        gpu.handle, gpu.uuid, gpu.name = handle, uuid, name
+        # Whatever the counter did while the GPU was away is unknown: start a fresh baseline.
+        gpu.counter.last_raw = None
+        gpu.last_power_milliwatts = None
+        self._refresh_mig(gpu)
+        self._choose_method(gpu, now)
+
+    def _choose_method(self, gpu: _Gpu, now: float) -> None:
+        nvml = self._nvml
+        assert nvml is not None
+        try:
+            raw = int(nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
+        except Exception as exc:
+            if status_for(exc) not in (STATUS_NOT_SUPPORTED, STATUS_NO_PERMISSION):
+                self._mark_down(gpu, exc, "energy counter")
+                return
+            energy_failure = describe(exc)
+        else:
+            gpu.counter.update(raw)
+            self._mark_ok(gpu, METHOD_COUNTER)
+            return
+        try:
+            milliwatts = int(nvml.nvmlDeviceGetPowerUsage(gpu.handle))
+        except Exception as exc:
+            self._mark_down(gpu, exc, f"energy counter: {energy_failure}; power")
+            return
+        gpu.last_power_milliwatts, gpu.last_power_time = milliwatts, now
+        self._mark_ok(gpu, METHOD_POWER)
+        self._ensure_sampler()
+
+    def _refresh_mig(self, gpu: _Gpu) -> None:
+        """List MIG instances; a GPU or driver without MIG simply has none."""
+        nvml = self._nvml
+        assert nvml is not None
+        instances: list[MigInstance] = []
+        try:
+            current, _pending = nvml.nvmlDeviceGetMigMode(gpu.handle)
+            enabled = bool(current)
+        except Exception:
+            enabled = False
+        if enabled:
+            try:
+                slots = int(nvml.nvmlDeviceGetMaxMigDeviceCount(gpu.handle))
+            except Exception:
+                slots = 0
+            for slot in range(slots):
+                try:
+                    mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu.handle, slot)
+                    instances.append(MigInstance(
+                        slot, _text(nvml.nvmlDeviceGetUUID(mig)),
+                        int(nvml.nvmlDeviceGetGpuInstanceId(mig)),
+                        int(nvml.nvmlDeviceGetComputeInstanceId(mig))))
+                except Exception:
+                    continue  # empty slot (NotFound) or unreadable instance
+        gpu.mig_enabled, gpu.mig_instances = enabled, tuple(instances)
+
+    def _mark_ok(self, gpu: _Gpu, method: str) -> None:
+        if gpu.status != STATUS_OK:
+            log.info("%s (%s) readable via %s", gpu.device, gpu.uuid, method)
+        gpu.status, gpu.reason, gpu.method = STATUS_OK, "", method
+
+    def _mark_down(self, gpu: _Gpu, exc: BaseException, what: str) -> None:
+        status = status_for(exc)
+        reason = f"{what}: {describe(exc)}"
+        if (gpu.status, gpu.reason) != (status, reason):
+            log.warning("%s (%s) down: %s", gpu.device, gpu.uuid or "uuid unknown", reason)
+        gpu.status, gpu.reason, gpu.method = status, reason, ""
+        gpu.has_sample = False
+        gpu.last_power_milliwatts = None
+        self.errors += 1
+
+    # -- power sampler -------------------------------------------------------------------------
+
+    def _ensure_sampler(self) -> None:
+        if not self._start_sampler or self._closed:
+            return
+        if self._sampler is None or not self._sampler.is_alive():
+            self._sampler = threading.Thread(target=self._sample_loop, name="carbond-nvml-power",
+                                             daemon=True)
+            self._sampler.start()
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(self.power_interval_s):
+            try:
+                self.sample_power()
+            except Exception:  # never let the sampler die silently
+                log.exception("nvml power sampler")
+
+    def sample_power(self) -> None:
+        """Integrate power once for every GPU read by power integration (the sampler calls this
+        every `power_interval_s`; tests with an injected clock call it directly)."""
+        with self._lock:
+            if not self._initialised:
+                return
+            now = self._clock()
+            for gpu in self._gpus:
+                if gpu.status == STATUS_OK and gpu.method == METHOD_POWER:
+                    self._sample_gpu_power(gpu, now)
+
+    def _sample_gpu_power(self, gpu: _Gpu, now: float) -> bool:
+        nvml = self._nvml
+        assert nvml is not None
+        try:
+            milliwatts = int(nvml.nvmlDeviceGetPowerUsage(gpu.handle))
+        except Exception as exc:
+            self._mark_down(gpu, exc, "power")
+            return False
+        if gpu.last_power_milliwatts is not None and now > gpu.last_power_time:
+            # trapezoid: mW * s = mJ
+            gpu.power_millijoules += ((gpu.last_power_milliwatts + milliwatts) / 2.0
+                                      * (now - gpu.last_power_time))
+        gpu.last_power_milliwatts, gpu.last_power_time = milliwatts, now
+        return True
+
+    # -- the Meter interface -------------------------------------------------------------------
+
+    def read(self) -> MeterReading:
+        """Cumulative joules for every GPU that could be read now."""
+        reading = MeterReading()
+        with self._lock:
+            errors_before = self.errors
+            now = self._clock()
+            if not self._initialised:
+                self._maybe_retry_init(now)
+            for gpu in self._gpus:
+                if gpu.status != STATUS_OK:
+                    if now - gpu.last_retry < self.retry_interval_s:
+                        continue
+                    self._acquire(gpu, now)
+                    if gpu.status != STATUS_OK:
+                        continue
+                elif now - gpu.last_retry >= self.retry_interval_s:
+                    gpu.last_retry = now
+                    self._refresh_mig(gpu)
+                if gpu.method == METHOD_COUNTER:
+                    ok = self._read_counter(gpu, reading)
+                else:
+                    ok = self._sample_gpu_power(gpu, now)
+                if ok:
+                    gpu.has_sample = True
+                    reading.devices.append(DeviceEnergy(gpu.device, "gpu", "nvml", gpu.joules))
+            reading.errors = self.errors - errors_before
+            self._up = bool(reading.devices)
+        return reading
+
+    def _maybe_retry_init(self, now: float) -> None:
+        """A driver that loads after carbond started is picked up; a missing library is not
+        retried (installing one needs a restart anyway)."""
+        if not self._init_retryable:
+            return
+        if now - self._last_init_try >= self.retry_interval_s:
+            self._init()
+
+    def _read_counter(self, gpu: _Gpu, reading: MeterReading) -> bool:
+        nvml = self._nvml
+        assert nvml is not None
+        try:
+            raw = int(nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
+        except Exception as exc:
+            if status_for(exc) == STATUS_NOT_SUPPORTED:
+                # The counter went away (driver change): carry on by power integration.
+                self._choose_method(gpu, self._clock())
+                return False
+            self._mark_down(gpu, exc, "energy counter")
+            return False
+        before = gpu.counter.total_units
+        resets = gpu.counter.update(raw)
+        gpu.counter_millijoules += gpu.counter.total_units - before
+        if resets:
+            reading.wraps[gpu.device] = reading.wraps.get(gpu.device, 0) + resets
+        return True
+
+    def up(self) -> bool:
+        return self._up
+
+    @property
+    def reason(self) -> str:
+        """Why the whole meter is down ("" when NVML initialised and found GPUs)."""
+        return self._reason
+
+    def gpus(self) -> list[GpuInfo]:
+        """Every GPU NVML reported, up or down (for carbond_gpu_info and check); no NVML call."""
+        with self._lock:
+            return [gpu.info() for gpu in self._gpus]
+
+    def handles(self) -> dict[str, Any]:
+        """device -> NVML handle for the GPUs that are up, for carbond.workloads.gpu."""
+        with self._lock:
+            return {gpu.device: gpu.handle for gpu in self._gpus if gpu.status == STATUS_OK}
+
+    @property
+    def nvml(self) -> ModuleType | None:
+        return self._nvml
+
+    def report(self) -> list[DeviceReport]:
+        """Lines for `carbond check`: driver, then each GPU with its UUID, method or fault."""
+        with self._lock:
+            if not self._initialised:
+                return [DeviceReport("nvml", self._reason or "not initialised", False)]
+            lines = [DeviceReport("nvml", f"driver {self.driver_version or 'unknown'}, "
+                                          f"{len(self._gpus)} GPU(s)", bool(self._gpus))]
+            if self._reason:
+                lines.append(DeviceReport("nvml", self._reason, False))
+            for gpu in self._gpus:
+                ident = f"index {gpu.index}, {gpu.uuid or 'uuid unknown'}"
+                mig = ""
+                if gpu.mig_enabled:
+                    mig = f", MIG enabled ({len(gpu.mig_instances)} instance(s))"
+                if gpu.status == STATUS_OK:
+                    detail = f"{gpu.name} ({ident}): {gpu.method}{mig}"
+                else:
+                    detail = f"{gpu.name or 'GPU'} ({ident}): {gpu.status} ({gpu.reason})"
+                lines.append(DeviceReport(gpu.device, detail, gpu.status == STATUS_OK))
+            return lines
+
+    def close(self) -> None:
+        """Stop the sampler (within 2 s) and shut NVML down; safe to call twice."""
+        self._stop.set()
+        sampler = self._sampler
+        if sampler is not None:
+            sampler.join(timeout=2.0)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._initialised and self._nvml is not None:
+                with contextlib.suppress(Exception):
+                    self._nvml.nvmlShutdown()
+                self._initialised = False
