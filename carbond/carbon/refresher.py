@@ -1,0 +1,304 @@
+"""Keeps a current intensity figure fresh off the tick thread.
+
+A daemon thread polls each network provider on its own schedule (refresh period, exponential
+backoff with jitter after failures, Retry-After on 429). Ticks only call `current()`, which
+reads a few fields under a lock and never waits on the network. The last good value of each
+provider is cached in the state directory so a restart does not fall back to the annual table
+while the API is slow or down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from carbond.carbon.model import FetchError, Intensity
+from carbond.carbon.providers import Provider
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REFRESH_SECONDS = 15 * 60.0
+DEFAULT_MAX_AGE_SECONDS = 2 * 3600.0
+BACKOFF_BASE_SECONDS = 30.0
+CACHE_FILE = "intensity-cache.json"
+CACHE_VERSION = 1
+
+
+def backoff_seconds(failures: int, base_seconds: float, cap_seconds: float, jitter: float) -> float:
+    """Delay before the next try after `failures` consecutive failures (>= 1).
+
+    Exponential, capped, with "equal jitter": half fixed, half random (`jitter` in [0, 1)), so
+    a fleet that failed together does not retry together.
+    """
+    exponent = min(max(failures, 1) - 1, 30)
+    delay = min(cap_seconds, base_seconds * (2.0**exponent))
+    return delay / 2.0 + delay / 2.0 * jitter
+
+
+@dataclass
+class _ProviderState:
+    provider: Provider
+    value: Intensity | None = None
+    next_attempt_at: float = 0.0
+    failures: int = 0  # consecutive, for backoff
+    errors: int = 0  # total, for carbond_intensity_fetch_errors_total
+    last_error: str | None = None  # reason word only, for `carbond check`
+
+
+class IntensityFeed:
+    """The intensity in use: the first provider, in configured order, with a fresh value.
+
+    Network values are fresh while `age_seconds <= max_age_seconds`; local providers (constant,
+    static) always are. `start()` launches the refresh thread; `refresh_now()` runs one
+    synchronous round (tests, `carbond intensity`, `carbond check`).
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[Provider],
+        zone: str,
+        refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
+        max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+        state_dir: str | os.PathLike[str] | None = None,
+        clock: Callable[[], float] = time.time,
+        backoff_base_seconds: float = BACKOFF_BASE_SECONDS,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not providers:
+            raise ValueError("at least one provider is needed")
+        self.zone = zone
+        self.refresh_seconds = float(refresh_seconds)
+        self.max_age_seconds = float(max_age_seconds)
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.clock = clock
+        self.backoff_base_seconds = float(backoff_base_seconds)
+        self._rng = rng or random.Random()
+        self._states = [_ProviderState(p) for p in providers]
+        self._lock = threading.Lock()  # guards the small state above; never held over I/O
+        self._refresh_lock = threading.Lock()  # one refresh round at a time
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cache_warned = False
+        self._load_cache()
+
+    # ------------------------------------------------------------ reading (tick thread)
+
+    def current(self) -> Intensity | None:
+        """The figure to use now, or None only if every provider lacks a fresh value (static
+        is always configured by build_providers, so in practice never None)."""
+        now = self.clock()
+        with self._lock:
+            for state in self._states:
+                if not state.provider.network:  # a local figure: pure, instant
+                    return state.provider.fetch(now)
+                if state.value is not None and self._fresh(state.value, now):
+                    return state.value
+        return None
+
+    def age_seconds(self, now: float | None = None) -> float | None:
+        """Age of the figure in use; 0 for local figures (constant, static), whose observed_at
+        is always now."""
+        now = self.clock() if now is None else now
+        value = self.current()
+        return None if value is None else value.age_seconds(now)
+
+    def fetch_errors(self) -> dict[str, int]:
+        """Rejected or failed fetches per provider name, cumulative since start."""
+        with self._lock:
+            return {s.provider.name: s.errors for s in self._states}
+
+    def last_errors(self) -> dict[str, str | None]:
+        """The last failure reason per provider (a word like timeout, http_500), for check."""
+        with self._lock:
+            return {s.provider.name: s.last_error for s in self._states}
+
+    def values(self) -> dict[str, Intensity | None]:
+        """The last good value per provider, fresh or not."""
+        with self._lock:
+            return {s.provider.name: s.value for s in self._states}
+
+    @property
+    def providers(self) -> list[Provider]:
+        return [s.provider for s in self._states]
+
+    # ------------------------------------------------------------ refreshing
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="carbond-intensity", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_seconds: float = 2.0) -> None:
+        """Ask the thread to end and wait up to `timeout_seconds`; a fetch in flight is bounded
+        by the request timeout, and the thread is a daemon, so exit never hangs on it."""
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_seconds)
+
+    def wake(self) -> None:
+        """Make the thread re-check its schedule now (e.g. after SIGHUP)."""
+        self._wake.set()
+
+    def refresh_now(self, force: bool = True) -> dict[str, str]:
+        """One synchronous round; `force` ignores the schedule and backoff.
+
+        Returns provider -> "ok" or the failure reason, for the CLI and tests.
+        """
+        outcome: dict[str, str] = {}
+        with self._refresh_lock:
+            for state in self._states:
+                provider = state.provider
+                if not provider.network:
+                    continue
+                if self._stop.is_set() and not force:
+                    break
+                if not force and self.clock() < state.next_attempt_at:
+                    continue
+                outcome[provider.name] = self._refresh_one(state)
+        return outcome
+
+    def _refresh_one(self, state: _ProviderState) -> str:
+        provider = state.provider
+        started = self.clock()
+        try:
+            value = provider.fetch(started)
+        except FetchError as exc:
+            return self._failed(state, exc, started)
+        except Exception as exc:  # a provider bug must not end the thread
+            log.exception("intensity provider %s failed unexpectedly", provider.name)
+            return self._failed(state, FetchError("internal", type(exc).__name__), started)
+        with self._lock:
+            state.value = value
+            state.failures = 0
+            state.last_error = None
+            state.next_attempt_at = started + self.refresh_seconds
+        log.debug("intensity %s %s: %.1f g/kWh", provider.name, value.zone, value.grams_per_kwh)
+        self._save_cache()
+        return "ok"
+
+    def _failed(self, state: _ProviderState, exc: FetchError, now: float) -> str:
+        with self._lock:
+            state.failures += 1
+            state.errors += 1
+            state.last_error = exc.reason
+            delay = backoff_seconds(
+                state.failures,
+                self.backoff_base_seconds,
+                max(self.refresh_seconds, self.backoff_base_seconds),
+                self._rng.random(),
+            )
+            if exc.retry_after_seconds is not None:
+                delay = max(delay, exc.retry_after_seconds)
+            state.next_attempt_at = now + delay
+        # str(exc) is built by carbond from the reason and public facts only: no secrets.
+        log.warning("intensity provider %s: %s; next try in %.0fs", state.provider.name, exc, delay)
+        return exc.reason
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh_now(force=False)
+            except Exception:  # keep the thread alive whatever happens
+                log.exception("intensity refresh round failed")
+            with self._lock:
+                pending = [s.next_attempt_at for s in self._states if s.provider.network]
+            if not pending:
+                return
+            wait = max(0.05, min(pending) - self.clock())
+            self._wake.wait(min(wait, 60.0))
+            self._wake.clear()
+
+    # ------------------------------------------------------------ freshness and cache
+
+    def _fresh(self, value: Intensity, now: float) -> bool:
+        return value.age_seconds(now) <= self.max_age_seconds
+
+    def _cache_path(self) -> Path | None:
+        return self.state_dir / CACHE_FILE if self.state_dir is not None else None
+
+    def _load_cache(self) -> None:
+        """Reuse cached values that are for this zone and still fresh; schedule the next fetch
+        one refresh period after the cached fetch, so restart loops do not hammer the APIs."""
+        path = self._cache_path()
+        if path is None:
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring intensity cache %s: %s", path, type(exc).__name__)
+            return
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+            return
+        if data.get("zone") != self.zone or not isinstance(data.get("providers"), dict):
+            return
+        now = self.clock()
+        for state in self._states:
+            entry = data["providers"].get(state.provider.name)
+            if entry is None or not state.provider.network:
+                continue
+            try:
+                value = Intensity.from_json(entry)
+            except (ValueError, FetchError):
+                continue
+            if value.provider != state.provider.name or not self._fresh(value, now):
+                continue
+            state.value = value
+            state.next_attempt_at = max(now, value.fetched_at + self.refresh_seconds)
+
+    def _save_cache(self) -> None:
+        """Atomic write (temp file + rename); a full or read-only disk only logs, once."""
+        path = self._cache_path()
+        if path is None:
+            return
+        with self._lock:
+            payload = {
+                "version": CACHE_VERSION,
+                "zone": self.zone,
+                "providers": {
+                    s.provider.name: s.value.to_json()
+                    for s in self._states
+                    if s.value is not None and s.provider.network
+                },
+            }
+        try:
+            write_atomically(path, json.dumps(payload, indent=1, sort_keys=True))
+        except OSError as exc:
+            if not self._cache_warned:
+                log.warning(
+                    "cannot write intensity cache %s: %s", path, exc.strerror or type(exc).__name__
+                )
+                self._cache_warned = True
+            return
+        self._cache_warned = False
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a sibling temp file, fsync, rename over `path`: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
