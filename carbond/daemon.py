@@ -57,7 +57,7 @@ class Daemon:
         self._last_tick = clock()
         self._snapshot = Snapshot()
         for meter in meters:  # baselines, so the first tick already has deltas
-            self._account(meter, meter.read(), used=True)
+            self._account(meter, meter.read(), used=False)
 
     def latest(self) -> Snapshot:
         return self._snapshot

@@ -54,7 +54,8 @@ class EnergyCounter:
 
     `range_units` is the largest raw value (`max_energy_range_uj`); the counter wraps to 0 after
     it, so a delta is taken modulo `range_units + 1`. Without a known range a decrease can't be
-    told apart from a reset: it is treated as a reset and contributes nothing.
+    told apart from a reset: it is treated as a restart from zero, so the new raw value is the
+    energy since then (never negative, never a spike).
     """
 
     def __init__(self, range_units: int | None = None) -> None:
@@ -75,4 +76,6 @@ class EnergyCounter:
         self.wraps += 1
         if self.range_units is not None and previous <= self.range_units:
             self.total_units += (raw - previous) % (self.range_units + 1)
+        else:
+            self.total_units += raw
         return 1

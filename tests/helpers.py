@@ -1,0 +1,95 @@
+"""Running the real `carbond` command and scraping it over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def select(samples: Samples, name: str, **labels: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        key: value for (metric, key), value in samples.items()
+        if metric == name and all(dict(key).get(k) == v for k, v in labels.items())
+    }
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    return sum(select(samples, name, **labels).values())
+
+
+class Carbond:
+    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
+        self.process = process
+        self.port = port
+
+    def scrape(self) -> Samples:
+        return scrape(self.port)
+
+    def wait_ticks(self, ticks: int, timeout: float = 20.0) -> Samples:
+        """Wait until the tick counter has advanced by `ticks` from now."""
+        start = total(self.scrape(), "carbond_tick_duration_seconds_count")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            samples = self.scrape()
+            if total(samples, "carbond_tick_duration_seconds_count") >= start + ticks:
+                return samples
+            time.sleep(0.05)
+        raise TimeoutError(f"carbond did not tick {ticks} times in {timeout}s")
+
+
+@contextlib.contextmanager
+def carbond_run(*args: str, env: dict[str, str] | None = None) -> Iterator[Carbond]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "carbond", "run", "--listen", f"127.0.0.1:{port}", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"carbond exited: {process.stderr.read()}")
+            try:
+                scrape(port)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield Carbond(process, port)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,127 @@
+"""Fake Linux powercap trees laid out like sysfs: nested zone directories under
+devices/virtual/powercap plus the flat `intel-rapl:N` links of /sys/class/powercap."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+INTEL_PACKAGE_RANGE_UJ = 262_143_328_850
+INTEL_DRAM_RANGE_UJ = 65_712_999_613
+
+
+@dataclass
+class FakeZone:
+    path: str
+    range_uj: int | None
+    energy_uj: int = 0
+
+    def _write(self) -> None:
+        target = os.path.join(self.path, "energy_uj")
+        if os.path.isdir(target):
+            return
+        with open(target, "w") as handle:
+            handle.write(f"{self.energy_uj}\n")
+
+    def set_uj(self, value: int) -> None:
+        self.energy_uj = value
+        self._write()
+
+    def advance_uj(self, delta: int) -> None:
+        """Advance like hardware: past the range the counter wraps to 0."""
+        value = self.energy_uj + delta
+        if self.range_uj is not None:
+            value %= self.range_uj + 1
+        self.set_uj(value)
+
+    def make_unreadable(self) -> None:
+        """A read fails (EISDIR) even for root, who ignores file modes."""
+        os.remove(os.path.join(self.path, "energy_uj"))
+        os.mkdir(os.path.join(self.path, "energy_uj"))
+
+    def make_readable(self) -> None:
+        os.rmdir(os.path.join(self.path, "energy_uj"))
+        self._write()
+
+    def remove_range(self) -> None:
+        os.remove(os.path.join(self.path, "max_energy_range_uj"))
+        self.range_uj = None
+
+
+class FakePowercap:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.devices = os.path.join(root, "devices", "virtual", "powercap")
+        os.makedirs(self.devices, exist_ok=True)
+        self.zones: dict[str, FakeZone] = {}
+
+    def add(self, zone_id: str, name: str, range_uj: int | None = INTEL_PACKAGE_RANGE_UJ,
+            energy_uj: int = 0) -> FakeZone:
+        prefix, *indices = zone_id.split(":")
+        parent = os.path.join(self.devices, prefix)
+        for depth in range(1, len(indices)):
+            parent = os.path.join(parent, ":".join([prefix, *indices[:depth]]))
+        path = os.path.join(parent, zone_id)
+        os.makedirs(path)
+        with open(os.path.join(path, "name"), "w") as handle:
+            handle.write(name + "\n")
+        if range_uj is not None:
+            with open(os.path.join(path, "max_energy_range_uj"), "w") as handle:
+                handle.write(f"{range_uj}\n")
+        with open(os.path.join(path, "enabled"), "w") as handle:
+            handle.write("1\n")
+        os.symlink(os.path.relpath(path, self.root), os.path.join(self.root, zone_id))
+        zone = FakeZone(path, range_uj, energy_uj)
+        zone._write()
+        self.zones[zone_id] = zone
+        return zone
+
+    def remove(self, zone_id: str) -> None:
+        zone = self.zones.pop(zone_id)
+        os.remove(os.path.join(self.root, zone_id))
+        shutil.rmtree(zone.path)
+
+    def by_name(self, name: str) -> list[FakeZone]:
+        found = []
+        for zone in self.zones.values():
+            with open(os.path.join(zone.path, "name")) as handle:
+                if handle.read().strip() == name:
+                    found.append(zone)
+        return found
+
+
+def intel_two_socket(root: str) -> FakePowercap:
+    """Two sockets whose zone indices are not in socket order, plus psys and an mmio copy."""
+    tree = FakePowercap(root)
+    for index, socket in ((0, 1), (1, 0)):
+        tree.add(f"intel-rapl:{index}", f"package-{socket}")
+        tree.add(f"intel-rapl:{index}:0", "core")
+        tree.add(f"intel-rapl:{index}:1", "uncore")
+        tree.add(f"intel-rapl:{index}:2", "dram", INTEL_DRAM_RANGE_UJ)
+    tree.add("intel-rapl:2", "psys")
+    tree.add("intel-rapl-mmio:0", "package-0")
+    return tree
+
+
+def amd_epyc(root: str, cores_per_package: int = 4) -> FakePowercap:
+    tree = FakePowercap(root)
+    for socket in range(2):
+        tree.add(f"intel-rapl:{socket}", f"package-{socket}")
+        for core in range(cores_per_package):
+            tree.add(f"intel-rapl:{socket}:{core}", "core")
+    return tree
+
+
+def laptop(root: str) -> FakePowercap:
+    tree = FakePowercap(root)
+    tree.add("intel-rapl:0", "package-0")
+    tree.add("intel-rapl:0:0", "core")
+    tree.add("intel-rapl:0:1", "uncore")
+    tree.add("intel-rapl:1", "psys")
+    tree.add("intel-rapl-mmio:0", "package-0")
+    return tree
+
+
+def empty(root: str) -> FakePowercap:
+    return FakePowercap(root)

@@ -1,0 +1,152 @@
+"""End to end: the real `carbond run` on fake powercap trees, scraped over HTTP."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests import powercap
+from tests.helpers import carbond_run, select, total
+
+HOST_ENERGY = "carbond_host_energy_joules_total"
+
+
+def test_two_socket_tree_exports_cpu_dram_platform_separately(tmp_path):
+    tree = powercap.intel_two_socket(str(tmp_path))
+    small_range = 10_000_000
+    # package-0 lives in intel-rapl:1; give it a small range close to wrapping
+    wrapping = tree.zones["intel-rapl:1"]
+    with open(os.path.join(wrapping.path, "max_energy_range_uj"), "w") as handle:
+        handle.write(f"{small_range}\n")
+    wrapping.range_uj = small_range
+    wrapping.set_uj(9_000_000)
+    with carbond_run("--powercap-root", str(tmp_path), "--interval", "1s") as daemon:
+        before = daemon.wait_ticks(1)
+        increments_uj = {
+            "intel-rapl:0": 7_250_000,  # package-1
+            "intel-rapl:1": 3_500_001,  # package-0, wraps
+            "intel-rapl:0:2": 1_000_000,  # dram-1
+            "intel-rapl:1:2": 2_000_000,  # dram-0
+            "intel-rapl:2": 20_000_000,  # psys
+            "intel-rapl:0:0": 99_000_000,  # core: never counted
+            "intel-rapl:1:1": 99_000_000,  # uncore: never counted
+            "intel-rapl-mmio:0": 99_000_000,  # mmio duplicate: never counted
+        }
+        for zone_id, increment in increments_uj.items():
+            tree.zones[zone_id].advance_uj(increment)
+        after = daemon.wait_ticks(2)
+
+    def grew(**labels: str) -> float:
+        return total(after, HOST_ENERGY, **labels) - total(before, HOST_ENERGY, **labels)
+
+    assert abs(grew(component="cpu") - (7.25 + 3.500001)) <= 1e-6
+    assert abs(grew(component="dram") - 3.0) <= 1e-6
+    assert abs(grew(component="platform", device="psys") - 20.0) <= 1e-6
+    assert set(dict(k)["device"] for k in select(after, HOST_ENERGY, component="cpu")) == {
+        "package-0", "package-1"}
+    assert select(after, HOST_ENERGY, source="model") == {}
+    assert total(after, "carbond_counter_wraps_total", device="package-0") == 1
+    assert total(after, "carbond_meter_up", meter="rapl") == 1
+    assert total(after, "carbond_build_info") == 1
+
+
+def test_without_rapl_the_model_exports_power_within_one_interval(tmp_path):
+    powercap.empty(str(tmp_path))
+    started = time.monotonic()
+    with carbond_run("--powercap-root", str(tmp_path), "--interval", "1s") as daemon:
+        samples = daemon.scrape()
+        power = select(samples, "carbond_host_power_watts", source="model", component="cpu")
+        elapsed = time.monotonic() - started
+    assert power, "no model power series"
+    assert elapsed < 10
+    assert total(samples, "carbond_meter_up", meter="rapl") == 0
+
+
+def test_unreadable_zone_counts_errors_and_keeps_serving(tmp_path):
+    tree = powercap.intel_two_socket(str(tmp_path))
+    tree.zones["intel-rapl:0"].make_unreadable()
+    with carbond_run("--powercap-root", str(tmp_path), "--interval", "1s") as daemon:
+        daemon.wait_ticks(1)
+        tree.zones["intel-rapl:1"].advance_uj(1_000_000)
+        samples = daemon.wait_ticks(1)
+    assert total(samples, "carbond_meter_errors_total", meter="rapl") >= 2
+    assert select(samples, HOST_ENERGY, device="package-1") == {}
+    assert total(samples, HOST_ENERGY, device="package-0") == pytest.approx(1.0)
+
+
+def test_landing_page_links_metrics(tmp_path):
+    import urllib.request
+
+    with carbond_run("--powercap-root", str(tmp_path), "--interval", "1s") as daemon:
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/", timeout=5) as page:
+            body = page.read().decode()
+    assert 'href="/metrics"' in body
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_cleanly_within_two_seconds(tmp_path, signum):
+    with carbond_run("--powercap-root", str(tmp_path), "--interval", "5s") as daemon:
+        daemon.scrape()
+        started = time.monotonic()
+        daemon.process.send_signal(signum)
+        code = daemon.process.wait(timeout=5)
+        elapsed = time.monotonic() - started
+    assert code == 0
+    assert elapsed < 2.0
+    assert "Traceback" not in daemon.process.stderr.read()
+
+
+def test_port_in_use_is_one_line_exit_2(tmp_path):
+    with carbond_run("--powercap-root", str(tmp_path)) as daemon:
+        result = subprocess.run(
+            [sys.executable, "-m", "carbond", "run", "--listen", f"127.0.0.1:{daemon.port}"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 2
+    assert "--listen: cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def run_check(*args: str, drop_dac: bool = False) -> subprocess.CompletedProcess[str]:
+    """With drop_dac, root loses CAP_DAC_OVERRIDE/READ_SEARCH, as an unprivileged agent would."""
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+              "--inh-caps=-dac_override,-dac_read_search"] if drop_dac else []
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "carbond", "check", *args], capture_output=True,
+        text=True, timeout=30,
+    )
+
+
+def test_check_lists_zones_and_exits_0(tmp_path):
+    powercap.intel_two_socket(str(tmp_path))
+    result = run_check("--powercap-root", str(tmp_path), "--state-dir", str(tmp_path))
+    assert result.returncode == 0
+    assert "meter rapl: up" in result.stdout
+    assert "package-1" in result.stdout and "max range 262143328850 uJ" in result.stdout
+    assert "mmio duplicate" in result.stdout
+
+
+def test_check_explains_permission_denied_as_non_root():
+    nobody = pwd.getpwnam("nobody")
+    root = tempfile.mkdtemp(prefix="carbond-powercap-")
+    try:
+        os.chmod(root, 0o755)
+        tree = powercap.intel_two_socket(root)
+        for zone in tree.zones.values():  # as the kernel does since 5.10: root-only counters
+            energy = os.path.join(zone.path, "energy_uj")
+            os.chown(energy, nobody.pw_uid, nobody.pw_gid)
+            os.chmod(energy, stat.S_IRUSR)
+        result = run_check("--powercap-root", root, "--state-dir", root,
+                           "--proc-root", "/nonexistent", drop_dac=True)
+    finally:
+        subprocess.run(["rm", "-rf", root], check=True)
+    assert result.returncode == 1  # no meter works: RAPL denied, model has no /proc
+    assert "permission denied" in result.stdout
+    assert "CAP_DAC_READ_SEARCH" in result.stdout
