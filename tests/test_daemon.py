@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import pytest
 
@@ -83,11 +84,9 @@ def test_unreadable_zone_counts_errors_and_keeps_serving(tmp_path):
 
 
 def test_landing_page_links_metrics(tmp_path):
-    import urllib.request
-
     with carbond_run("--powercap-root", str(tmp_path), "--interval", "1s") as daemon:
-        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/", timeout=5) as page:
-            body = page.read().decode()
+        url = f"http://127.0.0.1:{daemon.port}/"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
     assert 'href="/metrics"' in body
 
 

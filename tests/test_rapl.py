@@ -156,7 +156,8 @@ def test_zones_vanishing_and_appearing_cause_no_crash(tmp_path):
 def test_report_names_range_and_readability(tmp_path):
     powercap.intel_two_socket(str(tmp_path))
     lines = {line.device: line for line in RaplMeter(str(tmp_path)).report()}
-    assert lines["package-0"].ok and str(powercap.INTEL_PACKAGE_RANGE_UJ) in lines["package-0"].detail
+    assert lines["package-0"].ok
+    assert str(powercap.INTEL_PACKAGE_RANGE_UJ) in lines["package-0"].detail
     assert "included in its package" in lines["core"].detail
 
 
