@@ -268,7 +268,7 @@ class NvmlMeter:
             if status_for(exc) not in (STATUS_NOT_SUPPORTED, STATUS_NO_PERMISSION):
                 self._mark_down(gpu, exc, "energy counter")
                 return
-            energy_failure = describe(exc)
+            energy_exc: BaseException = exc
         else:
             gpu.counter.update(raw)
             self._mark_ok(gpu, METHOD_COUNTER)
@@ -276,7 +276,10 @@ class NvmlMeter:
         try:
             milliwatts = int(nvml.nvmlDeviceGetPowerUsage(gpu.handle))
         except Exception as exc:
-            self._mark_down(gpu, exc, f"energy counter: {energy_failure}; power")
+            # "no permission" on the counter is the actionable one to report
+            worst = energy_exc if status_for(energy_exc) == STATUS_NO_PERMISSION else exc
+            self._mark_down(gpu, worst, "", reason=f"energy counter: {describe(energy_exc)}; "
+                                                   f"power: {describe(exc)}")
             return
         gpu.last_power_milliwatts, gpu.last_power_time = milliwatts, now
         self._mark_ok(gpu, METHOD_POWER)
@@ -313,9 +316,10 @@ class NvmlMeter:
             log.info("%s (%s) readable via %s", gpu.device, gpu.uuid, method)
         gpu.status, gpu.reason, gpu.method = STATUS_OK, "", method
 
-    def _mark_down(self, gpu: _Gpu, exc: BaseException, what: str) -> None:
+    def _mark_down(self, gpu: _Gpu, exc: BaseException, what: str,
+                   reason: str | None = None) -> None:
         status = status_for(exc)
-        reason = f"{what}: {describe(exc)}"
+        reason = reason or f"{what}: {describe(exc)}"
         if (gpu.status, gpu.reason) != (status, reason):
             log.warning("%s (%s) down: %s", gpu.device, gpu.uuid or "uuid unknown", reason)
         gpu.status, gpu.reason, gpu.method = status, reason, ""

@@ -1,0 +1,253 @@
+"""Who used each GPU during an interval, and how a GPU's energy is split between them.
+
+Per GPU, NVML's process utilisation samples newer than the last timestamp seen on that GPU give
+each pid's SM utilisation; summed over the interval's samples they weigh the pids by
+utilisation x time. Where there are no samples (nothing ran a kernel, MIG mode, vGPU), the
+running processes' used memory weighs them instead, because holding GPU memory still keeps the
+GPU busy for that workload. No processes at all: the GPU's energy is idle.
+
+MIG has no per-instance energy counter, so the parent GPU's energy is split across the pids of
+all its instances; `GpuUsage.gpu_instances` says which instance each pid runs in, and
+`GpuUsage.by_instance()` gives the instances' shares.
+
+NVML reports host pids; they map to cgroups through /proc/PID/cgroup under `proc_root`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Protocol
+
+from carbond.consumers import IDLE, OTHER, Consumer
+from carbond.meters.nvml import (
+    NVML_ERROR_FUNCTION_NOT_FOUND,
+    NVML_ERROR_NOT_FOUND,
+    NVML_ERROR_NOT_SUPPORTED,
+    describe,
+    error_code,
+)
+
+log = logging.getLogger(__name__)
+
+BASIS_SM = "sm"
+BASIS_MEMORY = "memory"
+NO_GPU_INSTANCE = 0xFFFFFFFF  # NVML's "not a MIG process" instance id
+
+
+class GpuHandles(Protocol):
+    """What the tracker needs from the NVML meter (NvmlMeter satisfies it)."""
+
+    @property
+    def nvml(self) -> ModuleType | None: ...
+
+    def handles(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    """One GPU's usage over the interval since the previous `GpuUsageTracker.sample()`."""
+
+    device: str  # "gpu-N"
+    basis: str | None  # "sm", "memory", or None (nothing ran: all idle)
+    weights: dict[int, float]  # pid -> summed smUtil (basis sm) or used bytes (basis memory)
+    gpu_instances: dict[int, int] = field(default_factory=dict)  # pid -> MIG GPU instance id
+    error: str = ""  # why usage could not be read, if it could not
+
+    def by_instance(self) -> dict[int, float]:
+        """MIG GPU instance id -> summed weight of its pids (pids outside MIG left out)."""
+        shares: dict[int, float] = {}
+        for pid, weight in self.weights.items():
+            instance = self.gpu_instances.get(pid)
+            if instance is not None:
+                shares[instance] = shares.get(instance, 0.0) + weight
+        return shares
+
+
+class GpuUsageTracker:
+    """Per-GPU process usage from NVML, one `sample()` per daemon tick.
+
+    The last-seen sample timestamp is kept per GPU ("gpu-N"), so every sample is counted in
+    exactly one interval. Call `sample()` once at start (its result is the baseline
+    and covers whatever the driver still buffers) and then once per tick, right after the
+    meter's `read()`.
+    """
+
+    def __init__(self, meter: GpuHandles, nvml: ModuleType | None = None) -> None:
+        self._meter = meter
+        self._nvml = nvml if nvml is not None else meter.nvml
+        self._last_seen_us: dict[str, int] = {}
+        self._use_v2 = False  # the driver lacks the *_v3 process queries
+        self.errors = 0
+
+    def sample(self) -> dict[str, GpuUsage]:
+        """Usage per GPU that is up; a GPU that is down is absent."""
+        if self._nvml is None:
+            return {}
+        return {device: self._sample_gpu(device, handle)
+                for device, handle in self._meter.handles().items()}
+
+    def _sample_gpu(self, device: str, handle: Any) -> GpuUsage:
+        try:
+            processes = self.running_processes(handle)
+        except Exception as exc:
+            self.errors += 1
+            processes, process_error = [], f"running processes: {describe(exc)}"
+        else:
+            process_error = ""
+        instances = {pid: gi for pid, _mem, gi in processes if gi != NO_GPU_INSTANCE}
+        try:
+            sm = self._sm_weights(device, handle)
+        except Exception as exc:
+            self.errors += 1
+            return GpuUsage(device, None, {}, instances, f"utilisation: {describe(exc)}")
+        if sm:
+            return GpuUsage(device, BASIS_SM, sm, instances, process_error)
+        if processes:
+            return GpuUsage(device, BASIS_MEMORY, memory_weights(processes), instances,
+                            process_error)
+        return GpuUsage(device, None, {}, instances, process_error)
+
+    def _sm_weights(self, device: str, handle: Any) -> dict[int, float]:
+        """pid -> summed smUtil over samples newer than the last one seen on this GPU."""
+        nvml = self._nvml
+        assert nvml is not None
+        last_seen = self._last_seen_us.get(device, 0)
+        try:
+            samples = nvml.nvmlDeviceGetProcessUtilization(handle, last_seen)
+        except Exception as exc:
+            # NotFound: no samples newer than last_seen. pynvml also raises with code 0 (success)
+            # when the size query finds nothing. NotSupported: MIG mode, vGPU, old GPUs.
+            if error_code(exc) in (0, NVML_ERROR_NOT_FOUND, NVML_ERROR_NOT_SUPPORTED):
+                return {}
+            raise
+        weights: dict[int, float] = {}
+        newest = last_seen
+        for s in samples:
+            stamp = int(s.timeStamp)
+            if stamp <= last_seen:
+                continue
+            newest = max(newest, stamp)
+            if s.smUtil > 0:
+                weights[int(s.pid)] = weights.get(int(s.pid), 0.0) + float(s.smUtil)
+        self._last_seen_us[device] = newest
+        return weights
+
+    def running_processes(self, handle: Any) -> list[tuple[int, int | None, int]]:
+        """(pid, used bytes or None, MIG GPU instance id) of compute and graphics processes.
+
+        nvidia-ml-py 12/13 call the `_v3` symbol from the unversioned functions and turn a
+        missing symbol into NVMLLibraryMismatchError; older drivers only have `_v2` (same
+        struct layout), so fall back to it once and remember.
+        """
+        nvml = self._nvml
+        assert nvml is not None
+        found: dict[int, tuple[int, int | None, int]] = {}
+        for kind in ("Compute", "Graphics"):
+            for info in self._query(handle, kind):
+                pid = int(info.pid)
+                memory = info.usedGpuMemory
+                gi = getattr(info, "gpuInstanceId", NO_GPU_INSTANCE)
+                gi = NO_GPU_INSTANCE if gi is None else int(gi)
+                previous = found.get(pid)
+                if previous is not None and previous[1] is not None and memory is not None:
+                    memory = max(memory, previous[1])  # a process in both lists: count once
+                found[pid] = (pid, None if memory is None else int(memory), gi)
+        return list(found.values())
+
+    def _query(self, handle: Any, kind: str) -> list[Any]:
+        nvml = self._nvml
+        assert nvml is not None
+        if not self._use_v2:
+            mismatch = getattr(nvml, "NVMLLibraryMismatchError", ())
+            try:
+                # the unversioned name is pynvml's _v3 call, wrapped to raise the mismatch error
+                return list(getattr(nvml, f"nvmlDeviceGet{kind}RunningProcesses")(handle))
+            except Exception as exc:
+                if not (isinstance(exc, mismatch)
+                        or error_code(exc) == NVML_ERROR_FUNCTION_NOT_FOUND):
+                    raise
+                log.info("NVML library has no _v3 process queries; using _v2")
+                self._use_v2 = True
+        return list(getattr(nvml, f"nvmlDeviceGet{kind}RunningProcesses_v2")(handle))
+
+
+def memory_weights(processes: list[tuple[int, int | None, int]]) -> dict[int, float]:
+    """pid -> used bytes; where the driver hides memory use (None), an equal share each."""
+    known = {pid: float(memory) for pid, memory, _gi in processes if memory}
+    if known:
+        return known
+    return {pid: 1.0 for pid, _memory, _gi in processes}
+
+
+def pid_cgroup(pid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | None:
+    """The cgroup path of a pid from /proc/PID/cgroup, as the kernel writes it ("/a/b").
+
+    cgroup v2's "0::" line wins unless it is the root and a v1 cpuacct line names a deeper
+    cgroup (hybrid hosts where a runtime only uses v1); None when the pid is gone.
+    """
+    try:
+        with open(os.path.join(proc_root, str(pid), "cgroup"), encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    unified: str | None = None
+    cpuacct: str | None = None
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        path = path.removesuffix(" (deleted)")
+        if hierarchy == "0" and controllers == "":
+            unified = path
+        elif "cpuacct" in controllers.split(","):
+            cpuacct = path
+    if unified is not None and (unified != "/" or cpuacct in (None, "/")):
+        return unified
+    return cpuacct if cpuacct is not None else unified
+
+
+def make_pid_to_consumer(
+    cgroup_to_consumer: Callable[[str], Consumer],
+    proc_root: str | os.PathLike[str] = "/proc",
+    gone: Consumer = OTHER,
+) -> Callable[[int], Consumer]:
+    """pid -> Consumer through /proc/PID/cgroup; a pid that already exited goes to `gone`."""
+
+    def pid_to_consumer(pid: int) -> Consumer:
+        path = pid_cgroup(pid, proc_root)
+        return gone if path is None else cgroup_to_consumer(path)
+
+    return pid_to_consumer
+
+
+def consumer_weights(
+    usage: GpuUsage, pid_to_consumer: Callable[[int], Consumer]
+) -> dict[Consumer, float]:
+    """Sum a GPU's pid weights per consumer (several pids of one job become one weight)."""
+    weights: dict[Consumer, float] = {}
+    for pid, weight in usage.weights.items():
+        consumer = pid_to_consumer(pid)
+        weights[consumer] = weights.get(consumer, 0.0) + weight
+    return weights
+
+
+def split_gpu_energy(joules: float, weights: Mapping[Consumer, float]) -> dict[Consumer, float]:
+    """Split one GPU's energy delta by usage weights; all of it to IDLE when nobody used it.
+
+    Conserves energy: the largest share takes the rounding remainder, so the values sum to
+    `joules` to within a few ulps and none is negative for non-negative `joules`.
+    """
+    usable = {c: float(w) for c, w in weights.items() if w > 0 and math.isfinite(w)}
+    total = math.fsum(usable.values())
+    if not usable or total <= 0 or not math.isfinite(total):
+        return {IDLE: joules}
+    largest = max(usable, key=lambda c: usable[c])
+    shares = {c: joules * (w / total) for c, w in usable.items() if c != largest}
+    shares[largest] = joules - math.fsum(shares.values())
+    return shares

@@ -1,0 +1,128 @@
+"""Child process for the NVML tests: carbond's real meter and usage code over the real pynvml.
+
+Started by tests.fakes.nvml.Driver with LD_LIBRARY_PATH pointing at the compiled fake. Reads one
+JSON command per line on stdin and answers one JSON line on stdout. The "tick" command does what
+the daemon does each tick: read the meter, sample GPU usage, split each GPU's energy delta by
+consumer, and keep running totals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from carbond.consumers import Consumer
+from carbond.meters.nvml import NvmlMeter
+from carbond.workloads.gpu import (
+    GpuUsageTracker,
+    consumer_weights,
+    make_pid_to_consumer,
+    split_gpu_energy,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cgroup_consumer(path: str) -> Consumer:
+    return Consumer("cgroup", path.strip("/") or "/")
+
+
+def label(consumer: Consumer) -> str:
+    return f"{consumer.kind}:{consumer.name}"
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    clock = FakeClock() if config["fake_clock"] else None
+    kwargs: dict[str, Any] = dict(config["meter"])
+    if clock is not None:
+        kwargs["clock"] = clock
+    meter = NvmlMeter(**kwargs)
+    tracker = GpuUsageTracker(meter)
+    pid_to_consumer = make_pid_to_consumer(cgroup_consumer, config["proc_root"])
+    last_joules: dict[str, float] = {}
+    consumer_joules: dict[str, float] = {}
+
+    def tick() -> dict[str, Any]:
+        reading = meter.read()
+        usage = tracker.sample()
+        deltas = {}
+        for dev in reading.devices:
+            previous = last_joules.get(dev.device)
+            last_joules[dev.device] = dev.joules
+            if previous is None:
+                continue
+            delta = dev.joules - previous
+            deltas[dev.device] = delta
+            gpu_usage = usage.get(dev.device)
+            weights = consumer_weights(gpu_usage, pid_to_consumer) if gpu_usage else {}
+            for consumer, joules in split_gpu_energy(delta, weights).items():
+                consumer_joules[label(consumer)] = consumer_joules.get(label(consumer), 0) + joules
+        return {"host": {d.device: d.joules for d in reading.devices}, "deltas": deltas,
+                "usage": {k: usage_json(v) for k, v in usage.items()},
+                "consumers": dict(consumer_joules), "errors": reading.errors, "up": meter.up()}
+
+    def usage_json(u: Any) -> dict[str, Any]:
+        return {"basis": u.basis, "weights": {str(k): v for k, v in u.weights.items()},
+                "gpu_instances": {str(k): v for k, v in u.gpu_instances.items()},
+                "by_instance": {str(k): v for k, v in u.by_instance().items()},
+                "consumers": {label(c): w for c, w in consumer_weights(u, pid_to_consumer).items()},
+                "error": u.error}
+
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command["op"]
+        try:
+            if op == "read":
+                r = meter.read()
+                result: Any = {"devices": {d.device: d.joules for d in r.devices},
+                               "sources": sorted({(d.component, d.source) for d in r.devices}),
+                               "errors": r.errors, "wraps": r.wraps, "up": meter.up()}
+            elif op == "tick":
+                result = tick()
+            elif op == "usage":
+                result = {k: usage_json(v) for k, v in tracker.sample().items()}
+            elif op == "report":
+                result = [dataclasses.astuple(line) for line in meter.report()]
+            elif op == "gpus":
+                result = [dataclasses.asdict(g) for g in meter.gpus()]
+            elif op == "state":
+                result = {"up": meter.up(), "errors": meter.errors, "reason": meter.reason,
+                          "driver": meter.driver_version, "usage_errors": tracker.errors,
+                          "threads": sorted(t.name for t in threading.enumerate())}
+            elif op == "advance":
+                assert clock is not None
+                clock.now += float(command["seconds"])
+                result = clock.now
+            elif op == "sample_power":
+                meter.sample_power()
+                result = None
+            elif op == "close":
+                started = time.monotonic()
+                meter.close()
+                result = {"seconds": time.monotonic() - started,
+                          "threads": sorted(t.name for t in threading.enumerate())}
+            else:
+                raise ValueError(f"unknown op {op}")
+            answer = {"result": result}
+        except Exception:
+            answer = {"exception": traceback.format_exc()}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+        if op == "close":
+            break
+
+
+if __name__ == "__main__":
+    main()
