@@ -53,6 +53,10 @@ class HttpClient:
         try:
             with self.opener.open(request, timeout=self.timeout_seconds) as response:
                 body = response.read(MAX_BODY_BYTES + 1)
+                # read(n) returns short when the peer closes early; length says what is missing
+                missing = getattr(response, "length", None)
+                if isinstance(missing, int) and missing > 0 and len(body) <= MAX_BODY_BYTES:
+                    raise http.client.IncompleteRead(body, missing)
                 content_type = response.headers.get("Content-Type", "")
         except urllib.error.HTTPError as exc:
             status = exc.code
