@@ -172,7 +172,11 @@ def test_watttime_converts_lbs_per_mwh_and_is_marginal(server, http):
     assert value.zone == "CAISO_NORTH"
     assert value.provider == "watttime"
     forecast = [r for r in server.requests if r.route == "wt_forecast"][-1]
-    assert forecast.query == {"region": "CAISO_NORTH", "signal_type": "co2_moer", "horizon_hours": "0"}
+    assert forecast.query == {
+        "region": "CAISO_NORTH",
+        "signal_type": "co2_moer",
+        "horizon_hours": "0",
+    }
     assert "wt_signal_index" not in server.routes_hit()
 
 
@@ -349,7 +353,7 @@ def test_tokens_never_appear_in_logs_errors_or_repr(server, http, tmp_path: Path
     text = _all_text(caplog, *seen)
     for secret in (EM_TOKEN, WT_PASSWORD, WT_TOKEN_PREFIX):
         assert secret not in text
-    cache = (tmp_path / "state" / "intensity-cache.json")
+    cache = tmp_path / "state" / "intensity-cache.json"
     if cache.exists():
         assert EM_TOKEN not in cache.read_text() and WT_TOKEN_PREFIX not in cache.read_text()
     if mode != "ok":

@@ -77,7 +77,7 @@ class FakeIntensityServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 fake._handle(self)
 
             def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
@@ -121,7 +121,11 @@ class FakeIntensityServer:
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         route = _route(parts.path)
         with self._lock:
-            self.requests.append(Recorded(route, parts.path, query, {k.lower(): v for k, v in handler.headers.items()}))
+            self.requests.append(
+                Recorded(
+                    route, parts.path, query, {k.lower(): v for k, v in handler.headers.items()}
+                )
+            )
         mode = self.modes.get(route, "ok")
         if route == "unknown":
             return _send(handler, 404, b'{"error":"not found"}')
@@ -131,7 +135,9 @@ class FakeIntensityServer:
         if mode == "500":
             return _send(handler, 500, b'{"error":"Internal Server Error"}')
         if mode == "429":
-            return _send(handler, 429, b'{"error":"rate limited"}', {"Retry-After": self.retry_after})
+            return _send(
+                handler, 429, b'{"error":"rate limited"}', {"Retry-After": self.retry_after}
+            )
         if mode == "401":
             return _send(handler, 401, b'{"error":"unauthorized"}')
         if mode == "garbage":
