@@ -168,18 +168,18 @@ def test_memory_share_when_no_samples(fake_lib: Path, scenario_path: Path,
 
 def test_samples_counted_once_per_interval(fake_lib: Path, scenario_path: Path) -> None:
     sc = two_gpus()
-    sc.processes = [FakeProcess(0, 4001, GIB)]
-    sc.samples = list(samples_for(0, 4001, 50, T0_US, 4))
+    sc.processes = [FakeProcess(0, 3_999_999_001, GIB)]
+    sc.samples = list(samples_for(0, 3_999_999_001, 50, T0_US, 4))
     sc.write(scenario_path)
     with Driver(fake_lib, scenario_path) as drv:
-        assert drv.call("usage")["gpu-0"]["weights"] == {"4001": 200.0}
+        assert drv.call("usage")["gpu-0"]["weights"] == {"3999999001": 200.0}
         # nothing new: no samples (NotFound) -> memory share of the running process
         assert drv.call("usage")["gpu-0"] == {
-            "basis": "memory", "weights": {"4001": float(GIB)}, "gpu_instances": {},
+            "basis": "memory", "weights": {"3999999001": float(GIB)}, "gpu_instances": {},
             "by_instance": {}, "consumers": {"other:other": float(GIB)}, "error": ""}
-        sc.samples.append(FakeSample(0, 4001, T0_US + 9_000_000, 10))
+        sc.samples.append(FakeSample(0, 3_999_999_001, T0_US + 9_000_000, 10))
         sc.write(scenario_path)
-        assert drv.call("usage")["gpu-0"]["weights"] == {"4001": 10.0}
+        assert drv.call("usage")["gpu-0"]["weights"] == {"3999999001": 10.0}
 
 
 def test_gpu_lost_mid_run_and_back(fake_lib: Path, scenario_path: Path) -> None:
