@@ -323,3 +323,11 @@ def test_stop_is_prompt_when_idle(server, tmp_path):
     feed.stop()
     assert time.monotonic() - started < 0.5
     assert not any(t.name == "carbond-intensity" and t.is_alive() for t in threading.enumerate())
+
+
+def test_clock_stepped_back_does_not_stall_refreshes(server, tmp_path, clock):
+    feed = make_feed(server, tmp_path, clock)
+    assert feed.refresh_now(force=False) == {"electricitymaps": "ok"}
+    clock.advance(-86400)  # NTP stepped the clock back a day
+    assert feed.refresh_now(force=False) == {"electricitymaps": "ok"}
+    assert feed.refresh_now(force=False) == {}  # and then back on the normal schedule

@@ -49,6 +49,7 @@ class _ProviderState:
     provider: Provider
     value: Intensity | None = None
     next_attempt_at: float = 0.0
+    scheduled_at: float = 0.0  # when next_attempt_at was set; a clock stepped back re-arms it
     failures: int = 0  # consecutive, for backoff
     errors: int = 0  # total, for carbond_intensity_fetch_errors_total
     last_error: str | None = None  # reason word only, for `carbond check`
@@ -166,10 +167,14 @@ class IntensityFeed:
                     continue
                 if self._stop.is_set() and not force:
                     break
-                if not force and self.clock() < state.next_attempt_at:
+                if not force and not self._due(state, self.clock()):
                     continue
                 outcome[provider.name] = self._refresh_one(state)
         return outcome
+
+    @staticmethod
+    def _due(state: _ProviderState, now: float) -> bool:
+        return now >= state.next_attempt_at or now < state.scheduled_at
 
     def _refresh_one(self, state: _ProviderState) -> str:
         provider = state.provider
@@ -186,6 +191,7 @@ class IntensityFeed:
             state.failures = 0
             state.last_error = None
             state.next_attempt_at = started + self.refresh_seconds
+            state.scheduled_at = started
         log.debug("intensity %s %s: %.1f g/kWh", provider.name, value.zone, value.grams_per_kwh)
         self._save_cache()
         return "ok"
@@ -204,6 +210,7 @@ class IntensityFeed:
             if exc.retry_after_seconds is not None:
                 delay = max(delay, exc.retry_after_seconds)
             state.next_attempt_at = now + delay
+            state.scheduled_at = now
         # str(exc) is built by carbond from the reason and public facts only: no secrets.
         log.warning("intensity provider %s: %s; next try in %.0fs", state.provider.name, exc, delay)
         return exc.reason
@@ -260,6 +267,7 @@ class IntensityFeed:
                 continue
             state.value = value
             state.next_attempt_at = max(now, value.fetched_at + self.refresh_seconds)
+            state.scheduled_at = min(now, value.fetched_at)
 
     def _save_cache(self) -> None:
         """Atomic write (temp file + rename); a full or read-only disk only logs, once."""
