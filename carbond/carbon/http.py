@@ -96,7 +96,7 @@ def decode_json(body: bytes, content_type: str = "") -> Any:
     if "html" in content_type.lower() or head.startswith((b"<!doctype", b"<html", b"<")):
         raise FetchError("html", "answer is an HTML page, not JSON")
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
         raise FetchError("bad_json", f"answer is not valid JSON ({len(body)} bytes)") from None
 
