@@ -1,0 +1,415 @@
+"""CPU time per cgroup, per tick, from the kernel's cumulative counters.
+
+The kernel's counters are cumulative and every parent includes its descendants, so the work of
+exited tasks and of removed cgroups is never lost from the tree: a cgroup's *own* time is its
+growth minus its live children's growth, and time of a child that vanished since the last tick
+shows up in the nearest live ancestor's own time. That remainder is given to the vanished child's
+consumer (known from the last walk, or from an inotify create event for cgroups that lived and
+died between two ticks), so a short-lived container still gets its energy.
+
+`CpuUsageCollector` is the per-tick entry point: cgroups, plus root-cgroup processes
+(`processes.py`) and their exited tasks (`taskstats.py`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from carbond.consumers import Consumer
+from carbond.errors import ConfigError
+from carbond.workloads.naming import ROOT_CONSUMER
+from carbond.workloads.processes import ProcessTracker, read_pids
+from carbond.workloads.taskstats import TaskstatsListener
+
+V1, V2, HYBRID = "v1", "v2", "hybrid"
+
+
+@dataclass(frozen=True)
+class CgroupRoot:
+    """Where to walk and how to read it.
+
+    `path`: directory on disk; `mode`: v2 | hybrid | v1 (what `carbond check` shows);
+    `hierarchy`: v2 or v1, which decides the counter file; `rel`: the root's own path inside its
+    hierarchy as /proc/PID/cgroup shows it (``/`` unless a sub-tree was configured).
+    """
+
+    path: str
+    mode: str
+    hierarchy: str
+    rel: str = "/"
+
+    @property
+    def usage_file(self) -> str:
+        return "cpu.stat" if self.hierarchy == V2 else "cpuacct.usage"
+
+    @property
+    def procs_file(self) -> str:
+        return os.path.join(self.path, "cgroup.procs")
+
+
+def _mount_rel(path: str, proc_root: str) -> str:
+    """Path of `path` inside its cgroup mount (``/`` for a mount point), from mountinfo."""
+    real = os.path.realpath(path)
+    best = ""
+    try:
+        with open(os.path.join(proc_root, "self", "mountinfo")) as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[sep + 1] not in ("cgroup", "cgroup2"):
+                    continue
+                mount = fields[4]
+                if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) > len(
+                    best
+                ):
+                    best = mount
+    except (OSError, ValueError):
+        return "/"
+    if not best:
+        return "/"
+    return "/" + real[len(best) :].strip("/")
+
+
+def cgroup_root(path: str, proc_root: str = "/proc", key: str = "cgroup_root") -> CgroupRoot:
+    """Classify a configured root; a directory without a CPU counter is a ConfigError."""
+    if os.path.isfile(os.path.join(path, "cpuacct.usage")):
+        return CgroupRoot(path, V1, V1, _mount_rel(path, proc_root))
+    if os.path.isfile(os.path.join(path, "cpu.stat")):
+        mode = HYBRID if os.sep + "unified" in os.path.realpath(path) else V2
+        return CgroupRoot(path, mode, V2, _mount_rel(path, proc_root))
+    raise ConfigError(key, f"{path} has neither cpu.stat (v2) nor cpuacct.usage (v1)")
+
+
+def detect_cgroup_root(
+    override: str | None = None, sys_root: str = "/sys/fs/cgroup", proc_root: str = "/proc"
+) -> CgroupRoot:
+    """`--cgroup-root` if given; else pure v2, else the hybrid unified tree, else v1 cpuacct."""
+    if override:
+        return cgroup_root(override, proc_root)
+    if os.path.isfile(os.path.join(sys_root, "cgroup.controllers")):
+        return CgroupRoot(sys_root, V2, V2, "/")
+    unified = os.path.join(sys_root, "unified")
+    if os.path.isfile(os.path.join(unified, "cpu.stat")):
+        return CgroupRoot(unified, HYBRID, V2, "/")
+    for name in ("cpuacct", "cpu,cpuacct", "cpuacct,cpu"):
+        candidate = os.path.join(sys_root, name)
+        if os.path.isfile(os.path.join(candidate, "cpuacct.usage")):
+            return CgroupRoot(candidate, V1, V1, "/")
+    raise ConfigError("cgroup_root", f"no cgroup v2 or v1 cpuacct hierarchy under {sys_root}")
+
+
+def _read_counter(path: str, v2: bool) -> float | None:
+    """One cgroup's cumulative CPU seconds; None when it vanished mid-walk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, 96)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    try:
+        if v2:  # first line is "usage_usec N"
+            line = data.split(b"\n", 1)[0]
+            if not line.startswith(b"usage_usec "):
+                return None
+            return int(line[11:]) / 1e6
+        return int(data) / 1e9
+    except ValueError:
+        return None
+
+
+def read_usage_tree(
+    root: CgroupRoot, visit: Callable[[str], None] | None = None
+) -> dict[str, float]:
+    """Cumulative CPU seconds of every cgroup under the root, keyed by relative path.
+
+    Post-order (children before their parent) so a parent is read after its children and
+    its own time never comes out negative from read skew. `visit(abs_dir)` sees every directory.
+    """
+    v2 = root.hierarchy == V2
+    name = root.usage_file
+    usage: dict[str, float] = {}
+
+    def walk(directory: str, rel: str) -> None:
+        try:
+            with os.scandir(directory) as entries:
+                subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        for sub in subdirs:
+            walk(directory + "/" + sub, f"{rel}/{sub}" if rel else sub)
+        value = _read_counter(directory + "/" + name, v2)
+        if value is not None:
+            usage[rel] = value
+            if visit is not None:
+                visit(directory)
+
+    walk(root.path.rstrip("/") or "/", "")
+    return usage
+
+
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+@dataclass
+class TreeDelta:
+    """Own CPU seconds per live cgroup for one interval, and whose time each one absorbed.
+
+    `vanished[p]`: the deepest cgroups that disappeared (or were recreated) since the last
+    walk and whose remaining time is therefore inside `own[p]`.
+    """
+
+    own: dict[str, float]
+    vanished: dict[str, list[str]]
+
+
+def tree_delta(
+    prev: Mapping[str, float], cur: Mapping[str, float], born: Iterable[str] = ()
+) -> TreeDelta:
+    """Pure core of the walk: per-cgroup own time from two cumulative snapshots."""
+    born_set = set(born)
+    growth: dict[str, float] = {}
+    recreated: set[str] = set()
+    for path, value in cur.items():
+        before = prev.get(path)
+        if before is None:
+            growth[path] = value
+        elif value < before or (path in born_set and path):
+            growth[path] = value  # a new cgroup under an old name: its counter began at 0
+            recreated.add(path)
+        else:
+            growth[path] = value - before
+    children: dict[str, float] = {}
+    for path, grew in growth.items():
+        if path:
+            parent = _parent(path)
+            children[parent] = children.get(parent, 0.0) + grew
+    own = {p: max(0.0, g - children.get(p, 0.0)) for p, g in growth.items()}
+
+    gone = {p for p in prev if p not in cur} | {p for p in born_set if p not in cur} | recreated
+    gone.discard("")
+    vanished: dict[str, list[str]] = {}
+    if gone:
+        prefixes = {_parent(p) for p in gone}
+        for path in sorted(gone):
+            # Only the deepest ones: a removed pod slice's container names the time better.
+            if path in prefixes and any(q.startswith(path + "/") for q in gone):
+                continue
+            ancestor = _parent(path)
+            while ancestor and ancestor not in cur:
+                ancestor = _parent(ancestor)
+            if ancestor in cur:
+                vanished.setdefault(ancestor, []).append(path)
+    return TreeDelta(own, vanished)
+
+
+class _CreateWatch:
+    """inotify IN_CREATE on cgroup directories: names cgroups that live and die between ticks.
+
+    Best effort: without inotify (or past `max_watches`) those cgroups' time still reaches the
+    parent's consumer, it just can't be named.
+    """
+
+    IN_CREATE, IN_ISDIR, IN_IGNORED, IN_NONBLOCK_CLOEXEC = (
+        0x100,
+        0x40000000,
+        0x8000,
+        0o4000 | 0o2000000,
+    )
+
+    def __init__(self, root_path: str, max_watches: int = 8192) -> None:
+        self.root = root_path.rstrip("/") or "/"
+        self.max_watches = max_watches
+        self.fd = -1
+        self.wd_dir: dict[int, str] = {}
+        self.watched: set[str] = set()
+        name = ctypes.util.find_library("c")
+        try:
+            self.libc = ctypes.CDLL(name, use_errno=True)
+            self.fd = self.libc.inotify_init1(self.IN_NONBLOCK_CLOEXEC)
+        except (OSError, AttributeError):
+            self.fd = -1
+
+    def add(self, directory: str) -> None:
+        if self.fd < 0 or directory in self.watched or len(self.watched) >= self.max_watches:
+            return
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(directory), self.IN_CREATE)
+        if wd >= 0:
+            self.wd_dir[wd] = directory
+            self.watched.add(directory)
+
+    def drain(self) -> list[str]:
+        """Relative paths of directories created since the last drain."""
+        born: list[str] = []
+        while self.fd >= 0:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            offset = 0
+            while offset + 16 <= len(data):
+                wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16 : offset + 16 + length].split(b"\0", 1)[0]
+                offset += 16 + length
+                directory = self.wd_dir.get(wd)
+                if mask & self.IN_IGNORED:
+                    if directory is not None:
+                        del self.wd_dir[wd]
+                        self.watched.discard(directory)
+                    continue
+                if directory is None or not (mask & self.IN_CREATE and mask & self.IN_ISDIR):
+                    continue
+                full = f"{directory}/{os.fsdecode(name)}"
+                born.append(full[len(self.root) :].strip("/"))
+        return born
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class CgroupTick:
+    """One interval of cgroup CPU time.
+
+    `usage`: CPU seconds per consumer for every live non-root cgroup (0.0 when idle, so live
+    consumers stay visible) plus the time of vanished ones; `root_own_cpu_seconds`: the root's
+    own time (its tasks, and on v2 also kernel/irq time: the root counter is system-wide);
+    `root_vanished`: consumers of vanished top-level cgroups whose time is inside the root's own.
+    """
+
+    usage: dict[Consumer, float]
+    root_own_cpu_seconds: float
+    root_vanished: tuple[Consumer, ...] = ()
+    cgroups: int = 0
+    baseline: bool = False
+
+
+def _has_tasks(directory: str) -> bool:
+    try:
+        with open(directory + "/cgroup.procs", "rb") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
+
+
+class CgroupReader:
+    """Walks the hierarchy each tick and turns counter growth into CPU seconds per consumer."""
+
+    def __init__(
+        self,
+        root: CgroupRoot,
+        namer: Callable[[str], Consumer],
+        track_short_lived: bool = True,
+    ) -> None:
+        self.root = root
+        self.namer = namer
+        self._prev: dict[str, float] | None = None
+        self._watch = _CreateWatch(root.path) if track_short_lived else None
+
+    def tick(self) -> CgroupTick:
+        born = self._watch.drain() if self._watch else []
+        visit = self._watch.add if self._watch else None
+        cur = read_usage_tree(self.root, visit)
+        prev, self._prev = self._prev, cur
+        if prev is None:
+            return CgroupTick({self.namer(p): 0.0 for p in cur if p}, 0.0, (), len(cur), True)
+        delta = tree_delta(prev, cur, born)
+        usage: dict[Consumer, float] = {}
+        root_vanished: tuple[Consumer, ...] = ()
+        for path, seconds in delta.own.items():
+            gone = delta.vanished.get(path)
+            if not path:
+                if gone:
+                    root_vanished = tuple(dict.fromkeys(self.namer(p) for p in gone))
+                continue
+            if gone and not _has_tasks(f"{self.root.path}/{path}"):
+                # No tasks of its own: the growth is the vanished children's last work.
+                owners = list(dict.fromkeys(self.namer(p) for p in gone))
+                usage.setdefault(self.namer(path), 0.0)
+                for owner in owners:
+                    usage[owner] = usage.get(owner, 0.0) + seconds / len(owners)
+            else:
+                consumer = self.namer(path)
+                usage[consumer] = usage.get(consumer, 0.0) + seconds
+        return CgroupTick(usage, delta.own.get("", 0.0), root_vanished, len(cur))
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+
+
+@dataclass
+class CpuUsage:
+    """What the daemon feeds `attribution.split_cpu_energy` each tick."""
+
+    usage: dict[Consumer, float]  # CPU seconds this tick, every consumer (root time included)
+    exited_tasks: int = 0  # process exits seen by taskstats this tick (all cgroups)
+    baseline: bool = False  # first tick: counters primed, usage all zero
+    cgroups: int = 0
+    processes: int = 0
+    details: dict[str, float] = field(default_factory=dict)
+
+
+class CpuUsageCollector:
+    """Cgroups + root-cgroup processes + exited tasks -> CPU seconds per consumer, per tick.
+
+    Root-cgroup time is split across processes (by comm) when a `ProcessTracker` is given;
+    what no process claims (kernel, irq, lost exits) goes to ``cgroup "/"``. Exits whose
+    cgroup could only be guessed from their parent are capped to the root's unexplained time,
+    so a wrong guess can't inflate the total beyond what the kernel counted.
+    """
+
+    def __init__(
+        self,
+        reader: CgroupReader,
+        processes: ProcessTracker | None = None,
+        exits: TaskstatsListener | None = None,
+    ) -> None:
+        self.reader = reader
+        self.processes = processes
+        self.exits = exits
+
+    def tick(self) -> CpuUsage:
+        exits = self.exits.drain() if self.exits is not None else []
+        cg = self.reader.tick()
+        usage = dict(cg.usage)
+        root_own = cg.root_own_cpu_seconds
+        details = {"root_own_cpu_seconds": root_own}
+        n_procs = 0
+        claimed = 0.0
+        if self.processes is not None:
+            pids = read_pids(self.reader.root.procs_file)
+            pt = self.processes.tick(pids, exits, self.reader.root.rel)
+            n_procs = len(pids)
+            certain = sum(pt.usage.values())
+            guessed = sum(pt.guessed.values())
+            room = max(0.0, root_own - certain)
+            scale = min(1.0, room / guessed) if guessed > 0 else 0.0
+            for consumer, seconds in pt.usage.items():
+                usage[consumer] = usage.get(consumer, 0.0) + seconds
+            for consumer, seconds in pt.guessed.items():
+                usage[consumer] = usage.get(consumer, 0.0) + seconds * scale
+            claimed = certain + guessed * scale
+            details.update(process_cpu_seconds=certain, guessed_cpu_seconds=guessed * scale)
+        if not cg.baseline:
+            left = max(0.0, root_own - claimed)
+            owners = cg.root_vanished or (ROOT_CONSUMER,)
+            for owner in owners:
+                usage[owner] = usage.get(owner, 0.0) + left / len(owners)
+        return CpuUsage(usage, len(exits), cg.baseline, cg.cgroups, n_procs, details)
+
+    def close(self) -> None:
+        self.reader.close()
+        if self.exits is not None:
+            self.exits.stop()

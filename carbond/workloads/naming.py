@@ -1,0 +1,167 @@
+"""Cgroup path -> Consumer, exactly as DESIGN.md's consumer table names them.
+
+Paths are relative to the cgroup root, without a leading slash (``""`` is the root itself), the
+way `/proc/PID/cgroup` shows them minus the first ``/``. User rules from ``attribution.rules`` are
+tried first; then the built-in rules, most specific first: a container beats the pod it runs in,
+a pod or Slurm job beats the unit or slice around it, a user slice beats the units inside it.
+"""
+
+from __future__ import annotations
+
+import pwd
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from carbond.consumers import Consumer
+from carbond.errors import ConfigError
+
+ROOT_CONSUMER = Consumer("cgroup", "/")
+"""The root cgroup's own time that no process claims (kernel threads, irq, untracked tasks)."""
+
+RULE_KINDS = frozenset({"unit", "container", "pod", "job", "user", "project", "process", "cgroup"})
+
+_HEX64 = r"[0-9a-f]{64}"
+_CONTAINER_SCOPES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(rf"^docker-(?P<id>{_HEX64})\.scope$"), "docker"),
+    (re.compile(rf"^cri-containerd-(?P<id>{_HEX64})\.scope$"), "containerd"),
+    (re.compile(rf"^crio-(?:conmon-)?(?P<id>{_HEX64})\.scope$"), "crio"),
+    (re.compile(rf"^libpod-(?:conmon-)?(?P<id>{_HEX64})(?:\.scope)?$"), "podman"),
+)
+_BARE_ID = re.compile(rf"^{_HEX64}$")
+_POD = re.compile(
+    r"^(?:kubepods(?:-[a-z]+)*-)?pod"
+    r"(?P<uid>[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
+    r"|[0-9a-f]{32})(?:\.slice)?$"
+)
+_SLURM_PARENT = re.compile(r"^(?:slurm(?:_.+)?|(?:.+_)?slurmstepd\.scope)$")
+_SLURM_JOB = re.compile(r"^job_(?P<id>\d+)$")
+_USER_SLICE = re.compile(r"^user-(?P<uid>\d+)\.slice$")
+_UNIT = re.compile(r"^.+\.(?:service|scope)$")
+_TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One compiled `attribution.rules` entry; `name` may only use the regex's named groups."""
+
+    pattern: re.Pattern[str]
+    kind: str
+    name: str
+
+    def apply(self, path: str) -> Consumer | None:
+        found = self.pattern.search(path)
+        if found is None:
+            return None
+        groups = found.groupdict()
+        # Safe substitution: only `{group}` tokens, values are plain strings, never evaluated.
+        name = _TEMPLATE_FIELD.sub(lambda m: groups.get(m.group(1)) or "", self.name)
+        return Consumer(self.kind, name) if name else None
+
+
+def compile_rules(raw: object, key: str = "attribution.rules") -> tuple[Rule, ...]:
+    """Validate and compile user rules once, at config load; bad input is a ConfigError."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
+        raise ConfigError(key, "must be a list of {match, kind, name}")
+    rules = []
+    for index, entry in enumerate(raw):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(where, "must be a mapping with match, kind and name")
+        unknown = set(entry) - {"match", "kind", "name"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key")
+        for field in ("match", "kind", "name"):
+            if not isinstance(entry.get(field), str) or not entry[field]:
+                raise ConfigError(f"{where}.{field}", "required, a non-empty string")
+        try:
+            pattern = re.compile(entry["match"])
+        except re.error as exc:
+            raise ConfigError(f"{where}.match", f"invalid regular expression: {exc}") from None
+        if entry["kind"] not in RULE_KINDS:
+            raise ConfigError(f"{where}.kind", f"must be one of {', '.join(sorted(RULE_KINDS))}")
+        for field in _TEMPLATE_FIELD.findall(entry["name"]):
+            if field not in pattern.groupindex:
+                raise ConfigError(f"{where}.name", f"{{{field}}} is not a named group of match")
+        rules.append(Rule(pattern, entry["kind"], entry["name"]))
+    return tuple(rules)
+
+
+def user_name(uid: int) -> str:
+    """Password-database name for a UID, else the UID itself."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return str(uid)
+
+
+def _container(parts: list[str]) -> Consumer | None:
+    # The deepest container component wins (a container's own sub-cgroups stay the container).
+    for index in range(len(parts) - 1, -1, -1):
+        part = parts[index]
+        for pattern, runtime in _CONTAINER_SCOPES:
+            found = pattern.match(part)
+            if found:
+                return Consumer("container", f"{runtime}/{found['id'][:12]}")
+        if _BARE_ID.match(part) and index > 0:
+            parent = parts[index - 1]
+            if parent == "docker":
+                return Consumer("container", f"docker/{part[:12]}")
+            if _POD.match(parent) and any(p.startswith("kubepods") for p in parts[:index]):
+                # cgroupfs driver: the runtime isn't in the path; containerd is the k8s default.
+                return Consumer("container", f"containerd/{part[:12]}")
+    return None
+
+
+def _builtin(parts: list[str]) -> Consumer:
+    container = _container(parts)
+    if container is not None:
+        return container
+    if any(p.startswith("kubepods") for p in parts):
+        for part in reversed(parts):
+            found = _POD.match(part)
+            if found:
+                return Consumer("pod", "pod/" + found["uid"].replace("_", "-"))
+    for index in range(len(parts) - 1, 0, -1):
+        found = _SLURM_JOB.match(parts[index])
+        if found and any(_SLURM_PARENT.match(p) for p in parts[:index]):
+            return Consumer("job", f"slurm/{found['id']}")
+    if len(parts) >= 2 and parts[0] == "user.slice":
+        found = _USER_SLICE.match(parts[1])
+        if found:
+            return Consumer("user", user_name(int(found["uid"])))
+    for part in reversed(parts):
+        if _UNIT.match(part):
+            return Consumer("unit", part)
+    return Consumer("cgroup", "/".join(parts))
+
+
+def consumer_for_cgroup(path: str, rules: Iterable[Rule] = ()) -> Consumer:
+    """The consumer a cgroup's own CPU time belongs to: user rules first, then built-ins."""
+    path = path.strip("/")
+    for rule in rules:
+        consumer = rule.apply(path)
+        if consumer is not None:
+            return consumer
+    if not path:
+        return ROOT_CONSUMER
+    return _builtin(path.split("/"))
+
+
+class CgroupNamer:
+    """`consumer_for_cgroup` with a per-path cache (paths repeat every tick)."""
+
+    def __init__(self, rules: Iterable[Rule] = (), max_cached: int = 65536) -> None:
+        self.rules = tuple(rules)
+        self.max_cached = max_cached
+        self._cache: dict[str, Consumer] = {}
+
+    def __call__(self, path: str) -> Consumer:
+        consumer = self._cache.get(path)
+        if consumer is None:
+            if len(self._cache) >= self.max_cached:
+                self._cache.clear()  # container churn: bounded memory beats a perfect hit rate
+            consumer = self._cache[path] = consumer_for_cgroup(path, self.rules)
+        return consumer

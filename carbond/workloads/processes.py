@@ -1,0 +1,246 @@
+"""Per-process CPU time for tasks in the root cgroup (hosts without systemd).
+
+Each process is read from `/proc/PID/stat` (utime + stime, clock ticks) and cached by
+(pid, starttime), so a reused pid is never mistaken for the old process. Consumers are
+`Consumer("process", comm)`. A process that exits between ticks is finished off with its
+taskstats exit record: only the part after its last `/proc` reading is added (final total minus
+last reading), so no CPU time is counted twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from carbond.consumers import Consumer
+from carbond.workloads.taskstats import TaskExit
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    comm: str
+    ppid: int
+    cpu_seconds: float  # utime + stime
+    starttime: int  # clock ticks after boot: with pid, the process identity
+    children_seconds: float = 0.0  # cutime + cstime: exact time of reaped descendants
+
+
+def parse_stat(pid: int, text: str, clock_ticks: int) -> ProcStat | None:
+    """Parse `/proc/PID/stat`; comm may hold spaces and parentheses, so split at the last ')'."""
+    open_paren, close_paren = text.find("("), text.rfind(")")
+    if open_paren < 0 or close_paren < 0:
+        return None
+    rest = text[close_paren + 2 :].split()
+    try:
+        # rest[0] is field 3 (state): field n is rest[n - 3]
+        return ProcStat(
+            pid,
+            text[open_paren + 1 : close_paren],
+            int(rest[1]),
+            (int(rest[11]) + int(rest[12])) / clock_ticks,
+            int(rest[19]),
+            (int(rest[13]) + int(rest[14])) / clock_ticks,
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def read_pids(procs_file: str) -> list[int]:
+    """Pids listed in a cgroup.procs file (empty when unreadable)."""
+    try:
+        with open(procs_file, "rb") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def read_stat(proc_root: str, pid: int, clock_ticks: int) -> ProcStat | None:
+    try:
+        fd = os.open(f"{proc_root}/{pid}/stat", os.O_RDONLY)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    return parse_stat(pid, data.decode("utf-8", "replace"), clock_ticks)
+
+
+def boot_time_epoch(proc_root: str = "/proc") -> float | None:
+    try:
+        with open(f"{proc_root}/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+@dataclass
+class ProcessTick:
+    """`usage`: CPU seconds per process consumer that surely ran in the root cgroup;
+    `guessed`: exits that lived and died between ticks and are root-cgroup tasks only by
+    inheritance from their parent (the collector caps these by the root's unexplained time)."""
+
+    usage: dict[Consumer, float]
+    guessed: dict[Consumer, float]
+    exits_used: int = 0
+
+
+@dataclass
+class _Seen:
+    stat: ProcStat
+    tick: int
+
+
+class ProcessTracker:
+    """Per-process CPU deltas for a given set of pids (the root cgroup's cgroup.procs)."""
+
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        clock_ticks: int | None = None,
+        boottime: float | None = None,
+    ) -> None:
+        self.proc_root = proc_root
+        self.clock_ticks = clock_ticks or os.sysconf("SC_CLK_TCK")
+        self.boot_epoch = boottime if boottime is not None else boot_time_epoch(proc_root)
+        self._seen: dict[int, _Seen] = {}
+        self._tick = 0
+        self._last_boottime: float | None = None
+
+    def tick(
+        self,
+        pids: Iterable[int],
+        exits: Sequence[TaskExit] = (),
+        root_cgroup: str = "/",
+        now_boottime: float | None = None,
+    ) -> ProcessTick:
+        """Read the pids, finish exited processes, return this interval's CPU seconds."""
+        now = time.clock_gettime(time.CLOCK_BOOTTIME) if now_boottime is None else now_boottime
+        first, last_boot = self._last_boottime is None, self._last_boottime
+        self._last_boottime = now
+        self._tick += 1
+        usage: dict[Consumer, float] = {}
+        guessed: dict[Consumer, float] = {}
+        live: dict[int, ProcStat] = {}
+        for pid in pids:
+            stat = read_stat(self.proc_root, pid, self.clock_ticks)
+            if stat is not None:
+                live[pid] = stat
+
+        for pid, stat in live.items():
+            seen = self._seen.get(pid)
+            if seen is not None and seen.stat.starttime == stat.starttime:
+                grew = stat.cpu_seconds - seen.stat.cpu_seconds
+            elif first or last_boot is None:
+                grew = 0.0
+            elif stat.starttime / self.clock_ticks < last_boot - 0.05:
+                grew = 0.0  # older than the last tick but not seen then: moved in, not new
+            else:
+                grew = stat.cpu_seconds  # born since the last tick: all of its time is new
+            if grew > 0:
+                key = Consumer("process", stat.comm)
+                usage[key] = usage.get(key, 0.0) + grew
+            else:
+                usage.setdefault(Consumer("process", stat.comm), 0.0)
+
+        used = 0
+        if not first:
+            used = self._finish_exits(exits, live, usage, guessed, root_cgroup)
+
+        for pid, stat in live.items():
+            self._seen[pid] = _Seen(stat, self._tick)
+        # Keep a vanished process one extra tick: its exit record may arrive a tick late.
+        for pid in [p for p, s in self._seen.items() if s.tick < self._tick - 1]:
+            del self._seen[pid]
+        return ProcessTick(usage, guessed, used)
+
+    def _same_process(self, seen: ProcStat, exit_: TaskExit) -> bool:
+        if exit_.start_epoch is None or self.boot_epoch is None:
+            return True
+        started = self.boot_epoch + seen.starttime / self.clock_ticks
+        return abs(started - exit_.start_epoch) <= 2.0
+
+    def _rescale(self, exits: Sequence[TaskExit], live: dict[int, ProcStat]) -> dict[int, float]:
+        """Exit estimates per pid, rescaled to their live reaper's exact cutime growth.
+
+        Taskstats undercounts short tasks; a parent that reaped them (a shell loop, make,
+        a CI runner) saw their exact total added to its cutime + cstime. Exits are grouped under
+        the nearest ancestor alive at both ticks and scaled so they sum to that growth.
+        """
+        batch = {e.pid: e for e in exits}
+        groups: dict[int, list[int]] = {}
+        for exit_ in exits:
+            pid, hops = exit_.ppid, 0
+            while pid in batch and hops < 64:
+                pid, hops = batch[pid].ppid, hops + 1
+            seen, now = self._seen.get(pid), live.get(pid)
+            if seen is not None and now is not None and seen.stat.starttime == now.starttime:
+                groups.setdefault(pid, []).append(exit_.pid)
+        scaled = {e.pid: e.cpu_seconds for e in exits}
+        for reaper, pids in groups.items():
+            exact = live[reaper].children_seconds - self._seen[reaper].stat.children_seconds
+            estimate = sum(batch[p].cpu_seconds for p in pids)
+            if exact > 0 and estimate > 0:
+                factor = min(4.0, max(0.5, exact / estimate))  # bounded: reaping can lag exits
+                for p in pids:
+                    scaled[p] = batch[p].cpu_seconds * factor
+        return scaled
+
+    def _finish_exits(
+        self,
+        exits: Sequence[TaskExit],
+        live: dict[int, ProcStat],
+        usage: dict[Consumer, float],
+        guessed: dict[Consumer, float],
+        root_cgroup: str,
+    ) -> int:
+        used = 0
+        unknown: dict[int, TaskExit] = {}
+        root_pids = set(live) | set(self._seen)  # before finishing: dead parents count too
+        total = self._rescale(exits, live)
+        for exit_ in exits:
+            seen = self._seen.get(exit_.pid)
+            alive = live.get(exit_.pid)
+            if (
+                seen is not None
+                and (alive is None or alive.starttime != seen.stat.starttime)
+                and self._same_process(seen.stat, exit_)
+            ):
+                # Tracked in the root cgroup: add only what ran after its last reading.
+                grew = max(0.0, total[exit_.pid] - seen.stat.cpu_seconds)
+                key = Consumer("process", seen.stat.comm)
+                usage[key] = usage.get(key, 0.0) + grew
+                del self._seen[exit_.pid]
+                used += 1
+            elif seen is None or alive is None or alive.starttime != seen.stat.starttime:
+                unknown[exit_.pid] = exit_  # lived and died between two ticks
+
+        verdict: dict[int, bool] = {}
+
+        def in_root(pid: int, depth: int = 0) -> bool:
+            if pid in verdict:
+                return verdict[pid]
+            exit_ = unknown.get(pid)
+            if exit_ is None:
+                return pid in root_pids
+            if exit_.cgroup is not None:
+                result = exit_.cgroup == root_cgroup
+            else:
+                result = depth < 64 and in_root(exit_.ppid, depth + 1)
+            verdict[pid] = result
+            return result
+
+        for pid, exit_ in unknown.items():
+            if not in_root(pid):
+                continue
+            key = Consumer("process", exit_.comm)
+            target = usage if exit_.cgroup is not None else guessed
+            target[key] = target.get(key, 0.0) + total[pid]
+            used += 1
+        return used

@@ -1,0 +1,329 @@
+"""Exit records of tasks from the kernel's taskstats netlink family (through pyroute2).
+
+A process that starts and ends between two ticks never shows up in /proc; its exit record
+carries its final CPU time, so short-lived work (build steps, shell loops) is not lost. Listening
+needs CAP_NET_ADMIN; without it, or on any failure, the listener reports why (for
+`carbond check`) and the daemon carries on without exit records - never a crash.
+
+The stats struct is parsed from raw bytes at the kernel's ABI offsets rather than through
+pyroute2's decoder, whose layout table is wrong for current kernels (version 16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskExit:
+    """One process (thread group) that ended."""
+
+    pid: int  # the thread-group id
+    ppid: int
+    comm: str
+    cpu_seconds: float  # its whole lifetime's CPU time, all threads (an estimate, see below)
+    start_epoch: float | None  # ac_btime: start, seconds since the epoch
+    cgroup: str | None  # its cgroup in our hierarchy if /proc still showed it at exit
+
+
+# struct taskstats offsets (include/uapi/linux/taskstats.h). Version 15 inserted max/min delay
+# fields in the middle; version 16 moved them to the end again, restoring these offsets.
+_LAYOUT = {
+    "run_virtual": 72,
+    "comm": 80,
+    "pid": 128,
+    "ppid": 132,
+    "btime": 136,
+    "utime": 152,
+    "stime": 160,
+    "tgid": 368,
+}
+_LAYOUT_V15 = {
+    "run_virtual": 120,
+    "comm": 128,
+    "pid": 176,
+    "ppid": 180,
+    "btime": 184,
+    "utime": 200,
+    "stime": 208,
+    "tgid": 464,
+}
+
+
+@dataclass(frozen=True)
+class RawStats:
+    version: int
+    pid: int
+    ppid: int
+    tgid: int | None
+    comm: str
+    btime: int
+    cpu_seconds: float
+
+
+def parse_taskstats(raw: bytes) -> RawStats | None:
+    """Decode the fields carbond needs from one `struct taskstats`."""
+    if len(raw) < 168:
+        return None
+    (version,) = struct.unpack_from("=H", raw, 0)
+    lay = _LAYOUT_V15 if version == 15 else _LAYOUT
+    if len(raw) < lay["stime"] + 8:
+        return None
+    (virtual_ns,) = struct.unpack_from("=Q", raw, lay["run_virtual"])
+    (utime_us, stime_us) = struct.unpack_from("=QQ", raw, lay["utime"])
+    pid, ppid, btime = struct.unpack_from("=III", raw, lay["pid"])
+    comm = raw[lay["comm"] : lay["comm"] + 32].split(b"\0", 1)[0].decode("utf-8", "replace")
+    tgid = None
+    if version >= 12 and len(raw) >= lay["tgid"] + 4:
+        tgid = struct.unpack_from("=I", raw, lay["tgid"])[0] or None
+    # At exit notification sum_exec_runtime (ns) still lacks the time since the task's last
+    # scheduler update (for a short task, most of its life); utime/stime are tick samples,
+    # unbiased but coarse. The larger of the two is closest; ProcessTracker later rescales
+    # exits against their live parent's cutime + cstime, which the kernel keeps exactly.
+    seconds = max(virtual_ns / 1e9, (utime_us + stime_us) / 1e6)
+    return RawStats(version, pid, ppid, tgid, comm, btime, seconds)
+
+
+_NLMSG_HDR = struct.Struct("=IHHII")
+_NLA_HDR = struct.Struct("=HH")
+_TYPE_PID, _TYPE_TGID, _TYPE_STATS, _TYPE_AGGR_PID, _TYPE_AGGR_TGID = 1, 2, 3, 4, 5
+_NLMSG_ERROR, _NLMSG_MIN_TYPE = 2, 0x10
+
+
+def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
+    """Netlink attributes in data[start:end]: type -> (payload start, payload end)."""
+    found: dict[int, tuple[int, int]] = {}
+    while start + 4 <= end:
+        length, kind = _NLA_HDR.unpack_from(data, start)
+        if length < 4 or start + length > end:
+            break
+        found[kind & 0x3FFF] = (start + 4, start + length)
+        start += (length + 3) & ~3
+    return found
+
+
+def exits_from_datagram(data: bytes) -> list[tuple[RawStats, float | None]]:
+    """Each exit in one netlink datagram: (the task's stats, whole-group seconds if it ended).
+
+    Parsed by hand: a burst of exits must be read as fast as the kernel sends it.
+    """
+    out: list[tuple[RawStats, float | None]] = []
+    offset = 0
+    while offset + _NLMSG_HDR.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
+        if length < _NLMSG_HDR.size or offset + length > len(data):
+            break
+        if kind >= _NLMSG_MIN_TYPE:
+            top = _attrs(data, offset + _NLMSG_HDR.size + 4, offset + length)  # + genl header
+            task: RawStats | None = None
+            group_seconds: float | None = None
+            group_pid: int | None = None
+            if _TYPE_AGGR_PID in top:
+                inner = _attrs(data, *top[_TYPE_AGGR_PID])
+                if _TYPE_STATS in inner:
+                    lo, hi = inner[_TYPE_STATS]
+                    task = parse_taskstats(data[lo:hi])
+            if _TYPE_AGGR_TGID in top:
+                inner = _attrs(data, *top[_TYPE_AGGR_TGID])
+                if _TYPE_TGID in inner:
+                    group_pid = struct.unpack_from("=I", data, inner[_TYPE_TGID][0])[0]
+                if _TYPE_STATS in inner:
+                    lo, hi = inner[_TYPE_STATS]
+                    group = parse_taskstats(data[lo:hi])
+                    group_seconds = group.cpu_seconds if group else None
+            if task is not None:
+                if group_pid and task.tgid is None:
+                    task = RawStats(
+                        task.version,
+                        task.pid,
+                        task.ppid,
+                        group_pid,
+                        task.comm,
+                        task.btime,
+                        task.cpu_seconds,
+                    )
+                out.append((task, group_seconds))
+        offset += (length + 3) & ~3
+    return out
+
+
+def cgroup_of(proc_root: str, pid: int, hierarchy: str) -> str | None:
+    """The pid's cgroup path in our hierarchy (v2 `0::` line or the v1 cpuacct line)."""
+    try:
+        with open(f"{proc_root}/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if hierarchy == "v2" and parts[0] == "0" and parts[1] == "":
+            return parts[2]
+        if hierarchy == "v1" and "cpuacct" in parts[1].split(","):
+            return parts[2]
+    return None
+
+
+def possible_cpus() -> str:
+    """The CPU list taskstats accepts (a mask outside cpu_possible_mask is EINVAL)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            value = f.read().strip()
+            if value:
+                return value
+    except OSError:
+        pass
+    return f"0-{max(0, (os.cpu_count() or 1) - 1)}"
+
+
+class TaskstatsListener:
+    """Collects process exit records on a background thread until `stop()`.
+
+    `start()` returns False and sets `reason` when taskstats can't be used; `drain()` hands
+    over the exits since the last drain; `exited_total` and `lost` are cumulative counts.
+    """
+
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        hierarchy: str = "v2",
+        cpus: str | None = None,
+        rcvbuf_bytes: int = 16 << 20,
+        max_pending: int = 200_000,
+    ) -> None:
+        self.proc_root = proc_root
+        self.hierarchy = hierarchy
+        self.cpus = cpus or possible_cpus()
+        self.rcvbuf_bytes = rcvbuf_bytes
+        self.max_pending = max_pending
+        self.reason: str | None = None
+        self.exited_total = 0
+        self.lost = 0
+        self._pending: list[TaskExit] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.reason is None
+
+    def start(self, timeout_seconds: float = 5.0) -> bool:
+        if self._thread is not None:
+            return self.running
+        self._thread = threading.Thread(target=self._run, name="carbond-taskstats", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_seconds):
+            self.reason = "taskstats: no answer from the kernel"
+        return self.running
+
+    def drain(self) -> list[TaskExit]:
+        with self._lock:
+            exits, self._pending = self._pending, []
+        return exits
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def _open(self):
+        from pyroute2 import TaskStats
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        ts = TaskStats(rcvbuf=self.rcvbuf_bytes)
+        try:
+            ts.bind()
+            fd = ts.asyncore.socket.fileno()
+            try:  # root may exceed net.core.rmem_max: bursts of exits need the room
+                with socket.socket(fileno=os.dup(fd)) as dup:
+                    dup.setsockopt(socket.SOL_SOCKET, 33, self.rcvbuf_bytes)  # SO_RCVBUFFORCE
+            except OSError:
+                pass
+            try:  # the registration itself is unacknowledged: a GET shows missing privileges
+                ts.get_pid_stat(os.getpid())
+            except NetlinkError as exc:
+                if exc.code == errno.EPERM:
+                    raise PermissionError("taskstats needs CAP_NET_ADMIN") from None
+                raise
+            ts.register_mask(self.cpus)
+        except BaseException:
+            ts.close()
+            raise
+        return ts, fd
+
+    def _run(self) -> None:
+        try:
+            ts, fd = self._open()
+        except Exception as exc:  # any failure degrades, never crashes the daemon
+            self.reason = f"taskstats unavailable: {exc}"
+            self._ready.set()
+            return
+        self._ready.set()
+        sock = socket.socket(fileno=os.dup(fd))
+        sock.setblocking(False)
+        try:
+            while not self._stop.is_set():
+                readable, _, _ = select.select([sock], [], [], 0.25)
+                while readable:
+                    try:
+                        data = sock.recv(1 << 20)
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if exc.errno == errno.ENOBUFS:
+                            self.lost += 1  # kernel dropped records: their time stays in root
+                            continue
+                        raise
+                    for task, group_seconds in exits_from_datagram(data):
+                        self._handle(task, group_seconds)
+        except Exception as exc:
+            self.reason = f"taskstats stopped: {exc}"
+        finally:
+            sock.close()
+            with contextlib.suppress(Exception):
+                ts.deregister_mask(self.cpus)
+            ts.close()
+
+    def _handle(self, task: RawStats, group_seconds: float | None) -> None:
+        tgid = task.tgid or task.pid
+        if group_seconds is not None:
+            seconds = group_seconds  # last thread of a multi-threaded process
+        elif tgid == task.pid:
+            seconds = task.cpu_seconds  # single-threaded process
+        else:
+            return  # one thread of a live process: /proc already counts it
+        record = TaskExit(
+            tgid,
+            task.ppid,
+            task.comm,
+            seconds,
+            # a thread's btime is its own start: only a single-threaded exit dates the process
+            float(task.btime) if task.btime and group_seconds is None else None,
+            cgroup_of(self.proc_root, tgid, self.hierarchy),  # the zombie still shows it
+        )
+        with self._lock:
+            self.exited_total += 1
+            if len(self._pending) < self.max_pending:
+                self._pending.append(record)
+            else:
+                self.lost += 1
+
+
+def probe_taskstats(proc_root: str = "/proc") -> tuple[bool, str]:
+    """For `carbond check`: (usable, one line saying why or why not)."""
+    listener = TaskstatsListener(proc_root)
+    ok = listener.start(timeout_seconds=3.0)
+    listener.stop()
+    if ok:
+        return True, f"taskstats: exit records on CPUs {listener.cpus}"
+    return False, listener.reason or "taskstats unavailable"
