@@ -1,0 +1,89 @@
+"""Done-when check of issue 3, end to end on real cgroups and a fake powercap tree.
+
+Two real cgroups `system.slice/a.service` and `system.slice/b.service` burn CPU at about 3:1;
+host power is constant (a fake RAPL package + DRAM zone read by the real RaplMeter). Their
+dynamic CPU energy must be in the ratio the kernel counted within 3 %, the consumers must sum to
+the host energy within 0.1 %, and both appear as kind="unit" series for the exporter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from carbond.attribution import follow_split, split_cpu_energy
+from carbond.cardinality import ConsumerSeries
+from carbond.consumers import IDLE, Consumer
+from carbond.meters.rapl import RaplMeter
+from carbond.workloads.cgroups import CgroupReader, CpuUsageCollector, cgroup_root
+from carbond.workloads.naming import CgroupNamer
+from tests.burners import Burners
+from tests.cgroup_helpers import TestTree, available
+from tests.powercap import INTEL_DRAM_RANGE_UJ, FakePowercap
+
+PACKAGE_WATTS, DRAM_WATTS, IDLE_WATTS = 45.0, 6.0, 12.0
+
+
+@pytest.fixture(params=["v2", "v1"])
+def tree(request: pytest.FixtureRequest):
+    why = available(request.param)
+    if why:
+        pytest.skip(why)
+    t = TestTree(request.param)
+    burners = Burners()
+    t.burners = burners  # type: ignore[attr-defined]
+    try:
+        yield t
+    finally:
+        burners.stop_all()
+        t.cleanup()
+
+
+def test_two_units_three_to_one(tree: TestTree, tmp_path) -> None:
+    powercap = FakePowercap(str(tmp_path / "powercap"))
+    package = powercap.add("intel-rapl:0", "package-0")
+    dram = powercap.add("intel-rapl:0:0", "dram", INTEL_DRAM_RANGE_UJ)
+    meter = RaplMeter(str(tmp_path / "powercap"))
+
+    for rel, duty in (("system.slice/a.service", 0.3), ("system.slice/b.service", 0.1)):
+        tree.make(rel)
+        tree.burners.start(duty, tree.procs(rel))
+    time.sleep(0.5)
+
+    collector = CpuUsageCollector(CgroupReader(cgroup_root(tree.root), CgroupNamer()))
+    series = ConsumerSeries(max_consumers=10)
+
+    def energy(reading) -> dict[str, float]:
+        return {d.component: d.joules for d in reading.devices}
+
+    last = energy(meter.read())
+    assert collector.tick().baseline
+    k0 = {n: tree.usage_seconds(f"system.slice/{n}.service") for n in "ab"}
+    started = time.monotonic()
+    time.sleep(4.0)
+    dt = time.monotonic() - started
+    package.advance_uj(round(PACKAGE_WATTS * dt * 1e6))
+    dram.advance_uj(round(DRAM_WATTS * dt * 1e6))
+    usage = collector.tick()
+    k1 = {n: tree.usage_seconds(f"system.slice/{n}.service") for n in "ab"}
+    now = energy(meter.read())
+    host_cpu, host_dram = now["cpu"] - last["cpu"], now["dram"] - last["dram"]
+
+    cpu = split_cpu_energy(host_cpu, dt, IDLE_WATTS, "separate", usage.usage)
+    mem = follow_split(host_dram, cpu)
+    a, b = Consumer("unit", "a.service"), Consumer("unit", "b.service")
+
+    kernel_ratio = (k1["a"] - k0["a"]) / (k1["b"] - k0["b"])
+    assert 2.0 < kernel_ratio < 4.5  # the burners did run at about 3:1
+    assert cpu[a] / cpu[b] == pytest.approx(kernel_ratio, rel=0.03)
+    assert math.fsum(cpu.values()) == pytest.approx(host_cpu, rel=1e-3)
+    assert math.fsum(mem.values()) == pytest.approx(host_dram, rel=1e-3)
+    assert math.isclose(math.fsum(cpu.values()), host_cpu, rel_tol=1e-9)  # in fact exact
+    assert cpu[IDLE] == pytest.approx(IDLE_WATTS * dt, rel=1e-9)
+
+    series.update({c: {"cpu": cpu[c], "dram": mem[c]} for c in cpu}, dt)
+    exported = {(s.consumer.kind, s.consumer.name, s.component) for s in series.samples()}
+    for name in ("a.service", "b.service"):
+        assert ("unit", name, "cpu") in exported and ("unit", name, "dram") in exported
