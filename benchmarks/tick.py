@@ -17,12 +17,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from prometheus_client import generate_latest  # noqa: E402
+from prometheus_client import generate_latest
 
-from carbond.config import Config  # noqa: E402
-from carbond.daemon import Daemon, build_meters  # noqa: E402
-from carbond.exporter import MetricsServer  # noqa: E402
-from tests import powercap  # noqa: E402
+from carbond.config import Config
+from carbond.daemon import Daemon, build_meters
+from carbond.exporter import MetricsServer
+from tests import powercap
 
 
 def cpu_seconds(action, rounds: int) -> list[float]:
