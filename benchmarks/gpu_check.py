@@ -23,13 +23,13 @@ import threading
 import time
 from typing import Any
 
+from carbond.attribution import split_energy
 from carbond.consumers import Consumer
 from carbond.meters.nvml import NvmlMeter, load_pynvml
 from carbond.workloads.gpu import (
     GpuUsageTracker,
     consumer_weights,
     pid_cgroup,
-    split_gpu_energy,
 )
 
 LOOP = """
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             weights = consumer_weights(gpu_usage, to_consumer) if gpu_usage else {}
             basis = gpu_usage.basis if gpu_usage else None
             bases[str(basis)] = bases.get(str(basis), 0) + 1
-            for consumer, joules in split_gpu_energy(delta, weights).items():
+            for consumer, joules in split_energy(delta, 1.0, 0.0, "separate", weights).items():
                 per_consumer[consumer.name] = per_consumer.get(consumer.name, 0.0) + joules
         ticks += 1
     elapsed = time.monotonic() - started

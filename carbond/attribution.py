@@ -34,7 +34,7 @@ def _add(into: dict[Consumer, float], parts: Mapping[Consumer, float]) -> None:
         into[consumer] = into.get(consumer, 0.0) + joules
 
 
-def split_cpu_energy(
+def split_energy(
     energy_joules: float,
     interval_seconds: float,
     idle_watts: float,

@@ -34,6 +34,7 @@ class SeriesSample:
 class _Series:
     joules: dict[str, float] = field(default_factory=dict)
     watts: dict[str, float] = field(default_factory=dict)
+    grams: float = 0.0
     active: bool = True
     last_active: float = 0.0
 
@@ -65,7 +66,7 @@ class ConsumerSeries:
         }
         self._score: dict[Consumer, float] = {}
         self._active: set[Consumer] = set()
-        self._memory: OrderedDict[Consumer, dict[str, float]] = OrderedDict()
+        self._memory: OrderedDict[Consumer, _Series] = OrderedDict()
         self._remember = remember if remember is not None else 4 * max(max_consumers, 1)
 
     @property
@@ -73,13 +74,19 @@ class ConsumerSeries:
         """Consumers currently exported under their own name (idle/other not included)."""
         return frozenset(self._active)
 
-    def restore(self, totals: Mapping[Consumer, Mapping[str, float]]) -> None:
+    def restore(
+        self,
+        totals: Mapping[Consumer, Mapping[str, float]],
+        grams: Mapping[Consumer, float] | None = None,
+    ) -> None:
         """Seed counters from the ledger after a restart, so they continue, not restart."""
+        grams = grams or {}
         for consumer, joules in totals.items():
             if consumer in (IDLE, OTHER):
                 self._series[consumer].joules.update(joules)
+                self._series[consumer].grams = grams.get(consumer, 0.0)
             else:
-                self._memory[consumer] = dict(joules)
+                self._memory[consumer] = _Series(dict(joules), grams=grams.get(consumer, 0.0))
                 self._memory.move_to_end(consumer)
         while len(self._memory) > self._remember:
             self._memory.popitem(last=False)
@@ -110,9 +117,13 @@ class ConsumerSeries:
             self._active.add(candidate)
 
     def update(
-        self, energy: Mapping[Consumer, Mapping[str, float]], interval_seconds: float
+        self,
+        energy: Mapping[Consumer, Mapping[str, float]],
+        interval_seconds: float,
+        grams: Mapping[Consumer, float] | None = None,
     ) -> None:
-        """Account one tick: `energy[consumer][component]` joules over `interval_seconds`."""
+        """Account one tick: `energy[consumer][component]` joules over `interval_seconds`,
+        and each consumer's CO2e grams, which fold with its energy."""
         now = self.clock()
         per_second = 1.0 / interval_seconds if interval_seconds > 0 else 0.0
         live = {
@@ -130,11 +141,15 @@ class ConsumerSeries:
             if consumer in (IDLE, OTHER) or consumer in self._active:
                 series = self._series.get(consumer)
                 if series is None:
-                    series = self._series[consumer] = _Series(self._memory.pop(consumer, {}))
+                    series = self._memory.pop(consumer, None) or _Series()
+                    series.watts = {}
+                    self._series[consumer] = series
                 series.active, series.last_active = True, now
                 target = series
             else:
                 target = other
+            if grams:
+                target.grams += grams.get(consumer, 0.0)
             for component, joules in parts.items():
                 target.joules[component] = target.joules.get(component, 0.0) + joules
                 target.watts[component] = target.watts.get(component, 0.0) + joules * per_second
@@ -150,7 +165,7 @@ class ConsumerSeries:
             series.active = False  # folded or finished: counter frozen, power 0
             if now - series.last_active > self.retention_seconds:
                 del self._series[consumer]
-                self._memory[consumer] = series.joules
+                self._memory[consumer] = series
                 self._memory.move_to_end(consumer)
                 if len(self._memory) > self._remember:
                     self._memory.popitem(last=False)
@@ -170,3 +185,8 @@ class ConsumerSeries:
                     )
                 )
         return out
+
+    def emissions(self) -> list[tuple[Consumer, float]]:
+        """carbond_consumer_emissions_grams_total: the same consumers as `samples()`."""
+        order = sorted(self._series, key=lambda c: (c not in (IDLE, OTHER), c))
+        return [(consumer, self._series[consumer].grams) for consumer in order]

@@ -10,15 +10,17 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from carbond.carbon.providers import PROVIDER_OPTIONS, provider_specs_from_config
+from carbond.carbon.zone import validate_zone
 from carbond.errors import ConfigError
 from carbond.units import parse_grams, parse_seconds
+from carbond.workloads.naming import Rule, compile_rules
 
 DEFAULT_CONFIG_PATH = "/etc/carbond/carbond.yaml"
 DEFAULT_PORT = 9877
@@ -110,64 +112,28 @@ def _listen(value: Any, key: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-_ZONE = re.compile(r"^(?:[A-Za-z]{2}(?:-[A-Za-z0-9]+)*|WORLD|(?:aws|gcp|azure):[a-z0-9-]+)$")
-
-
 def _zone(value: Any, key: str) -> str | None:
-    if value is None:
-        return None
-    text = _string(value, key)
-    if not _ZONE.match(text):
-        raise ConfigError(
-            key,
-            f"malformed zone {text!r}: expected a country code (DE), an Electricity Maps zone "
-            "(US-CAL-CISO) or a cloud region (aws:eu-west-1)",
-        )
-    return text
+    return None if value is None else validate_zone(value, key)
 
 
-def _rules(value: Any, key: str) -> tuple[AttributionRule, ...]:
-    rules = []
-    for index, item in enumerate(_list(value, key)):
-        item_key = f"{key}[{index}]"
-        entry = _section(item, item_key, {"match": _string, "kind": _string, "name": _string})
-        for required in ("match", "kind", "name"):
-            if required not in entry:
-                raise ConfigError(f"{item_key}.{required}", "is required")
-        try:
-            pattern = re.compile(entry["match"])
-        except re.error as exc:
-            raise ConfigError(f"{item_key}.match", f"invalid regular expression: {exc}") from None
-        for group in re.findall(r"{(\w*)}", entry["name"]):
-            if group not in pattern.groupindex:
-                raise ConfigError(f"{item_key}.name", f"{{{group}}} is not a named group of match")
-        rules.append(AttributionRule(entry["match"], entry["kind"], entry["name"]))
-    return tuple(rules)
-
-
-PROVIDER_OPTIONS: dict[str, dict[str, Validator]] = {
-    "electricitymaps": {"token_file": _string, "url": _string},
-    "watttime": {"username": _string, "password_file": _string, "region": _string, "url": _string},
-    "ukgrid": {"url": _string, "region": _positive_int},
-    "constant": {"grams_per_kwh": _number(0.0)},
-    "static": {},
-}
+def _rules(value: Any, key: str) -> tuple[Rule, ...]:
+    return compile_rules(value, key)
 
 
 def _providers(value: Any, key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
-    providers = []
-    for index, item in enumerate(_list(value, key)):
-        item_key = f"{key}[{index}]"
-        if isinstance(item, str):
-            item = {item: {}}
-        if not isinstance(item, dict) or len(item) != 1:
-            raise ConfigError(item_key, "expected one provider name mapped to its options")
-        (name, options), = item.items()
-        schema = PROVIDER_OPTIONS.get(name)
-        if schema is None:
-            raise ConfigError(item_key, _unknown(str(name), PROVIDER_OPTIONS, "provider"))
-        providers.append((name, _section(options or {}, f"{item_key}.{name}", schema)))
-    return tuple(providers)
+    """Names and option keys; option values and credential files are checked when the
+    providers are built (`build_providers`), still before anything runs."""
+    specs = provider_specs_from_config(value, key)
+    for index, (name, options) in enumerate(specs):
+        known = PROVIDER_OPTIONS.get(name)
+        if known is None:
+            raise ConfigError(f"{key}[{index}]", _unknown(name, PROVIDER_OPTIONS, "provider"))
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"{key}[{index}].{name}", f"expected a mapping, got {_show(options)}")
+        for option in options or {}:
+            if option not in known:
+                raise ConfigError(f"{key}[{index}].{name}.{option}", _unknown(option, known))
+    return tuple(specs)
 
 
 def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
@@ -283,13 +249,6 @@ FLAG_KEYS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
-class AttributionRule:
-    match: str
-    kind: str
-    name: str
-
-
-@dataclass(frozen=True)
 class Budget:
     name: str
     match: dict[str, str]
@@ -319,7 +278,7 @@ class Config:
     idle_watts_gpu: float | None = None
     max_consumers: int = 200
     processes: str = "auto"
-    rules: tuple[AttributionRule, ...] = ()
+    rules: tuple[Rule, ...] = ()
     zone: str | None = None  # None: from the system time zone
     intensity_refresh_seconds: float = 900.0
     intensity_max_age_seconds: float = 7200.0

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carbond.attribution import IdleBaseline, cpu_share, follow_split, split_cpu_energy
+from carbond.attribution import IdleBaseline, cpu_share, follow_split, split_energy
 from carbond.consumers import IDLE, Consumer
 
 A, B, C = Consumer("unit", "a.service"), Consumer("unit", "b.service"), Consumer("user", "ada")
@@ -33,7 +33,7 @@ def close(total: float, expected: float) -> bool:
 @settings(max_examples=400)
 @given(energy, seconds, watts, policy, usage)
 def test_conservation_and_non_negative(e, dt, p_idle, pol, use) -> None:
-    split = split_cpu_energy(e, dt, p_idle, pol, use)
+    split = split_energy(e, dt, p_idle, pol, use)
     assert close(math.fsum(split.values()), e)
     assert all(v >= 0 for v in split.values())
     assert set(use) <= set(split) and IDLE in split
@@ -44,16 +44,16 @@ def test_conservation_and_non_negative(e, dt, p_idle, pol, use) -> None:
 def test_monotone_in_own_share(e, dt, p_idle, pol, use, extra) -> None:
     use = dict(use)
     use[A] = use.get(A, 0.0)
-    before = split_cpu_energy(e, dt, p_idle, pol, use)[A]
+    before = split_energy(e, dt, p_idle, pol, use)[A]
     use[A] += extra
-    after = split_cpu_energy(e, dt, p_idle, pol, use)[A]
+    after = split_energy(e, dt, p_idle, pol, use)[A]
     assert after >= before - 1e-9 * max(e, 1.0)
 
 
 @settings(max_examples=300)
 @given(energy, seconds, watts, policy, usage, energy)
 def test_dram_follows_cpu_split(e, dt, p_idle, pol, use, e_dram) -> None:
-    cpu = split_cpu_energy(e, dt, p_idle, pol, use)
+    cpu = split_energy(e, dt, p_idle, pol, use)
     dram = follow_split(e_dram, cpu)
     assert close(math.fsum(dram.values()), e_dram)
     assert all(v >= 0 for v in dram.values())
@@ -63,35 +63,35 @@ def test_dram_follows_cpu_split(e, dt, p_idle, pol, use, e_dram) -> None:
 
 
 def test_separate_policy_numbers() -> None:
-    split = split_cpu_energy(100.0, 5.0, 8.0, "separate", {A: 3.0, B: 1.0})
+    split = split_energy(100.0, 5.0, 8.0, "separate", {A: 3.0, B: 1.0})
     assert split[IDLE] == pytest.approx(40.0)
     assert split[A] == pytest.approx(45.0)
     assert split[B] == pytest.approx(15.0)
 
 
 def test_proportional_policy_shares_idle() -> None:
-    split = split_cpu_energy(100.0, 5.0, 8.0, "proportional", {A: 3.0, B: 1.0})
+    split = split_energy(100.0, 5.0, 8.0, "proportional", {A: 3.0, B: 1.0})
     assert split[IDLE] == 0.0
     assert split[A] == pytest.approx(75.0)
     assert split[B] == pytest.approx(25.0)
 
 
 def test_below_idle_baseline_is_all_idle() -> None:
-    split = split_cpu_energy(30.0, 5.0, 8.0, "separate", {A: 3.0, B: 1.0})
+    split = split_energy(30.0, 5.0, 8.0, "separate", {A: 3.0, B: 1.0})
     assert split == {A: 0.0, B: 0.0, IDLE: 30.0}
 
 
 def test_no_usage_is_all_idle_both_policies() -> None:
     for pol in ("separate", "proportional"):
-        split = split_cpu_energy(50.0, 5.0, 1.0, pol, {A: 0.0})
+        split = split_energy(50.0, 5.0, 1.0, pol, {A: 0.0})
         assert split == {A: 0.0, IDLE: 50.0}
 
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
-        split_cpu_energy(1.0, 1.0, 1.0, "greedy", {})
+        split_energy(1.0, 1.0, 1.0, "greedy", {})
     with pytest.raises(ValueError):
-        split_cpu_energy(1.0, 1.0, -1.0, "separate", {})
+        split_energy(1.0, 1.0, -1.0, "separate", {})
 
 
 def test_cpu_share() -> None:

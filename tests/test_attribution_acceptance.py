@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from carbond.attribution import follow_split, split_cpu_energy
+from carbond.attribution import follow_split, split_energy
 from carbond.cardinality import ConsumerSeries
 from carbond.consumers import IDLE, Consumer
 from carbond.meters.rapl import RaplMeter
@@ -71,7 +71,7 @@ def test_two_units_three_to_one(tree: TestTree, tmp_path) -> None:
     now = energy(meter.read())
     host_cpu, host_dram = now["cpu"] - last["cpu"], now["dram"] - last["dram"]
 
-    cpu = split_cpu_energy(host_cpu, dt, IDLE_WATTS, "separate", usage.usage)
+    cpu = split_energy(host_cpu, dt, IDLE_WATTS, "separate", usage.usage)
     mem = follow_split(host_dram, cpu)
     a, b = Consumer("unit", "a.service"), Consumer("unit", "b.service")
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from carbond.attribution import split_cpu_energy
+from carbond.attribution import split_energy
 from carbond.consumers import IDLE, Consumer
 from carbond.errors import ConfigError
 from carbond.workloads.cgroups import (
@@ -91,7 +91,7 @@ def test_shares_match_kernel_accounting(tree: TestTree) -> None:
         ), consumer
     # energy at constant host power: conservation is exact
     dt, host_watts = 3.0, 40.0
-    split = split_cpu_energy(host_watts * dt, dt, 10.0, "separate", tick.usage)
+    split = split_energy(host_watts * dt, dt, 10.0, "separate", tick.usage)
     assert math.isclose(math.fsum(split.values()), host_watts * dt, rel_tol=1e-9)
     assert split[IDLE] == pytest.approx(10.0 * dt)
 

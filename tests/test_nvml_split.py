@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from carbond.attribution import split_energy
 from carbond.consumers import IDLE, OTHER, Consumer
 from carbond.workloads.gpu import (
     GpuUsage,
@@ -16,8 +17,14 @@ from carbond.workloads.gpu import (
     make_pid_to_consumer,
     memory_weights,
     pid_cgroup,
-    split_gpu_energy,
 )
+
+
+def split_gpu_energy(joules: float, weights: dict[Consumer, float]) -> dict[Consumer, float]:
+    """The daemon's GPU split (no idle baseline configured), without the zero entries."""
+    split = split_energy(joules, 1.0, 0.0, "separate", weights)
+    return {consumer: value for consumer, value in split.items() if value > 0}
+
 
 consumers = st.builds(Consumer, st.sampled_from(["unit", "job", "container"]),
                       st.text("abcdef0123456789", min_size=1, max_size=6))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from carbond.attribution import split_cpu_energy
+from carbond.attribution import split_energy
 from carbond.consumers import Consumer
 from carbond.workloads.cgroups import CgroupReader, CpuUsageCollector, detect_cgroup_root
 from carbond.workloads.naming import CgroupNamer
@@ -240,7 +240,7 @@ def test_shell_loop_of_2000_processes_in_root_cgroup(listener, tmp_path: Path) -
     assert ours == pytest.approx(kernel, rel=0.05)
     # as energy: the same share of the host's CPU energy
     host = 30.0 * dt
-    split = split_cpu_energy(host, dt, 0.0, "separate", usage.usage)
+    split = split_energy(host, dt, 0.0, "separate", usage.usage)
     total_cpu = math.fsum(usage.usage.values())
     loop_joules = split[P(shell.name)] + split[P(true.name)]
     assert loop_joules == pytest.approx(host * kernel / total_cpu, rel=0.05)

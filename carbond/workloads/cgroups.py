@@ -351,7 +351,7 @@ class CgroupReader:
 
 @dataclass
 class CpuUsage:
-    """What the daemon feeds `attribution.split_cpu_energy` each tick."""
+    """What the daemon feeds `attribution.split_energy` each tick."""
 
     usage: dict[Consumer, float]  # CPU seconds this tick, every consumer (root time included)
     exited_tasks: int = 0  # process exits seen by taskstats this tick (all cgroups)

@@ -16,14 +16,13 @@ NVML reports host pids; they map to cgroups through /proc/PID/cgroup under `proc
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
 
-from carbond.consumers import IDLE, OTHER, Consumer
+from carbond.consumers import OTHER, Consumer
 from carbond.meters.nvml import (
     NVML_ERROR_FUNCTION_NOT_FOUND,
     NVML_ERROR_NOT_FOUND,
@@ -235,19 +234,3 @@ def consumer_weights(
         consumer = pid_to_consumer(pid)
         weights[consumer] = weights.get(consumer, 0.0) + weight
     return weights
-
-
-def split_gpu_energy(joules: float, weights: Mapping[Consumer, float]) -> dict[Consumer, float]:
-    """Split one GPU's energy delta by usage weights; all of it to IDLE when nobody used it.
-
-    Conserves energy: the largest share takes the rounding remainder, so the values sum to
-    `joules` to within a few ulps and none is negative for non-negative `joules`.
-    """
-    usable = {c: float(w) for c, w in weights.items() if w > 0 and math.isfinite(w)}
-    total = math.fsum(usable.values())
-    if not usable or total <= 0 or not math.isfinite(total):
-        return {IDLE: joules}
-    largest = max(usable, key=lambda c: usable[c])
-    shares = {c: joules * (w / total) for c, w in usable.items() if c != largest}
-    shares[largest] = joules - math.fsum(shares.values())
-    return shares

@@ -16,13 +16,13 @@ import time
 import traceback
 from typing import Any
 
+from carbond.attribution import split_energy
 from carbond.consumers import Consumer
 from carbond.meters.nvml import NvmlMeter
 from carbond.workloads.gpu import (
     GpuUsageTracker,
     consumer_weights,
     make_pid_to_consumer,
-    split_gpu_energy,
 )
 
 
@@ -67,7 +67,7 @@ def main() -> None:
             deltas[dev.device] = delta
             gpu_usage = usage.get(dev.device)
             weights = consumer_weights(gpu_usage, pid_to_consumer) if gpu_usage else {}
-            for consumer, joules in split_gpu_energy(delta, weights).items():
+            for consumer, joules in split_energy(delta, 1.0, 0.0, "separate", weights).items():
                 consumer_joules[label(consumer)] = consumer_joules.get(label(consumer), 0) + joules
         return {"host": {d.device: d.joules for d in reading.devices}, "deltas": deltas,
                 "usage": {k: usage_json(v) for k, v in usage.items()},
