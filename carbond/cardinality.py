@@ -125,6 +125,11 @@ class ConsumerSeries:
         """Account one tick: `energy[consumer][component]` joules over `interval_seconds`,
         and each consumer's CO2e grams, which fold with its energy."""
         now = self.clock()
+        # A consumer gets a series once it has used energy: an idle kernel thread never does.
+        energy = {
+            c: parts for c, parts in energy.items()
+            if c in self._series or any(parts.values())
+        }
         per_second = 1.0 / interval_seconds if interval_seconds > 0 else 0.0
         live = {
             c: math.fsum(parts.values()) * per_second

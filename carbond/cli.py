@@ -6,12 +6,21 @@ import argparse
 import logging
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import NoReturn
 
 from carbond import __version__, config
+from carbond.carbon import ForecastUnsupported, fetch_forecast, format_current, format_forecast
+from carbond.carbon.model import FetchError
 from carbond.check import run_check
-from carbond.daemon import Daemon, build_meters, install_signal_handlers
+from carbond.daemon import (
+    build_daemon,
+    build_feed,
+    build_meters,
+    install_signal_handlers,
+    prepare_state_dir,
+)
 from carbond.errors import ConfigError
 from carbond.exporter import MetricsServer
 
@@ -37,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_shared_flags(commands.add_parser("run", help="run the daemon in the foreground"))
     _add_shared_flags(commands.add_parser("check", help="show what this host offers"))
+    intensity = commands.add_parser("intensity", help="current grid carbon intensity")
+    _add_shared_flags(intensity)
+    intensity.add_argument("--forecast", action="store_true",
+                           help="the provider's forecast, lowest-carbon window marked")
     return parser
 
 
@@ -56,8 +69,9 @@ def setup_logging(level: str) -> None:
 
 
 def cmd_run(cfg: config.Config) -> int:
-    meters = build_meters(cfg)
-    daemon = Daemon(cfg, meters)
+    prepare_state_dir(cfg.state_dir)
+    daemon = build_daemon(cfg)
+    meters = daemon.meters
     try:
         server = MetricsServer(cfg.listen_host, cfg.listen_port, daemon.latest)
     except OSError as exc:
@@ -66,6 +80,8 @@ def cmd_run(cfg: config.Config) -> int:
         ) from None
     stop = threading.Event()
     install_signal_handlers(stop)
+    if daemon.feed:
+        daemon.feed.start()
     daemon.tick()
     server.start()
     log.info(
@@ -83,9 +99,33 @@ def cmd_run(cfg: config.Config) -> int:
 
 
 def cmd_check(cfg: config.Config) -> int:
-    lines, status = run_check(cfg, build_meters(cfg))
+    meters = build_meters(cfg, sampler=False)
+    try:
+        lines, status = run_check(cfg, meters)
+    finally:
+        for meter in meters:
+            meter.close()
     print("\n".join(lines))
     return status
+
+
+def cmd_intensity(cfg: config.Config, forecast: bool) -> int:
+    """Exit 0 with a figure (static at worst); 1 when a forecast cannot be had."""
+    feed, choice = build_feed(cfg)
+    now = time.time()
+    if forecast:
+        try:
+            print(format_forecast(fetch_forecast(feed.providers, now), choice.zone), end="")
+        except ForecastUnsupported as exc:
+            print(f"carbond: no forecast: {exc}", file=sys.stderr)
+            return 1
+        except FetchError as exc:
+            print(f"carbond: forecast failed: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    feed.refresh_now(force=False)
+    print(format_current(feed.current(), now), end="")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(cfg.log_level)
         if args.command == "run":
             return cmd_run(cfg)
+        if args.command == "intensity":
+            return cmd_intensity(cfg, args.forecast)
         return cmd_check(cfg)
     except ConfigError as exc:
         print(f"carbond: error: {exc}", file=sys.stderr)

@@ -1,30 +1,53 @@
-"""The tick loop: read meters on an internal monotonic timer, publish a Snapshot.
+"""The pipeline of DESIGN.md, one tick at a time, on an internal monotonic timer.
 
-Ticks are independent of scrapes. Every tick is self-contained: a faulty source loses its own
-sample for that tick and nothing else.
+meters -> energy deltas per device; workloads -> usage deltas; attribution (pure) -> energy
+per consumer; carbon -> grams; the result is published as one immutable Snapshot. Ticks are
+independent of scrapes, and a faulty source loses its own sample for that tick, nothing else.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import FrameType
 
+from carbond.attribution import IdleBaseline, follow_split, split_energy
+from carbond.carbon import IntensityFeed, build_providers, grams, resolve_zone
+from carbond.carbon.zone import ZoneChoice
+from carbond.cardinality import ConsumerSeries
 from carbond.config import Config
+from carbond.consumers import OTHER, Consumer
 from carbond.energy import DeviceDelta, DeviceTotals, Histogram, series
+from carbond.errors import ConfigError
 from carbond.meters.base import Meter, MeterReading
 from carbond.meters.model import ModelMeter
+from carbond.meters.nvml import NvmlMeter
 from carbond.meters.rapl import RaplMeter
-from carbond.snapshot import Snapshot
+from carbond.snapshot import GpuLabel, Snapshot
 from carbond.systemd import notify
+from carbond.workloads.cgroups import (
+    CgroupReader,
+    CgroupRoot,
+    CpuUsageCollector,
+    detect_cgroup_root,
+)
+from carbond.workloads.gpu import GpuUsageTracker, consumer_weights, make_pid_to_consumer
+from carbond.workloads.naming import CgroupNamer
+from carbond.workloads.processes import ProcessTracker, read_pids
+from carbond.workloads.taskstats import TaskstatsListener
 
 log = logging.getLogger(__name__)
 
+ConsumerEnergy = dict[Consumer, dict[str, float]]
 
-def build_meters(config: Config) -> list[Meter]:
+
+def build_meters(config: Config, *, sampler: bool = True) -> list[Meter]:
     meters: list[Meter] = []
     if config.rapl_enabled != "off":
         meters.append(RaplMeter(config.powercap_root))
@@ -37,7 +60,84 @@ def build_meters(config: Config) -> list[Meter]:
                 config.model_memory_watts_per_gb,
             )
         )
+    if config.nvml_enabled != "off":
+        meters.append(NvmlMeter(start_sampler=sampler))
     return meters
+
+
+def root_has_processes(root: CgroupRoot, proc_root: str) -> bool:
+    """True when user-space tasks live in the root cgroup (no systemd): kernel threads have
+    an empty cmdline and are not workloads."""
+    for pid in read_pids(root.procs_file):
+        try:
+            with open(f"{proc_root}/{pid}/cmdline", "rb") as handle:
+                if handle.read(1):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def build_cpu_usage(config: Config, namer: CgroupNamer) -> CpuUsageCollector | None:
+    """Cgroup walk plus, where tasks run in the root cgroup, processes and taskstats exits."""
+    try:
+        root = detect_cgroup_root(config.cgroup_root, proc_root=config.proc_root)
+    except ConfigError as exc:
+        if config.cgroup_root:
+            raise
+        log.warning("%s: CPU energy goes to consumer 'other'", exc.problem)
+        return None
+    processes = config.processes == "on" or (
+        config.processes == "auto" and root_has_processes(root, config.proc_root)
+    )
+    tracker, listener = None, None
+    if processes:
+        tracker = ProcessTracker(config.proc_root)
+        listener = TaskstatsListener(config.proc_root, root.hierarchy)
+        if not listener.start():
+            log.warning("%s; short-lived processes are recovered from their parents only",
+                        listener.reason)
+            listener = None
+    log.info("cgroups: %s at %s; per-process consumers %s", root.mode, root.path,
+             "on" if processes else "off")
+    return CpuUsageCollector(CgroupReader(root, namer), tracker, listener)
+
+
+def build_feed(config: Config) -> tuple[IntensityFeed, ZoneChoice]:
+    choice = resolve_zone(config.zone)
+    providers = build_providers(list(config.providers), choice.zone)
+    feed = IntensityFeed(
+        providers, choice.zone, config.intensity_refresh_seconds,
+        config.intensity_max_age_seconds, config.state_dir,
+    )
+    return feed, choice
+
+
+def _strip_root(path: str, rel: str) -> str:
+    """/proc/PID/cgroup paths are from the hierarchy's top; the namer wants them from ours."""
+    path = path.strip("/")
+    rel = rel.strip("/")
+    if not rel:
+        return path
+    if path == rel:
+        return ""
+    return path[len(rel) + 1:] if path.startswith(rel + "/") else path
+
+
+def _add(energy: ConsumerEnergy, split: Mapping[Consumer, float], component: str) -> None:
+    for consumer, joules in split.items():
+        parts = energy.setdefault(consumer, {})
+        parts[component] = parts.get(component, 0.0) + joules
+
+
+@dataclass
+class Counters:
+    """Cumulative counts the daemon owns (the meters only report per read)."""
+
+    meter_errors: dict[str, int] = field(default_factory=dict)
+    wraps: dict[str, int] = field(default_factory=dict)
+    exited_tasks: int = 0
+    host_grams: float = 0.0
 
 
 class Daemon:
@@ -45,19 +145,37 @@ class Daemon:
         self,
         config: Config,
         meters: list[Meter],
+        cpu_usage: CpuUsageCollector | None = None,
+        feed: IntensityFeed | None = None,
+        namer: CgroupNamer | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.meters = meters
+        self.cpu_usage = cpu_usage
+        self.feed = feed
         self._clock = clock
         self._totals = DeviceTotals()
         self._histogram = Histogram()
-        self._errors_total = {meter.name: 0 for meter in meters}
-        self._wraps_total: dict[str, int] = {}
+        self._counters = Counters(meter_errors={meter.name: 0 for meter in meters})
+        self._cpu_idle = IdleBaseline(config.idle_watts_cpu)
+        self._series = ConsumerSeries(config.max_consumers, clock=clock)
+        self._nvml = next((m for m in meters if isinstance(m, NvmlMeter)), None)
+        self._gpu_usage = GpuUsageTracker(self._nvml) if self._nvml else None
+        namer = namer or CgroupNamer(config.rules)
+        rel = cpu_usage.reader.root.rel if cpu_usage else "/"
+        self._pid_to_consumer = make_pid_to_consumer(
+            lambda path: namer(_strip_root(path, rel)), config.proc_root
+        )
         self._last_tick = clock()
-        self._snapshot = Snapshot()
-        for meter in meters:  # baselines, so the first tick already has deltas
+        self._snapshot = Snapshot(pue=config.pue)
+        # Baselines, so the first tick already has deltas.
+        for meter in meters:
             self._account(meter, meter.read(), used=False)
+        if cpu_usage:
+            cpu_usage.tick()
+        if self._gpu_usage:
+            self._gpu_usage.sample()
 
     def latest(self) -> Snapshot:
         return self._snapshot
@@ -69,10 +187,49 @@ class Daemon:
         return rapl is None or not rapl.devices
 
     def _account(self, meter: Meter, reading: MeterReading, used: bool) -> list[DeviceDelta]:
-        self._errors_total[meter.name] = self._errors_total.get(meter.name, 0) + reading.errors
+        errors = self._counters.meter_errors
+        errors[meter.name] = errors.get(meter.name, 0) + reading.errors
         for device, wraps in reading.wraps.items():
-            self._wraps_total[device] = self._wraps_total.get(device, 0) + wraps
+            self._counters.wraps[device] = self._counters.wraps.get(device, 0) + wraps
         return self._totals.update(reading.devices, used=used)
+
+    def _attribute(self, deltas: list[DeviceDelta], seconds: float, now: float) -> ConsumerEnergy:
+        """Host energy of this tick to consumers; sums to the attributed host energy."""
+        energy: ConsumerEnergy = {}
+        cpu_joules = math.fsum(d.joules for d in deltas if d.component == "cpu")
+        dram_joules = math.fsum(d.joules for d in deltas if d.component == "dram")
+        usage: dict[Consumer, float] = {}
+        if self.cpu_usage:
+            cpu = self.cpu_usage.tick()
+            usage = cpu.usage
+            self._counters.exited_tasks += cpu.exited_tasks
+        if seconds > 0:
+            self._cpu_idle.observe(cpu_joules / seconds, now)
+        cpu_split = split_energy(cpu_joules, seconds, self._cpu_idle.watts(),
+                                 self.config.idle_policy, usage or {OTHER: 1.0})
+        _add(energy, cpu_split, "cpu")
+        _add(energy, follow_split(dram_joules, cpu_split), "dram")
+        gpu_usage = self._gpu_usage.sample() if self._gpu_usage else {}
+        for delta in deltas:
+            if delta.component != "gpu":
+                continue
+            weights = {}
+            if delta.device in gpu_usage:
+                weights = consumer_weights(gpu_usage[delta.device], self._pid_to_consumer)
+            idle_watts = self.config.idle_watts_gpu or 0.0
+            _add(energy, split_energy(delta.joules, seconds, idle_watts,
+                                      self.config.idle_policy, weights), "gpu")
+        return energy
+
+    def _emissions(self, energy: ConsumerEnergy) -> tuple[dict[Consumer, float], float]:
+        intensity = self.feed.current() if self.feed else None
+        if intensity is None:
+            return {}, 0.0
+        per_consumer = {
+            consumer: grams(math.fsum(parts.values()), intensity.grams_per_kwh, self.config.pue)
+            for consumer, parts in energy.items()
+        }
+        return per_consumer, math.fsum(per_consumer.values())
 
     def tick(self) -> Snapshot:
         started = self._clock()
@@ -81,19 +238,40 @@ class Daemon:
         use_model = self._model_in_use(readings)
         deltas: list[DeviceDelta] = []
         for meter in self.meters:
-            used = meter.name != "model" or use_model
-            deltas += self._account(meter, readings[meter.name], used)
+            deltas += self._account(meter, readings[meter.name], meter.name != "model" or use_model)
+        energy = self._attribute(deltas, seconds, started)
+        consumer_grams, host_grams = self._emissions(energy)
+        self._counters.host_grams += host_grams
+        self._series.update(energy, seconds, consumer_grams)
         self._histogram.observe(self._clock() - started)
-        self._snapshot = Snapshot(
+        self._snapshot = self._publish(deltas, seconds)
+        return self._snapshot
+
+    def _publish(self, deltas: list[DeviceDelta], seconds: float) -> Snapshot:
+        intensity = self.feed.current() if self.feed else None
+        errors = dict(self._counters.meter_errors)
+        gpus: tuple[GpuLabel, ...] = ()
+        if self._nvml:
+            gpus = tuple(GpuLabel(g.device, g.uuid, g.name) for g in self._nvml.gpus() if g.uuid)
+            errors["nvml"] = self._nvml.errors + (self._gpu_usage.errors if self._gpu_usage else 0)
+        return Snapshot(
             devices=tuple(series(self._totals, deltas, seconds)),
             meters_up={meter.name: meter.up() for meter in self.meters},
-            meter_errors_total=dict(self._errors_total),
-            counter_wraps_total=dict(self._wraps_total),
+            meter_errors_total=errors,
+            counter_wraps_total=dict(self._counters.wraps),
             tick_buckets=tuple(self._histogram.cumulative()),
             tick_seconds_sum=self._histogram.sum_seconds,
             ticks_total=sum(self._histogram.counts),
+            consumers=tuple(self._series.samples()),
+            consumer_grams_total=tuple(self._series.emissions()),
+            exited_tasks_total=self._counters.exited_tasks,
+            host_grams_total=self._counters.host_grams,
+            intensity=intensity,
+            intensity_age_seconds=intensity.age_seconds(time.time()) if intensity else None,
+            intensity_fetch_errors_total=self.feed.fetch_errors() if self.feed else {},
+            pue=self.config.pue,
+            gpus=gpus,
         )
-        return self._snapshot
 
     def run(self, stop: threading.Event) -> None:
         """Tick on a fixed cadence until `stop` is set; overruns skip, never pile up."""
@@ -113,8 +291,28 @@ class Daemon:
         notify("STOPPING=1")
 
     def close(self) -> None:
+        if self.feed:
+            self.feed.stop()
+        if self.cpu_usage:
+            self.cpu_usage.close()
         for meter in self.meters:
             meter.close()
+
+
+def build_daemon(config: Config) -> Daemon:
+    """Everything from config; bad input raises ConfigError before anything starts."""
+    feed, choice = build_feed(config)
+    log.info("intensity zone %s (%s)", choice.zone, choice.how)
+    namer = CgroupNamer(config.rules)
+    return Daemon(config, build_meters(config), build_cpu_usage(config, namer), feed, namer)
+
+
+def prepare_state_dir(path: str) -> None:
+    try:
+        os.makedirs(path, mode=0o750, exist_ok=True)
+    except OSError as exc:
+        log.warning("state dir %s unusable (%s): nothing is cached across restarts", path,
+                    exc.strerror)
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

@@ -28,6 +28,7 @@ from carbond.snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 DEVICE_LABELS = ["component", "device", "source"]
+CONSUMER_LABELS = ["consumer", "kind", "component"]
 
 
 class SnapshotCollector:
@@ -72,6 +73,19 @@ class SnapshotCollector:
             wraps.add_metric([device], count)
         yield wraps
 
+        yield from self._consumers(snap)
+        yield from self._carbon(snap)
+        exited = CounterMetricFamily(
+            "carbond_exited_tasks", "Tasks whose final CPU time came from taskstats exit events."
+        )
+        exited.add_metric([], snap.exited_tasks_total)
+        yield exited
+        gpu_info = GaugeMetricFamily("carbond_gpu_info", "GPUs seen by NVML (value 1).",
+                                     labels=["device", "uuid", "name"])
+        for gpu in snap.gpus:
+            gpu_info.add_metric([gpu.device, gpu.uuid, gpu.name], 1.0)
+        yield gpu_info
+
         tick = HistogramMetricFamily("carbond_tick_duration_seconds",
                                      "Wall time of one measurement tick.")
         tick.add_metric([], list(snap.tick_buckets), snap.tick_seconds_sum)
@@ -79,6 +93,63 @@ class SnapshotCollector:
         info = GaugeMetricFamily("carbond_build_info", "carbond build.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info
+
+
+    @staticmethod
+    def _consumers(snap: Snapshot) -> Iterator[Metric]:
+        energy = CounterMetricFamily(
+            "carbond_consumer_energy_joules", "Energy attributed to a consumer since start.",
+            labels=CONSUMER_LABELS,
+        )
+        power = GaugeMetricFamily(
+            "carbond_consumer_power_watts", "Mean power of a consumer over the last tick.",
+            labels=CONSUMER_LABELS,
+        )
+        for sample in snap.consumers:
+            labels = [sample.consumer.name, sample.consumer.kind, sample.component]
+            energy.add_metric(labels, sample.joules_total)
+            power.add_metric(labels, sample.watts)
+        yield energy
+        yield power
+        emissions = CounterMetricFamily(
+            "carbond_consumer_emissions_grams", "CO2e attributed to a consumer since start.",
+            labels=["consumer", "kind"],
+        )
+        for consumer, grams in snap.consumer_grams_total:
+            emissions.add_metric([consumer.name, consumer.kind], grams)
+        yield emissions
+
+    @staticmethod
+    def _carbon(snap: Snapshot) -> Iterator[Metric]:
+        host = CounterMetricFamily(
+            "carbond_host_emissions_grams", "CO2e of the attributed host energy since start."
+        )
+        host.add_metric([], snap.host_grams_total)
+        yield host
+        intensity = GaugeMetricFamily(
+            "carbond_grid_intensity_grams_per_kwh", "Grid carbon intensity in use.",
+            labels=["zone", "provider"],
+        )
+        age = GaugeMetricFamily(
+            "carbond_grid_intensity_age_seconds", "Age of the intensity figure in use.",
+            labels=["zone", "provider"],
+        )
+        if snap.intensity is not None:
+            labels = [snap.intensity.zone, snap.intensity.provider]
+            intensity.add_metric(labels, snap.intensity.grams_per_kwh)
+            age.add_metric(labels, snap.intensity_age_seconds or 0.0)
+        yield intensity
+        yield age
+        errors = CounterMetricFamily(
+            "carbond_intensity_fetch_errors", "Failed or rejected intensity fetches.",
+            labels=["provider"],
+        )
+        for provider, count in sorted(snap.intensity_fetch_errors_total.items()):
+            errors.add_metric([provider], count)
+        yield errors
+        pue = GaugeMetricFamily("carbond_pue_ratio", "Power usage effectiveness applied.")
+        pue.add_metric([], snap.pue)
+        yield pue
 
 
 LANDING_PAGE = """<!doctype html>
