@@ -191,13 +191,14 @@ class RaplMeter:
                 lines.append(DeviceReport(label, f"{zone.path}: not counted ({zone.why_skipped})",
                                           True))
                 continue
+            where = f"{zone.path} (name {zone.name})"
             try:
                 int(_read_text(os.path.join(zone.path, "energy_uj")))
-                lines.append(DeviceReport(label, f"{zone.path}: readable, {span}", True))
+                lines.append(DeviceReport(label, f"{where}: readable, {span}", True))
             except OSError as exc:
-                lines.append(DeviceReport(label, f"{zone.path}: {_describe_error(exc)}", False))
+                lines.append(DeviceReport(label, f"{where}: {_describe_error(exc)}", False))
             except ValueError:
-                lines.append(DeviceReport(label, f"{zone.path}: energy_uj is not a number", False))
+                lines.append(DeviceReport(label, f"{where}: energy_uj is not a number", False))
         return lines
 
     def close(self) -> None:
