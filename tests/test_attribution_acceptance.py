@@ -19,26 +19,11 @@ from carbond.consumers import IDLE, Consumer
 from carbond.meters.rapl import RaplMeter
 from carbond.workloads.cgroups import CgroupReader, CpuUsageCollector, cgroup_root
 from carbond.workloads.naming import CgroupNamer
-from tests.burners import Burners
-from tests.cgroup_helpers import TestTree, available
+from tests.cgroup_helpers import TestTree
 from tests.powercap import INTEL_DRAM_RANGE_UJ, FakePowercap
 
 PACKAGE_WATTS, DRAM_WATTS, IDLE_WATTS = 45.0, 6.0, 12.0
 
-
-@pytest.fixture(params=["v2", "v1"])
-def tree(request: pytest.FixtureRequest):
-    why = available(request.param)
-    if why:
-        pytest.skip(why)
-    t = TestTree(request.param)
-    burners = Burners()
-    t.burners = burners  # type: ignore[attr-defined]
-    try:
-        yield t
-    finally:
-        burners.stop_all()
-        t.cleanup()
 
 
 def test_two_units_three_to_one(tree: TestTree, tmp_path) -> None:

@@ -19,25 +19,10 @@ from carbond.workloads.cgroups import (
     tree_delta,
 )
 from carbond.workloads.naming import CgroupNamer
-from tests.burners import Burners
-from tests.cgroup_helpers import TestTree, available, random_id, random_uid
+from tests.cgroup_helpers import TestTree, random_id, random_uid
 
 HIERARCHIES = ["v2", "v1"]
 
-
-@pytest.fixture(params=HIERARCHIES)
-def tree(request: pytest.FixtureRequest):
-    why = available(request.param)
-    if why:
-        pytest.skip(why)
-    t = TestTree(request.param)
-    burners = Burners()
-    t.burners = burners  # type: ignore[attr-defined]
-    try:
-        yield t
-    finally:
-        burners.stop_all()
-        t.cleanup()
 
 
 def reader_for(tree: TestTree) -> CgroupReader:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any
 
 import pytest
 
-from tests.burners import Burners
-from tests.cgroup_helpers import TestTree, available
+from tests.cgroup_helpers import TestTree
 from tests.fakes.intensity_server import EM_TOKEN, FakeIntensityServer, iso
 from tests.helpers import Carbond, Samples, carbond_run, select, total
 from tests.powercap import INTEL_DRAM_RANGE_UJ, FakePowercap
@@ -52,39 +50,23 @@ def consumer_joules(samples: Samples, name: str, component: str = "cpu") -> floa
                  component=component)
 
 
-@pytest.fixture
-def tree() -> Iterator[TestTree]:
-    why = available("v2")
-    if why:
-        pytest.skip(why)
-    made = TestTree("v2")
-    try:
-        yield made
-    finally:
-        made.cleanup()
-
-
 def test_two_units_at_three_to_one_through_the_daemon(tree: TestTree, tmp_path) -> None:
     """Issue 3, done when: a.service and b.service get dynamic CPU energy in the kernel's
     ratio within 3 %, consumers sum to host energy within 0.1 %, both are kind="unit"."""
     config = tmp_path / "carbond.yaml"
     config.write_text("attribution: {idle_watts: {cpu: 10}, processes: off}\n")
-    burners = Burners()
-    try:
-        for rel, duty in (("system.slice/a.service", 0.3), ("system.slice/b.service", 0.1)):
-            tree.make(rel)
-            burners.start(duty, tree.procs(rel))
-        with ConstantPower(str(tmp_path / "powercap")), carbond_run(
-            "--config", str(config), "--powercap-root", str(tmp_path / "powercap"),
-            "--cgroup-root", tree.root, "--state-dir", str(tmp_path / "state"),
-            "--interval", "1s",
-        ) as daemon:
-            first = daemon.wait_ticks(1)
-            kernel_first = {n: tree.usage_seconds(f"system.slice/{n}.service") for n in "ab"}
-            last = daemon.wait_ticks(5)
-            kernel_last = {n: tree.usage_seconds(f"system.slice/{n}.service") for n in "ab"}
-    finally:
-        burners.stop_all()
+    for rel, duty in (("system.slice/a.service", 0.3), ("system.slice/b.service", 0.1)):
+        tree.make(rel)
+        tree.burners.start(duty, tree.procs(rel))
+    with ConstantPower(str(tmp_path / "powercap")), carbond_run(
+        "--config", str(config), "--powercap-root", str(tmp_path / "powercap"),
+        "--cgroup-root", tree.root, "--state-dir", str(tmp_path / "state"),
+        "--interval", "1s",
+    ) as daemon:
+        first = daemon.wait_ticks(1)
+        kernel_first = {n: tree.usage_seconds(f"system.slice/{n}.service") for n in "ab"}
+        last = daemon.wait_ticks(5)
+        kernel_last = {n: tree.usage_seconds(f"system.slice/{n}.service") for n in "ab"}
 
     kernel = {n: kernel_last[n] - kernel_first[n] for n in "ab"}
     carbond = {n: consumer_joules(last, f"{n}.service") - consumer_joules(first, f"{n}.service")
@@ -151,7 +133,7 @@ def test_electricitymaps_outage_fallback_and_recovery(tmp_path) -> None:
     env = {"no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
     try:
         with ConstantPower(str(tmp_path / "powercap")), carbond_run(
-            "--config", str(config), "--powercap-root", str(tmp_path / "powercap"),
+        "--config", str(config), "--powercap-root", str(tmp_path / "powercap"),
             "--state-dir", str(tmp_path / "state"), "--interval", "1s", env=env,
         ) as daemon:
             first = wait_for_provider(daemon, "electricitymaps")
