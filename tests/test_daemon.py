@@ -130,6 +130,31 @@ def test_check_lists_zones_and_exits_0(tmp_path):
     assert "meter rapl: up" in result.stdout
     assert "package-1" in result.stdout and "max range 262143328850 uJ" in result.stdout
     assert "mmio duplicate" in result.stdout
+    assert "cgroups: hybrid (/sys/fs/cgroup/unified)" in result.stdout
+    assert "taskstats: exit records on CPUs" in result.stdout
+    assert "nvidia driver: not loaded" in result.stdout
+    assert "meter nvml: down" in result.stdout and "libnvidia-ml.so.1 not found" in result.stdout
+    assert "intensity zone: " in result.stdout
+
+
+def test_check_and_intensity_never_show_the_token(tmp_path):
+    token = "secret-token-7d1c0e9b"
+    (tmp_path / "em.token").write_text(token)
+    (tmp_path / "em.token").chmod(0o600)
+    config = tmp_path / "carbond.yaml"
+    config.write_text(
+        "intensity:\n  zone: DE\n  providers:\n"
+        f"    - electricitymaps: {{token_file: {tmp_path / 'em.token'}, url: 'http://127.0.0.1:9'}}\n"
+    )
+    check = run_check("--config", str(config), "--state-dir", str(tmp_path))
+    intensity = subprocess.run(
+        [sys.executable, "-m", "carbond", "intensity", "--config", str(config),
+         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60,
+    )
+    assert "provider electricitymaps http://127.0.0.1:9 zone DE" in check.stdout
+    assert intensity.returncode == 0 and "provider static" in intensity.stdout  # fell back
+    for output in (check.stdout, check.stderr, intensity.stdout, intensity.stderr):
+        assert token not in output
 
 
 def test_check_explains_permission_denied_as_non_root():
