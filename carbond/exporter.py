@@ -10,7 +10,7 @@ import html
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry
@@ -31,6 +31,22 @@ DEVICE_LABELS = ["component", "device", "source"]
 CONSUMER_LABELS = ["consumer", "kind", "component"]
 
 
+def _energy_and_power(
+    subject: str, per: str, label_names: list[str],
+    rows: Iterable[tuple[list[str], float, float]],
+) -> Iterator[Metric]:
+    """carbond_<subject>_energy_joules_total and carbond_<subject>_power_watts, one row each."""
+    energy = CounterMetricFamily(f"carbond_{subject}_energy_joules",
+                                 f"Energy {per} since start.", labels=label_names)
+    power = GaugeMetricFamily(f"carbond_{subject}_power_watts",
+                              f"Mean power {per} over the last tick.", labels=label_names)
+    for labels, joules_total, watts in rows:
+        energy.add_metric(labels, joules_total)
+        power.add_metric(labels, watts)
+    yield energy
+    yield power
+
+
 class SnapshotCollector:
     def __init__(self, latest: Callable[[], Snapshot]) -> None:
         self._latest = latest
@@ -40,20 +56,10 @@ class SnapshotCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self._latest()
-        energy = CounterMetricFamily(
-            "carbond_host_energy_joules", "Energy measured per device since start.",
-            labels=DEVICE_LABELS,
+        yield from _energy_and_power(
+            "host", "per device", DEVICE_LABELS,
+            (([d.component, d.device, d.source], d.joules_total, d.watts) for d in snap.devices),
         )
-        power = GaugeMetricFamily(
-            "carbond_host_power_watts", "Mean power per device over the last tick.",
-            labels=DEVICE_LABELS,
-        )
-        for series in snap.devices:
-            labels = [series.component, series.device, series.source]
-            energy.add_metric(labels, series.joules_total)
-            power.add_metric(labels, series.watts)
-        yield energy
-        yield power
 
         up = GaugeMetricFamily("carbond_meter_up", "1 when the meter's last read gave a sample.",
                                labels=["meter"])
@@ -97,20 +103,11 @@ class SnapshotCollector:
 
     @staticmethod
     def _consumers(snap: Snapshot) -> Iterator[Metric]:
-        energy = CounterMetricFamily(
-            "carbond_consumer_energy_joules", "Energy attributed to a consumer since start.",
-            labels=CONSUMER_LABELS,
+        yield from _energy_and_power(
+            "consumer", "per consumer", CONSUMER_LABELS,
+            (([c.consumer.name, c.consumer.kind, c.component], c.joules_total, c.watts)
+             for c in snap.consumers),
         )
-        power = GaugeMetricFamily(
-            "carbond_consumer_power_watts", "Mean power of a consumer over the last tick.",
-            labels=CONSUMER_LABELS,
-        )
-        for sample in snap.consumers:
-            labels = [sample.consumer.name, sample.consumer.kind, sample.component]
-            energy.add_metric(labels, sample.joules_total)
-            power.add_metric(labels, sample.watts)
-        yield energy
-        yield power
         emissions = CounterMetricFamily(
             "carbond_consumer_emissions_grams", "CO2e attributed to a consumer since start.",
             labels=["consumer", "kind"],
