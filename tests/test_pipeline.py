@@ -3,6 +3,9 @@ tree at constant power, a fake Electricity Maps server; everything read back ove
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from importlib.resources import files
@@ -167,3 +170,36 @@ def test_electricitymaps_outage_fallback_and_recovery(tmp_path) -> None:
     assert grew(fallback, later, "carbond_host_emissions_grams_total") > 0
     assert intensity(recovered)["value"] == 123.0
     assert EM_TOKEN not in log
+
+
+def run_intensity(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "carbond", "intensity", *args], capture_output=True, text=True,
+        timeout=60, env={**os.environ, "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"},
+    )
+
+
+def test_intensity_command_current_and_forecast(tmp_path) -> None:
+    server = FakeIntensityServer().start()
+    config = tmp_path / "carbond.yaml"
+    config.write_text(
+        f"intensity:\n  zone: GB\n  providers:\n    - ukgrid: {{url: '{server.url}'}}\n"
+    )
+    try:
+        current = run_intensity("--config", str(config), "--state-dir", str(tmp_path))
+        forecast = run_intensity("--config", str(config), "--state-dir", str(tmp_path),
+                                 "--forecast")
+    finally:
+        server.stop()
+    assert current.returncode == 0, current.stderr
+    assert current.stdout.startswith("180.0 gCO2e/kWh") and "provider ukgrid" in current.stdout
+    assert forecast.returncode == 0, forecast.stderr
+    assert "lowest-carbon window" in forecast.stdout
+    marked = [line for line in forecast.stdout.splitlines() if line.startswith("*")]
+    assert marked and all("120" in line for line in marked)
+
+
+def test_intensity_forecast_unsupported_by_static(tmp_path) -> None:
+    result = run_intensity("--zone", "DE", "--state-dir", str(tmp_path), "--forecast")
+    assert result.returncode == 1
+    assert "no forecast" in result.stderr
