@@ -105,17 +105,19 @@ def two_gpus() -> Scenario:
     ])
 
 
-def test_split_by_sm_utilisation_idle_gpu_and_exact_host_energy(
+def test_sm_weights_per_interval_idle_gpu_and_exact_host_energy(
         fake_lib: Path, scenario_path: Path, workers: list[Worker]) -> None:
+    """The meter and usage inputs of the split; the split itself, through `carbond run`, is
+    tests/test_nvml_daemon.py."""
     a, b = workers
     sc = two_gpus()
-    # Memory 1:3 points the other way, so a 3:1 result proves the SM samples were used.
+    # Memory 1:3 points the other way, so 3:1 weights prove the SM samples were used.
     sc.processes = [FakeProcess(0, a.pid, 1 * GIB), FakeProcess(0, b.pid, 3 * GIB)]
     sc.samples = [*samples_for(0, a.pid, 75, T0_US, 6), *samples_for(0, b.pid, 25, T0_US, 6)]
     sc.write(scenario_path)
     with Driver(fake_lib, scenario_path) as drv:
-        first = drv.call("tick")
-        assert first["host"] == {"gpu-0": 0.0, "gpu-1": 0.0}
+        assert drv.call("read")["devices"] == {"gpu-0": 0.0, "gpu-1": 0.0}
+        drv.call("usage")
         increments = [(1_234_567, 55_555), (2_000_001, 60_001), (987_654, 49_999)]
         ts = T0_US + 10_000_000
         for step, (inc0, inc1) in enumerate(increments):
@@ -124,20 +126,14 @@ def test_split_by_sm_utilisation_idle_gpu_and_exact_host_energy(
             sc.samples += [*samples_for(0, a.pid, 75, ts, 30), *samples_for(0, b.pid, 25, ts, 30)]
             ts += 10_000_000
             sc.write(scenario_path)
-            tick = drv.call("tick")
-            assert tick["usage"]["gpu-0"]["basis"] == "sm", step
-            assert tick["usage"]["gpu-1"]["basis"] is None
-            assert tick["usage"]["gpu-0"]["weights"] == {str(a.pid): 75 * 30.0,
-                                                         str(b.pid): 25 * 30.0}
-        total0 = sum(i for i, _ in increments) / 1000
-        total1 = sum(i for _, i in increments) / 1000
-        assert tick["host"]["gpu-0"] == pytest.approx(total0, rel=1e-6)
-        assert tick["host"]["gpu-1"] == pytest.approx(total1, rel=1e-6)
-        consumers = tick["consumers"]
-        share_a = consumers[a.consumer] / (consumers[a.consumer] + consumers[b.consumer])
-        assert share_a == pytest.approx(0.75, abs=0.02 * 0.75)
-        assert consumers["idle:idle"] == pytest.approx(total1, rel=1e-9)
-        assert sum(consumers.values()) == pytest.approx(total0 + total1, rel=1e-9)
+            host = drv.call("read")["devices"]
+            usage = drv.call("usage")
+            assert usage["gpu-0"]["basis"] == "sm", step
+            assert usage["gpu-1"]["basis"] is None
+            assert usage["gpu-0"]["weights"] == {str(a.pid): 75 * 30.0, str(b.pid): 25 * 30.0}
+            assert usage["gpu-0"]["consumers"] == {a.consumer: 75 * 30.0, b.consumer: 25 * 30.0}
+        assert host["gpu-0"] == pytest.approx(sum(i for i, _ in increments) / 1000, rel=1e-6)
+        assert host["gpu-1"] == pytest.approx(sum(i for _, i in increments) / 1000, rel=1e-6)
 
         gpus = drv.call("gpus")
         assert [(g["device"], g["uuid"], g["name"], g["status"]) for g in gpus] == [
@@ -325,14 +321,10 @@ def test_no_v3_symbols_still_attribute_per_process(fake_lib_no_v3: Path, scenari
     sc.processes = [FakeProcess(0, a.pid, 1 * GIB), FakeProcess(0, b.pid, 3 * GIB)]
     sc.write(scenario_path)
     with Driver(fake_lib_no_v3, scenario_path) as drv:
-        drv.call("tick")
-        sc.gpu(0).energy_millijoules += 400_000
-        sc.write(scenario_path)
-        tick = drv.call("tick")
-        assert tick["usage"]["gpu-0"]["basis"] == "memory"
-        assert tick["usage"]["gpu-0"]["error"] == ""
-        assert tick["consumers"][a.consumer] == pytest.approx(100.0)
-        assert tick["consumers"][b.consumer] == pytest.approx(300.0)
+        usage = drv.call("usage")["gpu-0"]
+        assert usage["basis"] == "memory"
+        assert usage["error"] == ""
+        assert usage["consumers"] == {a.consumer: 1.0 * GIB, b.consumer: 3.0 * GIB}
         assert drv.call("state")["usage_errors"] == 0
 
 

@@ -1,4 +1,4 @@
-"""Build the stand-in libnvidia-ml.so.1, write its scenarios, and drive carbond against it.
+"""Build the stand-in libnvidia-ml.so.1, write its scenarios, and call carbond's NVML code on it.
 
 pynvml loads "libnvidia-ml.so.1" once per process and keeps it in module globals, so every test
 runs carbond in a child process (driver.py) whose LD_LIBRARY_PATH holds the compiled fake; the

@@ -1,9 +1,10 @@
 """Child process for the NVML tests: carbond's real meter and usage code over the real pynvml.
 
 Started by tests.fakes.nvml.Driver with LD_LIBRARY_PATH pointing at the compiled fake. Reads one
-JSON command per line on stdin and answers one JSON line on stdout. The "tick" command does what
-the daemon does each tick: read the meter, sample GPU usage, split each GPU's energy delta by
-consumer, and keep running totals.
+JSON command per line on stdin and answers one JSON line on stdout. Each command is one call on
+the meter or the usage tracker; the daemon's own tick over them is tested through `carbond run`
+(tests/test_nvml_daemon.py). A child process is needed because pynvml binds one library per
+process, and the tests need several (with and without `_v3`, none at all) and a fake clock.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 import traceback
 from typing import Any
 
-from carbond.attribution import split_energy
 from carbond.consumers import Consumer
 from carbond.meters.nvml import NvmlMeter
 from carbond.workloads.gpu import (
@@ -51,27 +51,6 @@ def main() -> None:
     meter = NvmlMeter(**kwargs)
     tracker = GpuUsageTracker(meter)
     pid_to_consumer = make_pid_to_consumer(cgroup_consumer, config["proc_root"])
-    last_joules: dict[str, float] = {}
-    consumer_joules: dict[str, float] = {}
-
-    def tick() -> dict[str, Any]:
-        reading = meter.read()
-        usage = tracker.sample()
-        deltas = {}
-        for dev in reading.devices:
-            previous = last_joules.get(dev.device)
-            last_joules[dev.device] = dev.joules
-            if previous is None:
-                continue
-            delta = dev.joules - previous
-            deltas[dev.device] = delta
-            gpu_usage = usage.get(dev.device)
-            weights = consumer_weights(gpu_usage, pid_to_consumer) if gpu_usage else {}
-            for consumer, joules in split_energy(delta, 1.0, 0.0, "separate", weights).items():
-                consumer_joules[label(consumer)] = consumer_joules.get(label(consumer), 0) + joules
-        return {"host": {d.device: d.joules for d in reading.devices}, "deltas": deltas,
-                "usage": {k: usage_json(v) for k, v in usage.items()},
-                "consumers": dict(consumer_joules), "errors": reading.errors, "up": meter.up()}
 
     def usage_json(u: Any) -> dict[str, Any]:
         return {"basis": u.basis, "weights": {str(k): v for k, v in u.weights.items()},
@@ -89,8 +68,6 @@ def main() -> None:
                 result: Any = {"devices": {d.device: d.joules for d in r.devices},
                                "sources": sorted({(d.component, d.source) for d in r.devices}),
                                "errors": r.errors, "wraps": r.wraps, "up": meter.up()}
-            elif op == "tick":
-                result = tick()
             elif op == "usage":
                 result = {k: usage_json(v) for k, v in tracker.sample().items()}
             elif op == "report":
