@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from carbond.consumers import Consumer
 from carbond.errors import ConfigError
+from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype
 from carbond.workloads.naming import ROOT_CONSUMER
 from carbond.workloads.processes import ProcessTracker, read_pids
 from carbond.workloads.taskstats import TaskstatsListener
@@ -103,16 +104,7 @@ def detect_cgroup_root(
     raise ConfigError("cgroup_root", f"no cgroup v2 or v1 cpuacct hierarchy under {sys_root}")
 
 
-def _read_counter(path: str, v2: bool) -> float | None:
-    """One cgroup's cumulative CPU seconds; None when it vanished mid-walk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.read(fd, 96)
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
+def _parse_counter(data: bytes, v2: bool) -> float | None:
     try:
         if v2:  # first line is "usage_usec N"
             line = data.split(b"\n", 1)[0]
@@ -124,31 +116,57 @@ def _read_counter(path: str, v2: bool) -> float | None:
         return None
 
 
+def _read_counter(path: str, v2: bool) -> float | None:
+    """One cgroup's cumulative CPU seconds; None when it vanished mid-walk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, 96)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    return _parse_counter(data, v2)
+
+
+def list_subdirs(directory: str) -> list[str] | None:
+    """Names of a directory's subdirectories; None when it can't be listed (it vanished)."""
+    try:
+        with os.scandir(directory) as entries:
+            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return None
+
+
 def read_usage_tree(
-    root: CgroupRoot, visit: Callable[[str], None] | None = None
+    root: CgroupRoot,
+    subdirs: Callable[[str], list[str] | None] = list_subdirs,
+    read: Callable[[str, str], bytes | None] | None = None,
 ) -> dict[str, float]:
     """Cumulative CPU seconds of every cgroup under the root, keyed by relative path.
 
     Post-order (children before their parent) so a parent is read after its children and
-    its own time never comes out negative from read skew. `visit(abs_dir)` sees every directory.
+    its own time never comes out negative from read skew. `subdirs(abs_dir)` lists a
+    directory's children; `read(rel, abs_file)` returns a counter file's bytes (default: open
+    and read it by path).
     """
     v2 = root.hierarchy == V2
     name = root.usage_file
     usage: dict[str, float] = {}
 
     def walk(directory: str, rel: str) -> None:
-        try:
-            with os.scandir(directory) as entries:
-                subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
-        except OSError:
+        names = subdirs(directory)
+        if names is None:
             return
-        for sub in subdirs:
+        for sub in names:
             walk(directory + "/" + sub, f"{rel}/{sub}" if rel else sub)
-        value = _read_counter(directory + "/" + name, v2)
+        if read is None:
+            value = _read_counter(directory + "/" + name, v2)
+        else:
+            data = read(rel, directory + "/" + name)
+            value = None if data is None else _parse_counter(data, v2)
         if value is not None:
             usage[rel] = value
-            if visit is not None:
-                visit(directory)
 
     walk(root.path.rstrip("/") or "/", "")
     return usage
@@ -210,19 +228,20 @@ def tree_delta(
     return TreeDelta(own, vanished)
 
 
-class _CreateWatch:
-    """inotify IN_CREATE on cgroup directories: names cgroups that live and die between ticks.
+class _TreeWatch:
+    """inotify on cgroup directories: which cgroups were born, which directories changed.
 
-    Best effort: without inotify (or past `max_watches`) those cgroups' time still reaches the
-    parent's consumer, it just can't be named.
+    Born cgroups name the ones that live and die between two ticks. A directory with no
+    create, delete or move event since it was listed still has the same children, so the walk
+    reuses its listing instead of reading the directory again. Best effort: without inotify
+    (or past `max_watches`) directories are listed every tick, and the time of cgroups born
+    and gone between ticks still reaches the parent's consumer, it just can't be named.
     """
 
-    IN_CREATE, IN_ISDIR, IN_IGNORED, IN_NONBLOCK_CLOEXEC = (
-        0x100,
-        0x40000000,
-        0x8000,
-        0o4000 | 0o2000000,
-    )
+    IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+    IN_Q_OVERFLOW, IN_IGNORED, IN_ISDIR = 0x4000, 0x8000, 0x40000000
+    IN_NONBLOCK_CLOEXEC = 0o4000 | 0o2000000
+    MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
 
     def __init__(self, root_path: str, max_watches: int = 8192) -> None:
         self.root = root_path.rstrip("/") or "/"
@@ -237,40 +256,54 @@ class _CreateWatch:
         except (OSError, AttributeError):
             self.fd = -1
 
-    def add(self, directory: str) -> None:
-        if self.fd < 0 or directory in self.watched or len(self.watched) >= self.max_watches:
-            return
-        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(directory), self.IN_CREATE)
-        if wd >= 0:
-            self.wd_dir[wd] = directory
-            self.watched.add(directory)
+    def add(self, directory: str) -> bool:
+        """Watch `directory`; True when it is watched (now or already)."""
+        if directory in self.watched:
+            return True
+        if self.fd < 0 or len(self.watched) >= self.max_watches:
+            return False
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(directory), self.MASK)
+        if wd < 0:
+            return False
+        self.wd_dir[wd] = directory
+        self.watched.add(directory)
+        return True
 
-    def drain(self) -> list[str]:
-        """Relative paths of directories created since the last drain."""
+    def drain(self) -> tuple[list[str], set[str] | None]:
+        """Relative paths of directories created since the last drain, and the absolute
+        directories whose children may have changed (None: events were lost, all may have)."""
         born: list[str] = []
+        changed: set[str] | None = set()
         while self.fd >= 0:
             try:
                 data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError:
+            except OSError:  # BlockingIOError: nothing more to read
                 break
             offset = 0
             while offset + 16 <= len(data):
                 wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
                 name = data[offset + 16 : offset + 16 + length].split(b"\0", 1)[0]
                 offset += 16 + length
+                if mask & self.IN_Q_OVERFLOW:
+                    changed = None
+                    continue
                 directory = self.wd_dir.get(wd)
+                if directory is None:
+                    continue
                 if mask & self.IN_IGNORED:
-                    if directory is not None:
-                        del self.wd_dir[wd]
-                        self.watched.discard(directory)
+                    del self.wd_dir[wd]
+                    self.watched.discard(directory)
+                    if changed is not None:
+                        changed.add(directory)
                     continue
-                if directory is None or not (mask & self.IN_CREATE and mask & self.IN_ISDIR):
+                if not mask & self.IN_ISDIR:
                     continue
-                full = f"{directory}/{os.fsdecode(name)}"
-                born.append(full[len(self.root) :].strip("/"))
-        return born
+                if changed is not None:
+                    changed.add(directory)
+                if mask & self.IN_CREATE:
+                    full = f"{directory}/{os.fsdecode(name)}"
+                    born.append(full[len(self.root) :].strip("/"))
+        return born, changed
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -315,12 +348,37 @@ class CgroupReader:
         self.root = root
         self.namer = namer
         self._prev: dict[str, float] | None = None
-        self._watch = _CreateWatch(root.path) if track_short_lived else None
+        self._watch = _TreeWatch(root.path) if track_short_lived else None
+        self._listing: dict[str, list[str]] = {}
+        on_kernel_fs = mount_fstype(root.path) in ("cgroup", "cgroup2")
+        self._files = OpenFiles(descriptor_budget() if on_kernel_fs else 0)
+
+    def _subdirs(self, directory: str) -> list[str] | None:
+        """A directory's children, listed again only when inotify can't vouch for the last
+        listing. The watch goes on before the listing, so no creation falls in between."""
+        names = self._listing.get(directory)
+        if names is not None:
+            return names
+        watched = self._watch is not None and self._watch.add(directory)
+        names = list_subdirs(directory)
+        if names is not None and watched:
+            self._listing[directory] = names
+        return names
+
+    def _read(self, rel: str, path: str) -> bytes | None:
+        return self._files.read(rel, path, 96)
 
     def tick(self) -> CgroupTick:
-        born = self._watch.drain() if self._watch else []
-        visit = self._watch.add if self._watch else None
-        cur = read_usage_tree(self.root, visit)
+        born: list[str] = []
+        if self._watch is not None:
+            born, changed = self._watch.drain()
+            if changed is None:
+                self._listing.clear()
+            else:
+                for directory in changed:
+                    self._listing.pop(directory, None)
+        cur = read_usage_tree(self.root, self._subdirs, self._read)
+        self._files.retain(cur)
         prev, self._prev = self._prev, cur
         if prev is None:
             return CgroupTick({self.namer(p): 0.0 for p in cur if p}, 0.0, (), len(cur), True)
@@ -347,6 +405,7 @@ class CgroupReader:
     def close(self) -> None:
         if self._watch is not None:
             self._watch.close()
+        self._files.close()
 
 
 @dataclass
