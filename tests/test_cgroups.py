@@ -121,6 +121,40 @@ def test_cgroup_removed_after_its_last_reading(tree: TestTree) -> None:
     )
 
 
+def test_cached_listings_and_open_counters_follow_the_tree(tree: TestTree) -> None:
+    """The walk re-lists only directories inotify reports changed and keeps counter files
+    open; neither may hide a change: nested cgroups made after a tick are found, and a cgroup
+    removed and made again under its name is read from its new counter, not the old one."""
+    tree.make("system.slice")
+    reader = reader_for(tree)
+    base = reader.tick().cgroups
+    tree.make("system.slice/a.service/sub")
+    tick = reader.tick()
+    assert tick.cgroups == base + 2 and Consumer("unit", "a.service") in tick.usage
+
+    rel, unit = "system.slice/b.service", Consumer("unit", "b.service")
+    tree.make(rel)
+    proc = tree.burners.start(0.5, tree.procs(rel))
+    time.sleep(1.0)
+    tree.burners.kill(proc)
+    assert reader.tick().usage[unit] > 0.05  # b's counter file is now held open
+    tree.remove(rel)
+    tree.make(rel)
+    proc = tree.burners.start(0.3, tree.procs(rel))
+    time.sleep(1.0)
+    tree.burners.kill(proc)
+    kernel = tree.usage_seconds(rel)
+    tick = reader.tick()
+    assert kernel > 0.05
+    assert tick.usage[unit] == pytest.approx(kernel, rel=0.02, abs=0.005)
+
+    tree.remove("system.slice/a.service")
+    reader.tick()
+    tick = reader.tick()
+    assert tick.cgroups == base + 1 and Consumer("unit", "a.service") not in tick.usage
+    reader.close()
+
+
 def test_tree_delta_pure() -> None:
     prev = {"": 10.0, "a": 4.0, "a/x": 3.0, "b": 1.0, "c": 5.0}
     cur = {"": 20.0, "a": 9.0, "b": 2.0, "c": 1.0, "d": 2.0}
