@@ -37,7 +37,7 @@ from carbond.workloads.cgroups import (
     CpuUsageCollector,
     detect_cgroup_root,
 )
-from carbond.workloads.gpu import GpuUsageTracker, consumer_weights, pid_cgroup
+from carbond.workloads.gpu import GpuUsageTracker, consumer_weights, make_pid_to_consumer
 from carbond.workloads.naming import CgroupNamer
 from carbond.workloads.processes import ProcessTracker, read_pids
 from carbond.workloads.taskstats import TaskstatsListener
@@ -113,41 +113,6 @@ def build_feed(config: Config) -> tuple[IntensityFeed, ZoneChoice]:
     return feed, choice
 
 
-def _strip_root(path: str, rel: str) -> str:
-    """/proc/PID/cgroup paths are from the hierarchy's top; the namer wants them from ours."""
-    path = path.strip("/")
-    rel = rel.strip("/")
-    if not rel:
-        return path
-    if path == rel:
-        return ""
-    return path[len(rel) + 1:] if path.startswith(rel + "/") else path
-
-
-def gpu_pid_namer(
-    namer: Callable[[str], Consumer], rel: str, proc_root: str, per_process: bool
-) -> Callable[[int], Consumer]:
-    """NVML pid -> consumer, named as the CPU side names it: by its cgroup below our root, or
-    by executable name for a task in the root cgroup while per-process consumers are on."""
-
-    def pid_to_consumer(pid: int) -> Consumer:
-        path = pid_cgroup(pid, proc_root)
-        if path is None:
-            return OTHER  # exited since NVML listed it
-        below = _strip_root(path, rel)
-        if not below and per_process:
-            try:
-                with open(f"{proc_root}/{pid}/comm", encoding="utf-8") as handle:
-                    comm = handle.read().rstrip("\n")
-            except OSError:
-                return OTHER
-            if comm:
-                return Consumer("process", comm)
-        return namer(below)
-
-    return pid_to_consumer
-
-
 def _add(energy: ConsumerEnergy, split: Mapping[Consumer, float], component: str) -> None:
     for consumer, joules in split.items():
         parts = energy.setdefault(consumer, {})
@@ -189,7 +154,7 @@ class Daemon:
         namer = namer or CgroupNamer(config.rules)
         rel = cpu_usage.reader.root.rel if cpu_usage else "/"
         per_process = cpu_usage is not None and cpu_usage.processes is not None
-        self._pid_to_consumer = gpu_pid_namer(namer, rel, config.proc_root, per_process)
+        self._pid_to_consumer = make_pid_to_consumer(namer, rel, config.proc_root, per_process)
         self._last_tick = clock()
         self._snapshot = Snapshot(pue=config.pue)
         # Baselines, so the first tick already has deltas.

@@ -90,7 +90,7 @@ def test_consumer_weights_merge_pids_of_one_consumer(tmp_path: Path) -> None:
     write_cgroup(tmp_path, 10, "0::/job/a\n")
     write_cgroup(tmp_path, 11, "0::/job/a\n")
     write_cgroup(tmp_path, 12, "0::/job/b\n")
-    to_consumer = make_pid_to_consumer(lambda path: Consumer("cgroup", path), tmp_path)
+    to_consumer = make_pid_to_consumer(lambda path: Consumer("cgroup", path), "/", tmp_path)
     usage = GpuUsage("gpu-0", "sm", {10: 30.0, 11: 20.0, 12: 50.0, 13: 5.0})
     assert consumer_weights(usage, to_consumer) == {
-        Consumer("cgroup", "/job/a"): 50.0, Consumer("cgroup", "/job/b"): 50.0, OTHER: 5.0}
+        Consumer("cgroup", "job/a"): 50.0, Consumer("cgroup", "job/b"): 50.0, OTHER: 5.0}

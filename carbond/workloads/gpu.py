@@ -211,16 +211,40 @@ def pid_cgroup(pid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | N
     return cpuacct if cpuacct is not None else unified
 
 
+def below_root(path: str, rel: str) -> str:
+    """/proc/PID/cgroup paths start at the hierarchy's top; consumer names start at our root."""
+    path, rel = path.strip("/"), rel.strip("/")
+    if not rel:
+        return path
+    if path == rel:
+        return ""
+    return path[len(rel) + 1:] if path.startswith(rel + "/") else path
+
+
 def make_pid_to_consumer(
-    cgroup_to_consumer: Callable[[str], Consumer],
+    namer: Callable[[str], Consumer],
+    rel: str = "/",
     proc_root: str | os.PathLike[str] = "/proc",
-    gone: Consumer = OTHER,
+    per_process: bool = False,
 ) -> Callable[[int], Consumer]:
-    """pid -> Consumer through /proc/PID/cgroup; a pid that already exited goes to `gone`."""
+    """NVML pid -> consumer, named as the CPU side names it: by its cgroup below our root, or
+    by executable name for a task in the root cgroup while per-process consumers are on.
+    A pid that exited since NVML listed it goes to `other`."""
 
     def pid_to_consumer(pid: int) -> Consumer:
         path = pid_cgroup(pid, proc_root)
-        return gone if path is None else cgroup_to_consumer(path)
+        if path is None:
+            return OTHER
+        below = below_root(path, rel)
+        if not below and per_process:
+            try:
+                with open(f"{proc_root}/{pid}/comm", encoding="utf-8") as handle:
+                    comm = handle.read().rstrip("\n")
+            except OSError:
+                return OTHER
+            if comm:
+                return Consumer("process", comm)
+        return namer(below)
 
     return pid_to_consumer
 
