@@ -470,5 +470,7 @@ class CpuUsageCollector:
 
     def close(self) -> None:
         self.reader.close()
+        if self.processes is not None:
+            self.processes.close()
         if self.exits is not None:
             self.exits.stop()

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from carbond.consumers import Consumer
+from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype
 from carbond.workloads.taskstats import TaskExit
 
 
@@ -91,10 +92,11 @@ class ProcessTick:
     exits_used: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Seen:
     stat: ProcStat
     tick: int
+    raw: bytes = b""  # the /proc/PID/stat text it was parsed from
 
 
 class ProcessTracker:
@@ -112,6 +114,32 @@ class ProcessTracker:
         self._seen: dict[int, _Seen] = {}
         self._tick = 0
         self._last_boottime: float | None = None
+        on_procfs = mount_fstype(proc_root) == "proc"
+        self._files = OpenFiles(descriptor_budget() if on_procfs else 0)
+
+    def _read(self, pids: Iterable[int]) -> tuple[dict[int, ProcStat], dict[int, bytes]]:
+        """Stats of the pids that could be read, and their raw text.
+
+        A sleeping process's stat text is byte-for-byte what it was last tick (same process,
+        no CPU time, no faults), so it is only parsed again when it changed.
+        """
+        live: dict[int, ProcStat] = {}
+        raw: dict[int, bytes] = {}
+        seen, read, proc_root = self._seen, self._files.read, self.proc_root
+        for pid in pids:
+            data = read(pid, f"{proc_root}/{pid}/stat", 4096)
+            if data is None:
+                continue
+            last = seen.get(pid)
+            if last is not None and last.raw == data:
+                stat: ProcStat | None = last.stat
+            else:
+                stat = parse_stat(pid, data.decode("utf-8", "replace"), self.clock_ticks)
+                if stat is None:
+                    continue
+            live[pid] = stat
+            raw[pid] = data
+        return live, raw
 
     def tick(
         self,
@@ -127,15 +155,14 @@ class ProcessTracker:
         self._tick += 1
         usage: dict[Consumer, float] = {}
         guessed: dict[Consumer, float] = {}
-        live: dict[int, ProcStat] = {}
-        for pid in pids:
-            stat = read_stat(self.proc_root, pid, self.clock_ticks)
-            if stat is not None:
-                live[pid] = stat
+        live, raw = self._read(pids)
+        self._files.retain(live)
 
         for pid, stat in live.items():
             seen = self._seen.get(pid)
-            if seen is not None and seen.stat.starttime == stat.starttime:
+            if seen is not None and seen.stat is stat:
+                grew = 0.0  # unchanged text: see _read
+            elif seen is not None and seen.stat.starttime == stat.starttime:
                 grew = stat.cpu_seconds - seen.stat.cpu_seconds
             elif first or last_boot is None:
                 grew = 0.0
@@ -153,12 +180,21 @@ class ProcessTracker:
         if not first:
             used = self._finish_exits(exits, live, usage, guessed, root_cgroup)
 
+        tick = self._tick
         for pid, stat in live.items():
-            self._seen[pid] = _Seen(stat, self._tick)
+            seen = self._seen.get(pid)
+            if seen is not None and seen.stat is stat:
+                seen.tick = tick
+            else:
+                self._seen[pid] = _Seen(stat, tick, raw[pid])
         # Keep a vanished process one extra tick: its exit record may arrive a tick late.
         for pid in [p for p, s in self._seen.items() if s.tick < self._tick - 1]:
             del self._seen[pid]
         return ProcessTick(usage, guessed, used)
+
+    def close(self) -> None:
+        """Close the /proc files held open between ticks."""
+        self._files.close()
 
     def _same_process(self, seen: ProcStat, exit_: TaskExit) -> bool:
         if exit_.start_epoch is None or self.boot_epoch is None:
