@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
-import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks._host import UNIFIED, BenchHost, can_run, read_file
 from carbond.workloads.cgroups import (
     CgroupReader,
     CpuUsageCollector,
@@ -27,19 +28,6 @@ from carbond.workloads.cgroups import (
 from carbond.workloads.naming import CgroupNamer
 from carbond.workloads.processes import ProcessTracker, read_pids
 
-UNIFIED = "/sys/fs/cgroup/unified"
-
-
-def read_file(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.read(fd, 4096)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
 
 def cpu_ms(fn, ticks: int) -> float:
     samples = []
@@ -48,10 +36,6 @@ def cpu_ms(fn, ticks: int) -> float:
         fn()
         samples.append((time.thread_time() - start) * 1e3)
     return statistics.median(samples)
-
-
-def spawn_sleepers(count: int) -> list[subprocess.Popen[bytes]]:
-    return [subprocess.Popen(["sleep", "3600"]) for _ in range(count)]
 
 
 def report(name: str, ours: float, floor: float) -> None:
@@ -64,48 +48,40 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=1000)
     parser.add_argument("--cgroups", type=int, default=100)
     args = parser.parse_args()
-    if os.geteuid() != 0 or not os.path.isfile(f"{UNIFIED}/cpu.stat"):
-        print("needs root and the cgroup v2 tree at", UNIFIED, file=sys.stderr)
+    problem = can_run()
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
 
-    bench = f"{UNIFIED}/carbond-bench-{secrets.token_hex(4)}"
-    procs: list[subprocess.Popen[bytes]] = []
-    made: list[str] = []
+    host = BenchHost()
     try:
         # 1: processes spread over cgroups
-        for i in range(args.cgroups):
-            path = f"{bench}/system.slice/bench-{i}.service"
-            os.makedirs(path)
-            made.append(path)
-        procs = spawn_sleepers(args.processes)
-        for i, proc in enumerate(procs):
-            with open(f"{made[i % len(made)]}/cgroup.procs", "w") as f:
-                f.write(str(proc.pid))
-        root = cgroup_root(bench)
+        host.make_cgroups(args.cgroups)
+        host.spawn_sleepers(args.processes, host.cgroups)
+        root = cgroup_root(host.root)
         reader = CgroupReader(root, CgroupNamer())
         reader.tick()
-        files = [f"{d}/cpu.stat" for d in (bench, f"{bench}/system.slice", *made)]
+        files = host.counter_files()
         ours = cpu_ms(reader.tick, args.ticks)
         floor = cpu_ms(lambda: [read_file(p) for p in files], args.ticks)
         reader.close()
         report(f"{args.processes} procs in {args.cgroups} cgroups", ours, floor)
 
         # 2: the same processes in the root cgroup, tracked per process
-        for proc in procs:
-            with open(f"{UNIFIED}/cgroup.procs", "w") as f:
-                f.write(str(proc.pid))
-        host = detect_cgroup_root()
+        for proc in host.procs:
+            host.move(proc.pid, UNIFIED)
+        system = detect_cgroup_root()
         collector = CpuUsageCollector(
-            CgroupReader(host, CgroupNamer(), track_short_lived=False), ProcessTracker()
+            CgroupReader(system, CgroupNamer(), track_short_lived=False), ProcessTracker()
         )
         collector.tick()
-        pids = read_pids(host.procs_file)
-        cg_files = [f"{dirpath}/cpu.stat" for dirpath, _, _ in os.walk(host.path)]
+        pids = read_pids(system.procs_file)
+        cg_files = [f"{dirpath}/cpu.stat" for dirpath, _, _ in os.walk(system.path)]
 
         def bare() -> None:
             for path in cg_files:
                 read_file(path)
-            for pid in read_pids(host.procs_file):
+            for pid in read_pids(system.procs_file):
                 read_file(f"/proc/{pid}/stat")
 
         ours = cpu_ms(collector.tick, args.ticks)
@@ -113,12 +89,7 @@ def main() -> int:
         collector.close()
         report(f"{len(pids)} procs in the root cgroup ({len(cg_files)} cgroups)", ours, floor)
     finally:
-        for proc in procs:
-            proc.kill()
-        for proc in procs:
-            proc.wait()
-        for directory, _, _ in sorted(os.walk(bench), key=lambda t: len(t[0]), reverse=True):
-            os.rmdir(directory)
+        host.close()
     return 0
 
 

@@ -1,0 +1,436 @@
+"""carbond's own cost on a realistic host: CPU per tick and per scrape, RSS, against the floor.
+
+Each scenario builds real cgroups (v2, under /sys/fs/cgroup/unified) with real processes in them
+plus a fake two-socket RAPL tree, starts `carbond run` on that subtree (`--cgroup-root`), and
+once per interval, half-way between two ticks: advances the fake energy counters, reads
+carbond's CPU clock, scrapes /metrics, reads the CPU clock again, reads its VmRSS, and runs the
+floor: a bare loop that only reads the files carbond must read (every cpu.stat of the tree; in
+process mode also cgroup.procs and every /proc/PID/stat). CPU per tick is the growth of
+carbond's whole-process CPU clock from after one scrape to before the next (one tick, plus its
+idle threads); per scrape, the growth across the request. All figures are medians.
+
+Scenarios (--scenario, repeatable; default: cgroups procs consumers idle5s):
+  cgroups    --procs N sleeping processes over --cgroups M cgroups (default 1,000 in 100)
+  procs      --procs N sleeping processes in the root of the walked tree (process mode on)
+  consumers  --consumers 500 cgroups, each with a process using a little CPU every tick, so
+             each is a consumer with energy and its own series (max_consumers = that number)
+  idle5s     1,000 processes in 100 cgroups at the default 5 s interval, one scrape per 15 s:
+             mean share of one core over the run
+--matrix: `cgroups` for every N in 100, 1,000, 5,000 and M in 10, 100, 500.
+--soak 30m: process mode, 100 short-lived processes per second; RSS at start and end.
+
+Run as root from the repository root:  .venv/bin/python benchmarks/overhead.py
+Everything it creates (cgroups, processes, temp dirs) is removed at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks._host import (
+    BenchHost,
+    can_run,
+    process_cpu_seconds,
+    read_file,
+    rss_mib,
+)
+from carbond.units import parse_seconds
+from carbond.workloads.processes import read_pids
+from tests import powercap
+
+WATTS = 40.0  # what the fake RAPL zones draw, each
+
+
+SPAWNER = r"""
+import os, sys, time
+cgroup, rate = sys.argv[1], float(sys.argv[2])
+with open(cgroup + "/cgroup.procs", "w") as f:
+    f.write("0")  # this process and all it starts: tasks of the walked tree's root
+deadline, started = time.monotonic(), 0
+while True:
+    os.posix_spawn("/bin/true", ["true"], {})
+    started += 1
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    deadline += 1.0 / rate
+    time.sleep(max(0.0, deadline - time.monotonic()))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main_thread_cpu_ns(pid: int) -> int:
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+class Carbond:
+    """`carbond run` on the host's subtree and a fake RAPL tree, as a child process."""
+
+    def __init__(self, host: BenchHost, interval: float, attribution: dict[str, object],
+                 profile: str | None = None) -> None:
+        self.interval = interval
+        self.power = powercap.intel_two_socket(f"{host.tmp}/powercap")
+        config = f"{host.tmp}/carbond.yaml"
+        with open(config, "w") as f:  # JSON is YAML
+            json.dump({"attribution": {"idle_watts": {"cpu": 0}, **attribution}}, f)
+        self.port = free_port()
+        self.log = open(f"{host.tmp}/carbond.log", "w+b")  # noqa: SIM115
+        argv = [
+            sys.executable, "-m", "carbond", "run", "--config", config,
+            "--listen", f"127.0.0.1:{self.port}", "--interval", f"{interval}s",
+            "--powercap-root", f"{host.tmp}/powercap", "--cgroup-root", host.root,
+            "--state-dir", f"{host.tmp}/state", "--log-level", "warning",
+        ]
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+        self.profiler: subprocess.Popen[bytes] | None = None
+        self._wait_ready()
+        if profile:
+            self.profiler = subprocess.Popen(
+                ["py-spy", "record", "--nonblocking", "-r", "250", "-f", "flamegraph",
+                 "-o", profile, "--pid", str(self.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"carbond exited: {self.output()}")
+            try:
+                self.scrape()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("carbond did not answer on /metrics within 60 s")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-2000:]
+
+    def scrape(self) -> str:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.read().decode()
+
+    def next_tick(self) -> float:
+        """Monotonic time of the next tick's start: the main thread only ever runs to tick."""
+        before = main_thread_cpu_ns(self.pid)
+        deadline = time.monotonic() + 3 * self.interval + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.002)
+            if main_thread_cpu_ns(self.pid) != before:
+                return time.monotonic()
+        raise RuntimeError("no tick seen")
+
+    def advance_energy(self) -> None:
+        for zone in self.power.zones.values():
+            zone.advance_uj(int(WATTS * self.interval * 1e6))
+
+    def stop(self) -> None:
+        if self.profiler is not None:
+            self.profiler.send_signal(signal.SIGINT)
+            try:
+                self.profiler.wait(30)
+            except subprocess.TimeoutExpired:
+                self.profiler.kill()
+                self.profiler.wait()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@dataclass
+class Result:
+    name: str
+    tick_ms: list[float] = field(default_factory=list)
+    scrape_ms: list[float] = field(default_factory=list)
+    floor_ms: list[float] = field(default_factory=list)
+    rss: list[float] = field(default_factory=list)
+    series: int = 0
+    mean_tick_wall_ms: float = 0.0
+    core_percent: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def measure(carbond: Carbond, name: str, seconds: float, floor: Callable[[], None],
+            scrape_every: int = 1, warmup_ticks: int = 2) -> Result:
+    """Sample once per interval, half-way between ticks; see the module docstring."""
+    interval = carbond.interval
+    result = Result(name)
+    tick = carbond.next_tick()
+    for _ in range(warmup_ticks - 1):
+        tick = carbond.next_tick()
+    when = tick + interval / 2
+    rounds = max(2, round(seconds / interval))
+    after_scrape: float | None = None
+    first_cpu = first_time = 0.0
+    text = ""
+    for k in range(rounds + 1):
+        time.sleep(max(0.0, when - time.monotonic()))
+        carbond.advance_energy()
+        before = process_cpu_seconds(carbond.pid)
+        if k == 0:
+            first_cpu, first_time = before, time.monotonic()
+        if after_scrape is not None:
+            result.tick_ms.append((before - after_scrape) * 1e3)
+        after_scrape = before
+        if k % scrape_every == 0:
+            text = carbond.scrape()
+            after_scrape = process_cpu_seconds(carbond.pid)
+            result.scrape_ms.append((after_scrape - before) * 1e3)
+        result.rss.append(rss_mib(carbond.pid))
+        start = time.thread_time()
+        floor()
+        result.floor_ms.append((time.thread_time() - start) * 1e3)
+        when += interval
+    end_cpu, end_time = process_cpu_seconds(carbond.pid), time.monotonic()
+    result.core_percent = 100 * (end_cpu - first_cpu) / (end_time - first_time)
+    text = carbond.scrape()
+    result.series = sum(
+        1 for line in text.splitlines() if line.startswith("carbond_consumer_energy_joules_total{")
+    )
+    count = metric(text, "carbond_tick_duration_seconds_count") or 1
+    wall = metric(text, "carbond_tick_duration_seconds_sum") or 0.0
+    result.mean_tick_wall_ms = wall / count * 1e3
+    return result
+
+
+def cgroups_floor(host: BenchHost) -> Callable[[], None]:
+    files = host.counter_files()
+
+    def floor() -> None:
+        for path in files:
+            read_file(path)
+
+    return floor
+
+
+def procs_floor(host: BenchHost) -> Callable[[], None]:
+    files = host.counter_files()
+    procs_file = f"{host.root}/cgroup.procs"
+
+    def floor() -> None:
+        for path in files:
+            read_file(path)
+        for pid in read_pids(procs_file):
+            read_file(f"/proc/{pid}/stat")
+
+    return floor
+
+
+def run_cgroups(args: argparse.Namespace, procs: int, cgroups: int) -> Result:
+    host = BenchHost()
+    carbond = None
+    try:
+        host.make_cgroups(cgroups)
+        host.spawn_sleepers(procs, host.cgroups)
+        carbond = Carbond(host, args.interval, {"processes": "off"}, _profile(args, "cgroups"))
+        return measure(carbond, f"{procs:,} processes in {cgroups} cgroups", args.seconds,
+                       cgroups_floor(host))
+    finally:
+        if carbond:
+            carbond.stop()
+        host.close()
+
+
+def run_procs(args: argparse.Namespace) -> Result:
+    host = BenchHost()
+    carbond = None
+    try:
+        host.spawn_sleepers(args.procs)
+        carbond = Carbond(host, args.interval, {"processes": "on"}, _profile(args, "procs"))
+        return measure(carbond, f"{args.procs:,} processes in the root cgroup (process mode)",
+                       args.seconds, procs_floor(host))
+    finally:
+        if carbond:
+            carbond.stop()
+        host.close()
+
+
+def run_consumers(args: argparse.Namespace) -> Result:
+    host = BenchHost()
+    carbond = None
+    try:
+        host.make_cgroups(args.consumers)
+        host.spawn([host.spinner()], args.consumers, host.cgroups)
+        carbond = Carbond(host, args.interval,
+                          {"processes": "off", "max_consumers": args.consumers},
+                          _profile(args, "consumers"))
+        return measure(carbond, f"{args.consumers} consumers, each using CPU", args.seconds,
+                       cgroups_floor(host), warmup_ticks=3)
+    finally:
+        if carbond:
+            carbond.stop()
+        host.close()
+
+
+def run_idle5s(args: argparse.Namespace) -> Result:
+    host = BenchHost()
+    carbond = None
+    try:
+        host.make_cgroups(100)
+        host.spawn_sleepers(1000, host.cgroups)
+        carbond = Carbond(host, 5.0, {"processes": "off"}, _profile(args, "idle5s"))
+        return measure(carbond, "1,000 processes in 100 cgroups, 5 s interval, scrape 15 s",
+                       max(args.seconds, 30), cgroups_floor(host), scrape_every=3,
+                       warmup_ticks=1)
+    finally:
+        if carbond:
+            carbond.stop()
+        host.close()
+
+
+def run_soak(args: argparse.Namespace, seconds: float) -> None:
+    host = BenchHost()
+    carbond = None
+    spawner = None
+    try:
+        host.spawn_sleepers(100)
+        carbond = Carbond(host, args.interval, {"processes": "on"})
+        spawner = subprocess.Popen([sys.executable, "-c", SPAWNER, host.root, "100"])
+        host.procs.append(spawner)
+        start = time.monotonic()
+        carbond.next_tick()
+        marks = [(0.0, rss_mib(carbond.pid))]
+        report_every = 60.0
+        while (elapsed := time.monotonic() - start) < seconds:
+            time.sleep(min(report_every, seconds - elapsed))
+            marks.append((time.monotonic() - start, rss_mib(carbond.pid)))
+            print(f"  soak {marks[-1][0]:7.0f} s  RSS {marks[-1][1]:6.1f} MiB", flush=True)
+        text = carbond.scrape()
+        exits = metric(text, "carbond_exited_tasks_total") or 0
+        first, warm, last = marks[0][1], marks[min(1, len(marks) - 1)][1], marks[-1][1]
+        print(f"soak {seconds / 60:.0f} min, {exits / seconds:.0f} exited tasks/s "
+              f"({exits:.0f} in all)")
+        print(f"RSS start {first:.1f} MiB, after 1 min {warm:.1f} MiB, end {last:.1f} MiB: "
+              f"growth {100 * (last - first) / first:+.1f}% from start, "
+              f"{100 * (last - warm) / warm:+.1f}% from 1 min")
+    finally:
+        if spawner is not None and spawner.poll() is None:
+            spawner.kill()
+        if carbond:
+            carbond.stop()
+        host.close()
+
+
+def _profile(args: argparse.Namespace, name: str) -> str | None:
+    if not args.profile:
+        return None
+    os.makedirs(args.profile, exist_ok=True)
+    return os.path.abspath(f"{args.profile}/{name}.svg")
+
+
+def print_table(results: list[Result]) -> None:
+    print()
+    print("| scenario | CPU/tick ms | floor ms | ratio | scrape ms | series | RSS MiB "
+          "| mean tick wall ms | core % |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        tick, floor = med(r.tick_ms), med(r.floor_ms)
+        core = f"{r.core_percent:.3f}" if r.core_percent is not None else ""
+        print(f"| {r.name} | {tick:.2f} | {floor:.2f} | {tick / floor:.2f} | "
+              f"{med(r.scrape_ms):.2f} | {r.series} | {max(r.rss):.1f} | "
+              f"{r.mean_tick_wall_ms:.2f} | {core} |")
+    print()
+
+
+def interrupted(signum: int, frame: object) -> None:
+    """SIGTERM cleans up like Ctrl-C: through every `finally`."""
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    parser.add_argument("--scenario", action="append",
+                        choices=["cgroups", "procs", "consumers", "idle5s"])
+    parser.add_argument("--matrix", action="store_true", help="cgroups for every N x M")
+    parser.add_argument("--seconds", type=parse_seconds, default=60.0,
+                        help="measured time per scenario (default 60s)")
+    parser.add_argument("--interval", type=parse_seconds, default=1.0)
+    parser.add_argument("--procs", type=int, default=1000)
+    parser.add_argument("--cgroups", type=int, default=100)
+    parser.add_argument("--consumers", type=int, default=500)
+    parser.add_argument("--soak", type=parse_seconds, metavar="DURATION",
+                        help="soak mode instead: e.g. 30m")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="py-spy flame graphs of carbond per scenario (skews timings)")
+    args = parser.parse_args()
+    problem = can_run()
+    if problem:
+        print(f"overhead.py: {problem}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, interrupted)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    if args.soak:
+        run_soak(args, args.soak)
+        return 0
+    scenarios = args.scenario or ([] if args.matrix else ["cgroups", "procs", "consumers",
+                                                          "idle5s"])
+    runs: list[Callable[[], Result]] = []
+    if args.matrix:
+        for procs in (100, 1000, 5000):
+            for cgroups in (10, 100, 500):
+                runs.append(lambda p=procs, c=cgroups: run_cgroups(args, p, c))
+    for name in scenarios:
+        runs.append({
+            "cgroups": lambda: run_cgroups(args, args.procs, args.cgroups),
+            "procs": lambda: run_procs(args),
+            "consumers": lambda: run_consumers(args),
+            "idle5s": lambda: run_idle5s(args),
+        }[name])
+    results = []
+    for run in runs:
+        result = run()
+        results.append(result)
+        print(f"  {result.name}: tick {med(result.tick_ms):.2f} ms, floor "
+              f"{med(result.floor_ms):.2f} ms, scrape {med(result.scrape_ms):.2f} ms, "
+              f"RSS {max(result.rss):.1f} MiB", flush=True)
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
