@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-overhead clean
 
 $(BIN)/carbond: pyproject.toml
 	scripts/setup-venv.sh $(PYTHON) $(VENV)
@@ -20,6 +20,10 @@ test: $(BIN)/carbond
 
 bench: $(BIN)/carbond
 	$(BIN)/python benchmarks/tick.py
+
+# As root: real cgroups and processes; see benchmarks/README.md. ARGS="--matrix", "--soak 30m".
+bench-overhead: $(BIN)/carbond
+	$(BIN)/python benchmarks/overhead.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

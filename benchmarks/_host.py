@@ -14,7 +14,12 @@ import subprocess
 import tempfile
 import time
 
-UNIFIED = "/sys/fs/cgroup/unified"
+# The v2 hierarchy: the unified tree on a hybrid host, else /sys/fs/cgroup itself.
+UNIFIED = (
+    "/sys/fs/cgroup/unified"
+    if os.path.isfile("/sys/fs/cgroup/unified/cpu.stat")
+    else "/sys/fs/cgroup"
+)
 
 SPINNER_C = r"""
 #include <time.h>
@@ -68,8 +73,10 @@ def can_run() -> str | None:
     """Why the benchmarks can't run here, or None."""
     if os.geteuid() != 0:
         return "needs root (it creates cgroups)"
-    if not os.path.isfile(f"{UNIFIED}/cpu.stat"):
-        return f"needs the cgroup v2 tree at {UNIFIED}"
+    if not os.path.isfile(f"{UNIFIED}/cgroup.procs") or not os.path.isfile(
+        f"{UNIFIED}/cpu.stat"
+    ):
+        return "needs a cgroup v2 hierarchy (/sys/fs/cgroup or /sys/fs/cgroup/unified)"
     return None
 
 

@@ -1,13 +1,15 @@
 """carbond's own cost on a realistic host: CPU per tick and per scrape, RSS, against the floor.
 
-Each scenario builds real cgroups (v2, under /sys/fs/cgroup/unified) with real processes in them
-plus a fake two-socket RAPL tree, starts `carbond run` on that subtree (`--cgroup-root`), and
-once per interval, half-way between two ticks: advances the fake energy counters, reads
-carbond's CPU clock, scrapes /metrics, reads the CPU clock again, reads its VmRSS, and runs the
-floor: a bare loop that only reads the files carbond must read (every cpu.stat of the tree; in
-process mode also cgroup.procs and every /proc/PID/stat). CPU per tick is the growth of
-carbond's whole-process CPU clock from after one scrape to before the next (one tick, plus its
-idle threads); per scrape, the growth across the request. All figures are medians.
+Each scenario builds real cgroups (a private subtree of the v2 hierarchy) with real processes
+in them plus a fake two-socket RAPL tree, starts `carbond run` on that subtree
+(`--cgroup-root`), and once per interval, half-way between two ticks: advances the fake
+energy counters, reads carbond's CPU clock, scrapes /metrics, reads the CPU clock again, reads
+its VmRSS, and runs the floor: a bare loop that only reads the files carbond must read (every
+cpu.stat of the tree; in process mode also cgroup.procs and every /proc/PID/stat), once
+opening each file and once with pread on descriptors kept open, as carbond does. CPU per tick
+is the growth of carbond's whole-process CPU clock from after one scrape to before the next
+(one tick, plus its idle threads); per scrape, the growth across the request. All figures
+are medians.
 
 Scenarios (--scenario, repeatable; default: cgroups procs consumers idle5s):
   cgroups    --procs N sleeping processes over --cgroups M cgroups (default 1,000 in 100)
@@ -180,6 +182,7 @@ class Result:
     tick_ms: list[float] = field(default_factory=list)
     scrape_ms: list[float] = field(default_factory=list)
     floor_ms: list[float] = field(default_factory=list)
+    pread_floor_ms: list[float] = field(default_factory=list)
     rss: list[float] = field(default_factory=list)
     series: int = 0
     mean_tick_wall_ms: float = 0.0
@@ -191,7 +194,7 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def measure(carbond: Carbond, name: str, seconds: float, floor: Callable[[], None],
+def measure(carbond: Carbond, name: str, seconds: float, floor: Floor,
             scrape_every: int = 1, warmup_ticks: int = 2) -> Result:
     """Sample once per interval, half-way between ticks; see the module docstring."""
     interval = carbond.interval
@@ -219,9 +222,13 @@ def measure(carbond: Carbond, name: str, seconds: float, floor: Callable[[], Non
             result.scrape_ms.append((after_scrape - before) * 1e3)
         result.rss.append(rss_mib(carbond.pid))
         start = time.thread_time()
-        floor()
-        result.floor_ms.append((time.thread_time() - start) * 1e3)
+        floor.by_path()
+        middle = time.thread_time()
+        floor.kept_open()
+        result.floor_ms.append((middle - start) * 1e3)
+        result.pread_floor_ms.append((time.thread_time() - middle) * 1e3)
         when += interval
+    floor.close()
     end_cpu, end_time = process_cpu_seconds(carbond.pid), time.monotonic()
     result.core_percent = 100 * (end_cpu - first_cpu) / (end_time - first_time)
     text = carbond.scrape()
@@ -234,27 +241,38 @@ def measure(carbond: Carbond, name: str, seconds: float, floor: Callable[[], Non
     return result
 
 
-def cgroups_floor(host: BenchHost) -> Callable[[], None]:
-    files = host.counter_files()
+class Floor:
+    """The bare reads a tick can't avoid: every cpu.stat of the tree, and with `processes`
+    the root's cgroup.procs and each listed /proc/PID/stat.
 
-    def floor() -> None:
-        for path in files:
+    `by_path()` opens, reads and closes each file (the floor the targets refer to);
+    `kept_open()` re-reads descriptors opened once with pread, as carbond itself does.
+    """
+
+    def __init__(self, host: BenchHost, processes: bool = False) -> None:
+        self.files = host.counter_files()
+        self.procs_file = f"{host.root}/cgroup.procs" if processes else None
+        self._fds: dict[str, int] = {}
+
+    def _paths(self) -> list[str]:
+        pids = read_pids(self.procs_file) if self.procs_file else []
+        return self.files + [f"/proc/{pid}/stat" for pid in pids]
+
+    def by_path(self) -> None:
+        for path in self._paths():
             read_file(path)
 
-    return floor
+    def kept_open(self) -> None:
+        for path in self._paths():
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            os.pread(fd, 4096, 0)
 
-
-def procs_floor(host: BenchHost) -> Callable[[], None]:
-    files = host.counter_files()
-    procs_file = f"{host.root}/cgroup.procs"
-
-    def floor() -> None:
-        for path in files:
-            read_file(path)
-        for pid in read_pids(procs_file):
-            read_file(f"/proc/{pid}/stat")
-
-    return floor
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def run_cgroups(args: argparse.Namespace, procs: int, cgroups: int) -> Result:
@@ -265,7 +283,7 @@ def run_cgroups(args: argparse.Namespace, procs: int, cgroups: int) -> Result:
         host.spawn_sleepers(procs, host.cgroups)
         carbond = Carbond(host, args.interval, {"processes": "off"}, _profile(args, "cgroups"))
         return measure(carbond, f"{procs:,} processes in {cgroups} cgroups", args.seconds,
-                       cgroups_floor(host))
+                       Floor(host))
     finally:
         if carbond:
             carbond.stop()
@@ -279,7 +297,7 @@ def run_procs(args: argparse.Namespace) -> Result:
         host.spawn_sleepers(args.procs)
         carbond = Carbond(host, args.interval, {"processes": "on"}, _profile(args, "procs"))
         return measure(carbond, f"{args.procs:,} processes in the root cgroup (process mode)",
-                       args.seconds, procs_floor(host))
+                       args.seconds, Floor(host, processes=True))
     finally:
         if carbond:
             carbond.stop()
@@ -296,7 +314,7 @@ def run_consumers(args: argparse.Namespace) -> Result:
                           {"processes": "off", "max_consumers": args.consumers},
                           _profile(args, "consumers"))
         return measure(carbond, f"{args.consumers} consumers, each using CPU", args.seconds,
-                       cgroups_floor(host), warmup_ticks=3)
+                       Floor(host), warmup_ticks=3)
     finally:
         if carbond:
             carbond.stop()
@@ -311,7 +329,7 @@ def run_idle5s(args: argparse.Namespace) -> Result:
         host.spawn_sleepers(1000, host.cgroups)
         carbond = Carbond(host, 5.0, {"processes": "off"}, _profile(args, "idle5s"))
         return measure(carbond, "1,000 processes in 100 cgroups, 5 s interval, scrape 15 s",
-                       max(args.seconds, 30), cgroups_floor(host), scrape_every=3,
+                       max(args.seconds, 30), Floor(host), scrape_every=3,
                        warmup_ticks=1)
     finally:
         if carbond:
@@ -361,13 +379,14 @@ def _profile(args: argparse.Namespace, name: str) -> str | None:
 
 def print_table(results: list[Result]) -> None:
     print()
-    print("| scenario | CPU/tick ms | floor ms | ratio | scrape ms | series | RSS MiB "
-          "| mean tick wall ms | core % |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| scenario | CPU/tick ms | floor ms | ratio | pread floor ms | ratio | scrape ms "
+          "| series | RSS MiB | mean tick wall ms | core % |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        tick, floor = med(r.tick_ms), med(r.floor_ms)
+        tick, floor, kept = med(r.tick_ms), med(r.floor_ms), med(r.pread_floor_ms)
         core = f"{r.core_percent:.3f}" if r.core_percent is not None else ""
         print(f"| {r.name} | {tick:.2f} | {floor:.2f} | {tick / floor:.2f} | "
+              f"{kept:.2f} | {tick / kept:.2f} | "
               f"{med(r.scrape_ms):.2f} | {r.series} | {max(r.rss):.1f} | "
               f"{r.mean_tick_wall_ms:.2f} | {core} |")
     print()
