@@ -201,10 +201,11 @@ class IntensityFeed:
             state.failures += 1
             state.errors += 1
             state.last_error = exc.reason
+            # Never wait longer after a failure than a healthy refresh would.
             delay = backoff_seconds(
                 state.failures,
-                self.backoff_base_seconds,
-                max(self.refresh_seconds, self.backoff_base_seconds),
+                min(self.backoff_base_seconds, self.refresh_seconds),
+                self.refresh_seconds,
                 self._rng.random(),
             )
             if exc.retry_after_seconds is not None:
