@@ -108,7 +108,10 @@ def wait_for_provider(daemon: Carbond, provider: str, timeout: float = 20.0) -> 
         samples = daemon.wait_ticks(1)
         if intensity(samples)["provider"] == provider:
             return samples
-    raise AssertionError(f"provider {provider} never came into use")
+    raise AssertionError(
+        f"provider {provider} never came into use: {intensity(samples)}, fetch errors "
+        f"{select(samples, 'carbond_intensity_fetch_errors_total')}"
+    )
 
 
 def static_figure(iso2: str) -> float:
