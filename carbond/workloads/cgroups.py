@@ -27,6 +27,10 @@ from carbond.workloads.naming import ROOT_CONSUMER
 from carbond.workloads.processes import ProcessTracker, read_pids
 from carbond.workloads.taskstats import TaskstatsListener
 
+# The root cgroup's own CPU time comes from tick-sampled kernel counters; exact task times can
+# exceed it by a few percent over a short interval without anything being counted twice.
+ROOT_SAMPLING_TOLERANCE = 0.1
+
 V1, V2, HYBRID = "v1", "v2", "hybrid"
 
 
@@ -453,7 +457,9 @@ class CpuUsageCollector:
             n_procs = len(pids)
             certain = sum(pt.usage.values())
             guessed = sum(pt.guessed.values())
-            room = max(0.0, root_own - certain)
+            # The root's own time is tick-sampled by the kernel while task times are exact,
+            # so the cap leaves room for sampling error and only stops real double counting.
+            room = max(0.0, root_own * (1.0 + ROOT_SAMPLING_TOLERANCE) - certain)
             scale = min(1.0, room / guessed) if guessed > 0 else 0.0
             for consumer, seconds in pt.usage.items():
                 usage[consumer] = usage.get(consumer, 0.0) + seconds
