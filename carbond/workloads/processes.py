@@ -221,6 +221,10 @@ class ProcessTracker:
         scaled = {e.pid: e.cpu_seconds for e in exits}
         for reaper, pids in groups.items():
             exact = live[reaper].children_seconds - self._seen[reaper].stat.children_seconds
+            # A tracked exit brings its own reaped children's time into the reaper's growth,
+            # including what it reaped before the last tick: that was never this batch's work.
+            exact -= sum(self._seen[p].stat.children_seconds for p in pids
+                         if p in self._seen and self._same_process(self._seen[p].stat, batch[p]))
             estimate = sum(batch[p].cpu_seconds for p in pids)
             if exact > 0 and estimate > 0:
                 factor = min(4.0, max(0.5, exact / estimate))  # bounded: reaping can lag exits
