@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test lint bench bench-overhead clean
+.PHONY: run test bench bench-overhead clean
 
 $(BIN)/carbond: pyproject.toml
 	scripts/setup-venv.sh $(PYTHON) $(VENV)
