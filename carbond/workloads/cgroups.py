@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from carbond.consumers import Consumer
 from carbond.errors import ConfigError
-from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype
+from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype, read_head
 from carbond.workloads.naming import ROOT_CONSUMER
 from carbond.workloads.processes import ProcessTracker, read_pids
 from carbond.workloads.taskstats import TaskstatsListener
@@ -122,15 +122,8 @@ def _parse_counter(data: bytes, v2: bool) -> float | None:
 
 def _read_counter(path: str, v2: bool) -> float | None:
     """One cgroup's cumulative CPU seconds; None when it vanished mid-walk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.read(fd, 96)
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    return _parse_counter(data, v2)
+    data = read_head(path, 96)
+    return None if data is None else _parse_counter(data, v2)
 
 
 def list_subdirs(directory: str) -> list[str] | None:

@@ -42,6 +42,20 @@ def descriptor_budget(share: int = 4, reserve: int = 256) -> int:
     return max(0, soft - reserve) // share
 
 
+def read_head(path: str, size: int) -> bytes | None:
+    """The first `size` bytes of a file, by path; None when it can't be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size) or None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 class OpenFiles:
     """Reads by key; keeps up to `capacity` descriptors open (0: open, read, close each time)."""
 
@@ -64,6 +78,8 @@ class OpenFiles:
                 pass
             del self._fds[key]  # removed, exited or replaced: try its path once more
             os.close(fd)
+        if len(self._fds) >= self.capacity:
+            return read_head(path, size)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -72,7 +88,7 @@ class OpenFiles:
             data = os.read(fd, size)
         except OSError:
             data = b""
-        if data and len(self._fds) < self.capacity:
+        if data:
             self._fds[key] = fd
         else:
             os.close(fd)

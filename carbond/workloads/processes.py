@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from carbond.consumers import Consumer
-from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype
+from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype, read_head
 from carbond.workloads.taskstats import TaskExit
 
 
@@ -59,15 +59,8 @@ def read_pids(procs_file: str) -> list[int]:
 
 
 def read_stat(proc_root: str, pid: int, clock_ticks: int) -> ProcStat | None:
-    try:
-        fd = os.open(f"{proc_root}/{pid}/stat", os.O_RDONLY)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    return parse_stat(pid, data.decode("utf-8", "replace"), clock_ticks)
+    data = read_head(f"{proc_root}/{pid}/stat", 4096)
+    return None if data is None else parse_stat(pid, data.decode("utf-8", "replace"), clock_ticks)
 
 
 def boot_time_epoch(proc_root: str = "/proc") -> float | None:
