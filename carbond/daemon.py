@@ -19,6 +19,7 @@ from types import FrameType
 
 from carbond.attribution import IdleBaseline, follow_split, split_energy
 from carbond.carbon import IntensityFeed, build_providers, grams, resolve_zone
+from carbond.carbon.model import Intensity
 from carbond.carbon.zone import ZoneChoice
 from carbond.cardinality import ConsumerSeries
 from carbond.config import Config
@@ -121,9 +122,8 @@ def _add(energy: ConsumerEnergy, split: Mapping[Consumer, float], component: str
 
 @dataclass
 class Counters:
-    """Cumulative counts the daemon owns (the meters only report per read)."""
+    """Cumulative counts that only the daemon sees whole."""
 
-    meter_errors: dict[str, int] = field(default_factory=dict)
     wraps: dict[str, int] = field(default_factory=dict)
     exited_tasks: int = 0
     host_grams: float = 0.0
@@ -146,7 +146,7 @@ class Daemon:
         self._clock = clock
         self._totals = DeviceTotals()
         self._histogram = Histogram()
-        self._counters = Counters(meter_errors={meter.name: 0 for meter in meters})
+        self._counters = Counters()
         self._cpu_idle = IdleBaseline(config.idle_watts_cpu)
         self._series = ConsumerSeries(config.max_consumers, clock=clock)
         self._nvml = next((m for m in meters if isinstance(m, NvmlMeter)), None)
@@ -175,8 +175,6 @@ class Daemon:
         return rapl is None or not rapl.devices
 
     def _account(self, meter: Meter, reading: MeterReading, used: bool) -> list[DeviceDelta]:
-        errors = self._counters.meter_errors
-        errors[meter.name] = errors.get(meter.name, 0) + reading.errors
         for device, wraps in reading.wraps.items():
             self._counters.wraps[device] = self._counters.wraps.get(device, 0) + wraps
         return self._totals.update(reading.devices, used=used)
@@ -209,8 +207,9 @@ class Daemon:
                                       self.config.idle_policy, weights), "gpu")
         return energy
 
-    def _emissions(self, energy: ConsumerEnergy) -> tuple[dict[Consumer, float], float]:
-        intensity = self.feed.current() if self.feed else None
+    def _emissions(
+        self, energy: ConsumerEnergy, intensity: Intensity | None
+    ) -> tuple[dict[Consumer, float], float]:
         if intensity is None:
             return {}, 0.0
         per_consumer = {
@@ -228,20 +227,23 @@ class Daemon:
         for meter in self.meters:
             deltas += self._account(meter, readings[meter.name], meter.name != "model" or use_model)
         energy = self._attribute(deltas, seconds, started)
-        consumer_grams, host_grams = self._emissions(energy)
+        intensity = self.feed.current() if self.feed else None  # the value valid for this tick
+        consumer_grams, host_grams = self._emissions(energy, intensity)
         self._counters.host_grams += host_grams
         self._series.update(energy, seconds, consumer_grams)
         self._histogram.observe(self._clock() - started)
-        self._snapshot = self._publish(deltas, seconds)
+        self._snapshot = self._publish(deltas, seconds, intensity)
         return self._snapshot
 
-    def _publish(self, deltas: list[DeviceDelta], seconds: float) -> Snapshot:
-        intensity = self.feed.current() if self.feed else None
-        errors = dict(self._counters.meter_errors)
+    def _publish(
+        self, deltas: list[DeviceDelta], seconds: float, intensity: Intensity | None
+    ) -> Snapshot:
+        errors = {meter.name: meter.errors_total for meter in self.meters}
         gpus: tuple[GpuLabel, ...] = ()
         if self._nvml:
             gpus = tuple(GpuLabel(g.device, g.uuid, g.name) for g in self._nvml.gpus() if g.uuid)
-            errors["nvml"] = self._nvml.errors + (self._gpu_usage.errors if self._gpu_usage else 0)
+            if self._gpu_usage:  # failed usage queries count with the meter's failed reads
+                errors["nvml"] = errors.get("nvml", 0) + self._gpu_usage.errors
         return Snapshot(
             devices=tuple(series(self._totals, deltas, seconds)),
             meters_up={meter.name: meter.up() for meter in self.meters},

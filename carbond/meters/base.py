@@ -37,6 +37,7 @@ class DeviceReport:
 
 class Meter(Protocol):
     name: str
+    errors_total: int  # failed device reads since start, also those between reads
 
     def read(self) -> MeterReading: ...
 

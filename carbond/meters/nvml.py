@@ -179,7 +179,7 @@ class NvmlMeter:
         self._last_init_try = float("-inf")
         self._init_retryable = False  # driver not loaded yet: try nvmlInit again later
         self._up = False
-        self.errors = 0  # cumulative failed reads, for carbond_meter_errors_total
+        self.errors_total = 0  # cumulative failed reads, for carbond_meter_errors_total
         self.driver_version = ""
         self._init()
 
@@ -209,7 +209,7 @@ class NvmlMeter:
             count = int(nvml.nvmlDeviceGetCount())
         except Exception as exc:
             self._reason = f"cannot count GPUs: {describe(exc)}"
-            self.errors += 1
+            self.errors_total += 1
             return
         if count == 0:
             self._reason = "NVML found no GPUs"
@@ -325,7 +325,7 @@ class NvmlMeter:
         gpu.status, gpu.reason, gpu.method = status, reason, ""
         gpu.has_sample = False
         gpu.last_power_milliwatts = None
-        self.errors += 1
+        self.errors_total += 1
 
     # -- power sampler -------------------------------------------------------------------------
 
@@ -376,7 +376,7 @@ class NvmlMeter:
         """Cumulative joules for every GPU that could be read now."""
         reading = MeterReading()
         with self._lock:
-            errors_before = self.errors
+            errors_before = self.errors_total
             now = self._clock()
             if not self._initialised:
                 self._maybe_retry_init(now)
@@ -397,7 +397,7 @@ class NvmlMeter:
                 if ok:
                     gpu.has_sample = True
                     reading.devices.append(DeviceEnergy(gpu.device, "gpu", "nvml", gpu.joules))
-            reading.errors = self.errors - errors_before
+            reading.errors = self.errors_total - errors_before
             self._up = bool(reading.devices)
         return reading
 

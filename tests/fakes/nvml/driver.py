@@ -75,7 +75,7 @@ def main() -> None:
             elif op == "gpus":
                 result = [dataclasses.asdict(g) for g in meter.gpus()]
             elif op == "state":
-                result = {"up": meter.up(), "errors": meter.errors, "reason": meter.reason,
+                result = {"up": meter.up(), "errors": meter.errors_total, "reason": meter.reason,
                           "driver": meter.driver_version, "usage_errors": tracker.errors,
                           "threads": sorted(t.name for t in threading.enumerate())}
             elif op == "advance":
