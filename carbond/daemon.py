@@ -7,6 +7,8 @@ independent of scrapes, and a faulty source loses its own sample for that tick, 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
 import os
@@ -295,6 +297,16 @@ def build_daemon(config: Config) -> Daemon:
     log.info("intensity zone %s (%s)", choice.zone, choice.how)
     namer = CgroupNamer(config.rules)
     return Daemon(config, build_meters(config), build_cpu_usage(config, namer), feed, namer)
+
+
+M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def limit_malloc_arenas() -> None:
+    """One glibc malloc arena: the GIL already serialises allocation, and per-thread arenas
+    (HTTP, intensity, taskstats threads) only hold on to freed memory, growing RSS."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
 
 
 def prepare_state_dir(path: str) -> None:
