@@ -28,8 +28,9 @@ from carbond.workloads.processes import ProcessTracker, read_pids
 from carbond.workloads.taskstats import TaskstatsListener
 
 # The root cgroup's own CPU time comes from tick-sampled kernel counters; exact task times can
-# exceed it by a few percent over a short interval without anything being counted twice.
-ROOT_SAMPLING_TOLERANCE = 0.1
+# exceed it over a short interval (seen: 15 % with a hundred exits a second elsewhere) without
+# anything being counted twice. The cap on guessed exits only has to stop gross double counts.
+ROOT_SAMPLING_TOLERANCE = 0.25
 
 V1, V2, HYBRID = "v1", "v2", "hybrid"
 
