@@ -10,7 +10,7 @@ import html
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry
@@ -47,6 +47,13 @@ def _energy_and_power(
     yield power
 
 
+def _counter_by(name: str, help_text: str, label: str, counts: Mapping[str, int]) -> Metric:
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family
+
+
 class SnapshotCollector:
     def __init__(self, latest: Callable[[], Snapshot]) -> None:
         self._latest = latest
@@ -66,18 +73,10 @@ class SnapshotCollector:
         for meter, is_up in sorted(snap.meters_up.items()):
             up.add_metric([meter], 1.0 if is_up else 0.0)
         yield up
-        errors = CounterMetricFamily("carbond_meter_errors", "Failed device reads per meter.",
-                                     labels=["meter"])
-        for meter, count in sorted(snap.meter_errors_total.items()):
-            errors.add_metric([meter], count)
-        yield errors
-        wraps = CounterMetricFamily(
-            "carbond_counter_wraps", "Hardware counter wraps and resets handled.",
-            labels=["device"],
-        )
-        for device, count in sorted(snap.counter_wraps_total.items()):
-            wraps.add_metric([device], count)
-        yield wraps
+        yield _counter_by("carbond_meter_errors", "Failed device reads per meter.", "meter",
+                          snap.meter_errors_total)
+        yield _counter_by("carbond_counter_wraps", "Hardware counter wraps and resets handled.",
+                          "device", snap.counter_wraps_total)
 
         yield from self._consumers(snap)
         yield from self._carbon(snap)
@@ -137,13 +136,9 @@ class SnapshotCollector:
             age.add_metric(labels, snap.intensity_age_seconds or 0.0)
         yield intensity
         yield age
-        errors = CounterMetricFamily(
-            "carbond_intensity_fetch_errors", "Failed or rejected intensity fetches.",
-            labels=["provider"],
-        )
-        for provider, count in sorted(snap.intensity_fetch_errors_total.items()):
-            errors.add_metric([provider], count)
-        yield errors
+        yield _counter_by("carbond_intensity_fetch_errors",
+                          "Failed or rejected intensity fetches.", "provider",
+                          snap.intensity_fetch_errors_total)
         pue = GaugeMetricFamily("carbond_pue_ratio", "Power usage effectiveness applied.")
         pue.add_metric([], snap.pue)
         yield pue
