@@ -14,6 +14,8 @@ import subprocess
 import tempfile
 import time
 
+from tests.cgroup_helpers import remove_tree
+
 # The v2 hierarchy: the unified tree on a hybrid host, else /sys/fs/cgroup itself.
 UNIFIED = (
     "/sys/fs/cgroup/unified"
@@ -135,16 +137,5 @@ class BenchHost:
 
     def close(self) -> None:
         self.kill_processes()
-        deadline = time.monotonic() + 10
-        for directory, _, _ in sorted(os.walk(self.root), key=lambda t: len(t[0]), reverse=True):
-            while True:
-                try:
-                    os.rmdir(directory)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:  # EBUSY: a task is still exiting
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+        remove_tree(self.root, timeout=10.0)
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Callable
 
 UNIFIED = "/sys/fs/cgroup/unified"
 CPUACCT = "/sys/fs/cgroup/cpuacct"
@@ -40,6 +41,26 @@ def random_id(length: int = 64) -> str:
 def random_uid() -> str:
     h = secrets.token_hex(16)
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def remove_tree(top: str, timeout: float = 5.0,
+                evict: Callable[[str], None] | None = None) -> None:
+    """rmdir a cgroup and everything below it, deepest first, waiting for dying tasks to
+    leave (EBUSY); `evict` may move tasks out of a directory that stays busy."""
+    for directory in sorted((d for d, _, _ in os.walk(top)), key=len, reverse=True):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.rmdir(directory)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if evict is not None:
+                    evict(directory)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
 
 class TestTree:
@@ -73,22 +94,8 @@ class TestTree:
             return int(f.read()) / 1e9
 
     def remove(self, rel: str, timeout: float = 5.0) -> None:
-        """rmdir a cgroup and everything below it, waiting for dying tasks to leave."""
-        top = self.path(rel)
-        dirs = [d for d, _, _ in os.walk(top)]
-        for directory in sorted(dirs, key=len, reverse=True):
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    os.rmdir(directory)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    self._evict(directory)
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+        """rmdir a cgroup and everything below it, moving out tasks that are still there."""
+        remove_tree(self.path(rel), timeout, self._evict)
 
     def _evict(self, directory: str) -> None:
         try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.burners import Burners
 from tests.cgroup_helpers import TestTree, available
+from tests.fakes.nvml import build_fake
 
 
 @pytest.fixture(params=["v2", "v1"])
@@ -25,3 +27,15 @@ def tree(request: pytest.FixtureRequest) -> Iterator[TestTree]:
     finally:
         burners.stop_all()
         made.cleanup()
+
+
+@pytest.fixture(scope="session")
+def fake_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in libnvidia-ml.so.1, compiled once per run."""
+    return build_fake(tmp_path_factory.mktemp("nvml-fake"))
+
+
+@pytest.fixture(scope="session")
+def fake_lib_no_v3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same library without the _v3 process queries, as older drivers ship it."""
+    return build_fake(tmp_path_factory.mktemp("nvml-fake-nov3"), no_v3=True)

@@ -24,7 +24,6 @@ from tests.fakes.nvml import (
     FakeProcess,
     FakeSample,
     Scenario,
-    build_fake,
     samples_for,
 )
 
@@ -35,14 +34,6 @@ GIB = 1 << 30
 T0_US = 1_700_000_000_000_000
 
 
-@pytest.fixture(scope="session")
-def fake_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_fake(tmp_path_factory.mktemp("nvml-fake"))
-
-
-@pytest.fixture(scope="session")
-def fake_lib_no_v3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_fake(tmp_path_factory.mktemp("nvml-fake-nov3"), no_v3=True)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.cgroup_helpers import TestTree
-from tests.fakes.nvml import FakeGpu, FakeProcess, Scenario, build_fake, samples_for
+from tests.fakes.nvml import FakeGpu, FakeProcess, Scenario, samples_for
 from tests.helpers import Carbond, Samples, carbond_run, select, total
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc needed to build fake")
@@ -36,14 +36,6 @@ UNITS = ("gpu-a.service", "gpu-b.service")
 PLAIN = "batch/job-7"  # no naming rule matches: kind "cgroup", named below the cgroup root
 
 
-@pytest.fixture(scope="module")
-def fake_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_fake(tmp_path_factory.mktemp("nvml-fake"))
-
-
-@pytest.fixture(scope="module")
-def fake_lib_no_v3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_fake(tmp_path_factory.mktemp("nvml-fake-nov3"), no_v3=True)
 
 
 @dataclass
