@@ -19,8 +19,8 @@ from carbond.daemon import (
     build_feed,
     build_meters,
     install_signal_handlers,
-    limit_malloc_arenas,
     prepare_state_dir,
+    tune_malloc,
 )
 from carbond.errors import ConfigError
 from carbond.exporter import MetricsServer
@@ -70,7 +70,7 @@ def setup_logging(level: str) -> None:
 
 
 def cmd_run(cfg: config.Config) -> int:
-    limit_malloc_arenas()  # before any thread starts
+    tune_malloc()  # before any thread starts
     prepare_state_dir(cfg.state_dir)
     daemon = build_daemon(cfg)
     meters = daemon.meters
