@@ -11,13 +11,17 @@ is the growth of carbond's whole-process CPU clock from after one scrape to befo
 (one tick, plus its idle threads); per scrape, the growth across the request. All figures
 are medians.
 
-Scenarios (--scenario, repeatable; default: cgroups procs consumers idle5s):
+Scenarios (--scenario, repeatable; default: cgroups procs consumers idle5s gpu):
   cgroups    --procs N sleeping processes over --cgroups M cgroups (default 1,000 in 100)
   procs      --procs N sleeping processes in the root of the walked tree (process mode on)
   consumers  --consumers 500 cgroups, each with a process using a little CPU every tick, so
              each is a consumer with energy and its own series (max_consumers = that number)
   idle5s     1,000 processes in 100 cgroups at the default 5 s interval, one scrape per 15 s:
              mean share of one core over the run
+  gpu        `cgroups` plus what the GPU and carbon issues added, enabled: 8 GPUs of the stand-in
+             libnvidia-ml.so.1 (tests/fakes/nvml, loaded by the real pynvml), each running 4 of
+             the processes with fresh utilisation samples every interval, and a live Electricity
+             Maps feed from a local fake server refreshed every 15 s (gcc needed)
 --matrix: `cgroups` for every N in 100, 1,000, 5,000 and M in 10, 100, 500.
 --soak 30m: process mode, 100 short-lived processes per second; RSS at start and end.
 
@@ -39,6 +43,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -52,8 +58,11 @@ from benchmarks._host import (
 from carbond.units import parse_seconds
 from carbond.workloads.processes import read_pids
 from tests import powercap
+from tests.fakes.intensity_server import EM_TOKEN, FakeIntensityServer
+from tests.fakes.nvml import FakeGpu, FakeProcess, FakeSample, Scenario, build_fake
 
 WATTS = 40.0  # what the fake RAPL zones draw, each
+GPU_WATTS = 300.0  # what each fake GPU draws
 
 
 SPAWNER = r"""
@@ -94,16 +103,50 @@ def metric(text: str, name: str) -> float | None:
     return None
 
 
+class FakeGpus:
+    """Busy GPUs of the stand-in libnvidia-ml.so.1: each runs some of the host's processes and
+    reports a fresh utilisation sample per process every interval, as NVML does under load."""
+
+    def __init__(self, tmp: str, pids: list[int], count: int = 8, per_gpu: int = 4) -> None:
+        self.lib = build_fake(Path(tmp) / "nvml")
+        self.path = Path(tmp) / "nvml.scenario"
+        self.scenario = Scenario(
+            gpus=[FakeGpu(i, f"GPU-{i:08x}-0000-4000-8000-000000000000", "NVIDIA H100 80GB HBM3",
+                          energy_millijoules=1_000_000, power_milliwatts=int(GPU_WATTS * 1e3))
+                  for i in range(count)],
+            processes=[FakeProcess(i, pids[(i * per_gpu + k) * 7 % len(pids)], 8 << 30)
+                       for i in range(count) for k in range(per_gpu)],
+        )
+        self.advance(0.0)
+
+    def env(self) -> dict[str, str]:
+        return {"LD_LIBRARY_PATH": str(self.lib), "FAKE_NVML_SCENARIO": str(self.path),
+                "FAKE_NVML_RELOAD": "changed"}  # parse only a new file: measure carbond, not it
+
+    def advance(self, seconds: float) -> None:
+        now_us = int(time.time() * 1e6)
+        for gpu in self.scenario.gpus:
+            gpu.energy_millijoules += int(GPU_WATTS * seconds * 1e3)
+        self.scenario.samples = [FakeSample(p.gpu, p.pid, now_us, sm=10 + 20 * (p.pid % 4))
+                                 for p in self.scenario.processes]
+        self.scenario.write(self.path)
+
+
 class Carbond:
     """`carbond run` on the host's subtree and a fake RAPL tree, as a child process."""
 
     def __init__(self, host: BenchHost, interval: float, attribution: dict[str, object],
-                 profile: str | None = None) -> None:
+                 profile: str | None = None, *, gpus: FakeGpus | None = None,
+                 intensity: dict[str, Any] | None = None) -> None:
         self.interval = interval
         self.power = powercap.intel_two_socket(f"{host.tmp}/powercap")
+        self.gpus = gpus
         config = f"{host.tmp}/carbond.yaml"
+        settings: dict[str, Any] = {"attribution": {"idle_watts": {"cpu": 0}, **attribution}}
+        if intensity:
+            settings["intensity"] = intensity
         with open(config, "w") as f:  # JSON is YAML
-            json.dump({"attribution": {"idle_watts": {"cpu": 0}, **attribution}}, f)
+            json.dump(settings, f)
         self.port = free_port()
         self.log = open(f"{host.tmp}/carbond.log", "w+b")  # noqa: SIM115
         argv = [
@@ -112,7 +155,8 @@ class Carbond:
             "--powercap-root", f"{host.tmp}/powercap", "--cgroup-root", host.root,
             "--state-dir", f"{host.tmp}/state", "--log-level", "warning",
         ]
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **(gpus.env() if gpus else {})}
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.pid = self.proc.pid
         self.profiler: subprocess.Popen[bytes] | None = None
         self._wait_ready()
@@ -157,6 +201,8 @@ class Carbond:
     def advance_energy(self) -> None:
         for zone in self.power.zones.values():
             zone.advance_uj(int(WATTS * self.interval * 1e6))
+        if self.gpus:
+            self.gpus.advance(self.interval)
 
     def stop(self) -> None:
         if self.profiler is not None:
@@ -337,6 +383,39 @@ def run_idle5s(args: argparse.Namespace) -> Result:
         host.close()
 
 
+def run_gpu(args: argparse.Namespace) -> Result:
+    host = BenchHost()
+    feed = FakeIntensityServer().start()
+    carbond = None
+    try:
+        host.make_cgroups(100)
+        host.spawn_sleepers(1000, host.cgroups)
+        gpus = FakeGpus(host.tmp, [proc.pid for proc in host.procs])
+        token = f"{host.tmp}/em-token"
+        with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(EM_TOKEN)
+        intensity = {"zone": "DE", "refresh": "15s", "providers": [
+            {"electricitymaps": {"token_file": token, "url": feed.url}}]}
+        carbond = Carbond(host, args.interval, {"processes": "off"}, _profile(args, "gpu"),
+                          gpus=gpus, intensity=intensity)
+        result = measure(carbond, "1,000 processes in 100 cgroups, 8 GPUs, live intensity",
+                         args.seconds, Floor(host))
+        text = carbond.scrape()
+        if not any(line.startswith("carbond_grid_intensity_grams_per_kwh{")
+                   and 'provider="electricitymaps"' in line for line in text.splitlines()):
+            result.notes.append("intensity NOT from electricitymaps")
+        gpu_series = [line for line in text.splitlines()
+                      if line.startswith("carbond_consumer_energy_joules_total{")
+                      and 'component="gpu"' in line]
+        result.notes.append(f"{len(gpu_series)} GPU consumer series")
+        return result
+    finally:
+        if carbond:
+            carbond.stop()
+        feed.stop()
+        host.close()
+
+
 def run_soak(args: argparse.Namespace, seconds: float) -> None:
     host = BenchHost()
     carbond = None
@@ -403,7 +482,7 @@ def main() -> int:
         epilog=__doc__.split("\n\n", 2)[2],
     )
     parser.add_argument("--scenario", action="append",
-                        choices=["cgroups", "procs", "consumers", "idle5s"])
+                        choices=["cgroups", "procs", "consumers", "idle5s", "gpu"])
     parser.add_argument("--matrix", action="store_true", help="cgroups for every N x M")
     parser.add_argument("--seconds", type=parse_seconds, default=60.0,
                         help="measured time per scenario (default 60s)")
@@ -427,7 +506,7 @@ def main() -> int:
         run_soak(args, args.soak)
         return 0
     scenarios = args.scenario or ([] if args.matrix else ["cgroups", "procs", "consumers",
-                                                          "idle5s"])
+                                                          "idle5s", "gpu"])
     runs: list[Callable[[], Result]] = []
     if args.matrix:
         for procs in (100, 1000, 5000):
@@ -439,6 +518,7 @@ def main() -> int:
             "procs": lambda: run_procs(args),
             "consumers": lambda: run_consumers(args),
             "idle5s": lambda: run_idle5s(args),
+            "gpu": lambda: run_gpu(args),
         }[name])
     results = []
     for run in runs:
@@ -446,7 +526,7 @@ def main() -> int:
         results.append(result)
         print(f"  {result.name}: tick {med(result.tick_ms):.2f} ms, floor "
               f"{med(result.floor_ms):.2f} ms, scrape {med(result.scrape_ms):.2f} ms, "
-              f"RSS {max(result.rss):.1f} MiB", flush=True)
+              f"RSS {max(result.rss):.1f} MiB {'; '.join(result.notes)}", flush=True)
     print_table(results)
     return 0
 
