@@ -40,7 +40,7 @@ from carbond.workloads.cgroups import (
     CpuUsageCollector,
     detect_cgroup_root,
 )
-from carbond.workloads.gpu import GpuUsageTracker, consumer_weights, make_pid_to_consumer
+from carbond.workloads.gpu import GpuUsageTracker, PidConsumers, consumer_weights
 from carbond.workloads.naming import CgroupNamer
 from carbond.workloads.processes import ProcessTracker, read_pids
 from carbond.workloads.taskstats import TaskstatsListener
@@ -156,7 +156,7 @@ class Daemon:
         namer = namer or CgroupNamer(config.rules)
         rel = cpu_usage.reader.root.rel if cpu_usage else "/"
         per_process = cpu_usage is not None and cpu_usage.processes is not None
-        self._pid_to_consumer = make_pid_to_consumer(namer, rel, config.proc_root, per_process)
+        self._pid_to_consumer = PidConsumers(namer, rel, config.proc_root, per_process)
         self._last_tick = clock()
         self._snapshot = Snapshot(pue=config.pue)
         # Baselines, so the first tick already has deltas.
@@ -207,6 +207,8 @@ class Daemon:
             idle_watts = self.config.idle_watts_gpu or 0.0
             _add(energy, split_energy(delta.joules, seconds, idle_watts,
                                       self.config.idle_policy, weights), "gpu")
+        if gpu_usage:
+            self._pid_to_consumer.retain({pid for u in gpu_usage.values() for pid in u.weights})
         return energy
 
     def _emissions(

@@ -1,8 +1,10 @@
-"""Pure parts of GPU attribution: the energy split and pid -> cgroup parsing."""
+"""GPU attribution's parts: the energy split, pid -> cgroup parsing, pid -> consumer."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,12 @@ from carbond.attribution import split_energy
 from carbond.consumers import IDLE, OTHER, Consumer
 from carbond.workloads.gpu import (
     GpuUsage,
+    PidConsumers,
     consumer_weights,
-    make_pid_to_consumer,
     memory_weights,
     pid_cgroup,
 )
+from tests.cgroup_helpers import TestTree, available
 
 
 def split_gpu_energy(joules: float, weights: dict[Consumer, float]) -> dict[Consumer, float]:
@@ -90,7 +93,33 @@ def test_consumer_weights_merge_pids_of_one_consumer(tmp_path: Path) -> None:
     write_cgroup(tmp_path, 10, "0::/job/a\n")
     write_cgroup(tmp_path, 11, "0::/job/a\n")
     write_cgroup(tmp_path, 12, "0::/job/b\n")
-    to_consumer = make_pid_to_consumer(lambda path: Consumer("cgroup", path), "/", tmp_path)
+    to_consumer = PidConsumers(lambda path: Consumer("cgroup", path), "/", tmp_path)
     usage = GpuUsage("gpu-0", "sm", {10: 30.0, 11: 20.0, 12: 50.0, 13: 5.0})
     assert consumer_weights(usage, to_consumer) == {
         Consumer("cgroup", "job/a"): 50.0, Consumer("cgroup", "job/b"): 50.0, OTHER: 5.0}
+
+
+def test_pid_consumers_see_a_process_move_and_exit_at_once() -> None:
+    """PidConsumers keeps /proc/PID/cgroup open between calls: a move to another cgroup and
+    an exit must still show on the very next call."""
+    why = available("v2")
+    if why:
+        pytest.skip(why)
+    tree = TestTree("v2")
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        tree.make("job/a")
+        tree.make("job/b")
+        Path(tree.procs("job/a")).write_text(str(child.pid))
+        rel = "/" + os.path.relpath(tree.root, tree.base)
+        to_consumer = PidConsumers(lambda path: Consumer("cgroup", path), rel)
+        assert to_consumer(child.pid) == Consumer("cgroup", "job/a")
+        Path(tree.procs("job/b")).write_text(str(child.pid))
+        assert to_consumer(child.pid) == Consumer("cgroup", "job/b")
+        child.kill()
+        child.wait()
+        assert to_consumer(child.pid) == OTHER
+    finally:
+        child.kill()
+        child.wait()
+        tree.cleanup()

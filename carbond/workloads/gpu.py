@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
@@ -30,12 +30,14 @@ from carbond.meters.nvml import (
     describe,
     error_code,
 )
+from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype, read_head
 
 log = logging.getLogger(__name__)
 
 BASIS_SM = "sm"
 BASIS_MEMORY = "memory"
 NO_GPU_INSTANCE = 0xFFFFFFFF  # NVML's "not a MIG process" instance id
+CGROUP_FILE_BYTES = 65536  # /proc/PID/cgroup: one line per hierarchy, paths up to PATH_MAX
 
 
 class GpuHandles(Protocol):
@@ -183,17 +185,12 @@ def memory_weights(processes: list[tuple[int, int | None, int]]) -> dict[int, fl
     return {pid: 1.0 for pid, _memory, _gi in processes}
 
 
-def pid_cgroup(pid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | None:
-    """The cgroup path of a pid from /proc/PID/cgroup, as the kernel writes it ("/a/b").
+def cgroup_of(text: str) -> str | None:
+    """The cgroup path in a /proc/PID/cgroup text, as the kernel writes it ("/a/b").
 
     cgroup v2's "0::" line wins unless it is the root and a v1 cpuacct line names a deeper
-    cgroup (hybrid hosts where a runtime only uses v1); None when the pid is gone.
+    cgroup (hybrid hosts where a runtime only uses v1).
     """
-    try:
-        with open(os.path.join(proc_root, str(pid), "cgroup"), encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError:
-        return None
     unified: str | None = None
     cpuacct: str | None = None
     for line in text.splitlines():
@@ -211,6 +208,12 @@ def pid_cgroup(pid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | N
     return cpuacct if cpuacct is not None else unified
 
 
+def pid_cgroup(pid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | None:
+    """The cgroup path of a pid; None when the pid is gone."""
+    data = read_head(os.path.join(proc_root, str(pid), "cgroup"), CGROUP_FILE_BYTES)
+    return cgroup_of(data.decode("utf-8", "replace")) if data is not None else None
+
+
 def below_root(path: str, rel: str) -> str:
     """/proc/PID/cgroup paths start at the hierarchy's top; consumer names start at our root."""
     path, rel = path.strip("/"), rel.strip("/")
@@ -221,32 +224,65 @@ def below_root(path: str, rel: str) -> str:
     return path[len(rel) + 1:] if path.startswith(rel + "/") else path
 
 
-def make_pid_to_consumer(
-    namer: Callable[[str], Consumer],
-    rel: str = "/",
-    proc_root: str | os.PathLike[str] = "/proc",
-    per_process: bool = False,
-) -> Callable[[int], Consumer]:
+class PidConsumers:
     """NVML pid -> consumer, named as the CPU side names it: by its cgroup below our root, or
     by executable name for a task in the root cgroup while per-process consumers are on.
-    A pid that exited since NVML listed it goes to `other`."""
+    A pid that exited since NVML listed it goes to `other`.
 
-    def pid_to_consumer(pid: int) -> Consumer:
-        path = pid_cgroup(pid, proc_root)
+    Opening and parsing /proc/PID/cgroup for every GPU process every tick was most of a busy
+    GPU host's tick, so the files stay open (re-read with pread: the kernel regenerates them,
+    so a process moved to another cgroup is seen at once) and each distinct text is named once.
+    """
+
+    MAX_NAMED_TEXTS = 4096  # distinct cgroup texts remembered; more: start over
+
+    def __init__(
+        self,
+        namer: Callable[[str], Consumer],
+        rel: str = "/",
+        proc_root: str | os.PathLike[str] = "/proc",
+        per_process: bool = False,
+    ) -> None:
+        self._namer = namer
+        self._rel = rel
+        self._proc_root = os.fspath(proc_root)
+        self._per_process = per_process
+        on_procfs = mount_fstype(self._proc_root) == "proc"
+        self._files = OpenFiles(descriptor_budget() if on_procfs else 0)
+        self._named: dict[bytes, Consumer | None] = {}  # None: a task of our root cgroup
+
+    def __call__(self, pid: int) -> Consumer:
+        data = self._files.read(pid, f"{self._proc_root}/{pid}/cgroup", CGROUP_FILE_BYTES)
+        if data is None:
+            return OTHER
+        if data in self._named:
+            consumer = self._named[data]
+        else:
+            consumer = self._name(data)
+            if len(self._named) >= self.MAX_NAMED_TEXTS:
+                self._named.clear()
+            self._named[data] = consumer
+        return consumer if consumer is not None else self._root_task(pid)
+
+    def _name(self, data: bytes) -> Consumer | None:
+        path = cgroup_of(data.decode("utf-8", "replace"))
         if path is None:
             return OTHER
-        below = below_root(path, rel)
-        if not below and per_process:
-            try:
-                with open(f"{proc_root}/{pid}/comm", encoding="utf-8") as handle:
-                    comm = handle.read().rstrip("\n")
-            except OSError:
-                return OTHER
-            if comm:
-                return Consumer("process", comm)
-        return namer(below)
+        below = below_root(path, self._rel)
+        if not below and self._per_process:
+            return None
+        return self._namer(below)
 
-    return pid_to_consumer
+    def _root_task(self, pid: int) -> Consumer:
+        comm = read_head(f"{self._proc_root}/{pid}/comm", 64)
+        if comm is None:
+            return OTHER
+        name = comm.decode("utf-8", "replace").rstrip("\n")
+        return Consumer("process", name) if name else self._namer("")
+
+    def retain(self, pids: Collection[int]) -> None:
+        """Close the files of pids no GPU reports any more."""
+        self._files.retain(pids)
 
 
 def consumer_weights(

@@ -21,8 +21,8 @@ from carbond.consumers import Consumer
 from carbond.meters.nvml import NvmlMeter
 from carbond.workloads.gpu import (
     GpuUsageTracker,
+    PidConsumers,
     consumer_weights,
-    make_pid_to_consumer,
 )
 
 
@@ -50,7 +50,7 @@ def main() -> None:
         kwargs["clock"] = clock
     meter = NvmlMeter(**kwargs)
     tracker = GpuUsageTracker(meter)
-    pid_to_consumer = make_pid_to_consumer(cgroup_consumer, "/", config["proc_root"])
+    pid_to_consumer = PidConsumers(cgroup_consumer, "/", config["proc_root"])
 
     def usage_json(u: Any) -> dict[str, Any]:
         return {"basis": u.basis, "weights": {str(k): v for k, v in u.weights.items()},
