@@ -5,8 +5,9 @@ in them plus a fake two-socket RAPL tree, starts `carbond run` on that subtree
 (`--cgroup-root`), and once per interval, half-way between two ticks: advances the fake
 energy counters, reads carbond's CPU clock, scrapes /metrics, reads the CPU clock again, reads
 its VmRSS, and runs the floor: a bare loop that only reads the files carbond must read (every
-cpu.stat of the tree; in process mode also cgroup.procs and every /proc/PID/stat), once
-opening each file and once with pread on descriptors kept open, as carbond does. CPU per tick
+cpu.stat of the tree; in process mode also cgroup.procs and every /proc/PID/stat; with GPUs
+also the NVML calls and each GPU process's /proc/PID/cgroup), once opening each file and once
+with pread on descriptors kept open, as carbond does. CPU per tick
 is the growth of carbond's whole-process CPU clock from after one scrape to before the next
 (one tick, plus its idle threads); per scrape, the growth across the request. All figures
 are medians.
@@ -32,6 +33,7 @@ Everything it creates (cgroups, processes, temp dirs) is removed at the end, als
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -59,7 +61,7 @@ from carbond.units import parse_seconds
 from carbond.workloads.processes import read_pids
 from tests import powercap
 from tests.fakes.intensity_server import EM_TOKEN, FakeIntensityServer
-from tests.fakes.nvml import FakeGpu, FakeProcess, FakeSample, Scenario, build_fake
+from tests.fakes.nvml import SONAME, FakeGpu, FakeProcess, FakeSample, Scenario, build_fake
 
 WATTS = 40.0  # what the fake RAPL zones draw, each
 GPU_WATTS = 300.0  # what each fake GPU draws
@@ -287,22 +289,64 @@ def measure(carbond: Carbond, name: str, seconds: float, floor: Floor,
     return result
 
 
+class NvmlFloor:
+    """The NVML calls a tick can't avoid, on the same stand-in library: per GPU the energy
+    counter, both process lists and the utilisation samples since the last call."""
+
+    def __init__(self, gpus: FakeGpus) -> None:
+        self._env = {k: v for k, v in gpus.env().items() if k.startswith("FAKE_NVML_")}
+        os.environ.update(self._env)  # the fake reads these on every call
+        # pynvml's dlopen("libnvidia-ml.so.1") then finds this library by its soname
+        ctypes.CDLL(str(gpus.lib / SONAME), mode=ctypes.RTLD_GLOBAL)
+        import pynvml
+
+        self.nvml = pynvml
+        pynvml.nvmlInit()
+        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
+                        for i in range(pynvml.nvmlDeviceGetCount())]
+        self.last_seen_us = [0] * len(self.handles)
+
+    def read(self) -> list[int]:
+        """The pids running on the GPUs, whose /proc/PID/cgroup a tick must read."""
+        nvml, pids = self.nvml, []
+        for i, handle in enumerate(self.handles):
+            nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            pids += [p.pid for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+            pids += [p.pid for p in nvml.nvmlDeviceGetGraphicsRunningProcesses(handle)]
+            try:
+                samples = nvml.nvmlDeviceGetProcessUtilization(handle, self.last_seen_us[i])
+            except nvml.NVMLError:  # NotFound: nothing new
+                samples = []
+            self.last_seen_us[i] = max([s.timeStamp for s in samples] + [self.last_seen_us[i]])
+        return pids
+
+    def close(self) -> None:
+        self.nvml.nvmlShutdown()
+        for key in self._env:
+            os.environ.pop(key, None)
+
+
 class Floor:
-    """The bare reads a tick can't avoid: every cpu.stat of the tree, and with `processes`
-    the root's cgroup.procs and each listed /proc/PID/stat.
+    """The bare reads a tick can't avoid: every cpu.stat of the tree, with `processes` the
+    root's cgroup.procs and each listed /proc/PID/stat, and with `nvml` its calls and the
+    /proc/PID/cgroup of each GPU process.
 
     `by_path()` opens, reads and closes each file (the floor the targets refer to);
     `kept_open()` re-reads descriptors opened once with pread, as carbond itself does.
     """
 
-    def __init__(self, host: BenchHost, processes: bool = False) -> None:
+    def __init__(self, host: BenchHost, processes: bool = False,
+                 nvml: NvmlFloor | None = None) -> None:
         self.files = host.counter_files()
         self.procs_file = f"{host.root}/cgroup.procs" if processes else None
+        self.nvml = nvml
         self._fds: dict[str, int] = {}
 
     def _paths(self) -> list[str]:
         pids = read_pids(self.procs_file) if self.procs_file else []
-        return self.files + [f"/proc/{pid}/stat" for pid in pids]
+        gpu_pids = self.nvml.read() if self.nvml else []
+        return (self.files + [f"/proc/{pid}/stat" for pid in pids]
+                + [f"/proc/{pid}/cgroup" for pid in gpu_pids])
 
     def by_path(self) -> None:
         for path in self._paths():
@@ -319,6 +363,8 @@ class Floor:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self.nvml:
+            self.nvml.close()
 
 
 def run_cgroups(args: argparse.Namespace, procs: int, cgroups: int) -> Result:
@@ -399,7 +445,7 @@ def run_gpu(args: argparse.Namespace) -> Result:
         carbond = Carbond(host, args.interval, {"processes": "off"}, _profile(args, "gpu"),
                           gpus=gpus, intensity=intensity)
         result = measure(carbond, "1,000 processes in 100 cgroups, 8 GPUs, live intensity",
-                         args.seconds, Floor(host))
+                         args.seconds, Floor(host, nvml=NvmlFloor(gpus)))
         text = carbond.scrape()
         if not any(line.startswith("carbond_grid_intensity_grams_per_kwh{")
                    and 'provider="electricitymaps"' in line for line in text.splitlines()):
