@@ -207,7 +207,7 @@ class Daemon:
             idle_watts = self.config.idle_watts_gpu or 0.0
             _add(energy, split_energy(delta.joules, seconds, idle_watts,
                                       self.config.idle_policy, weights), "gpu")
-        if gpu_usage:
+        if self._gpu_usage:
             self._pid_to_consumer.retain({pid for u in gpu_usage.values() for pid in u.weights})
         return energy
 
