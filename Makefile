@@ -23,6 +23,7 @@ bench: $(BIN)/carbond
 
 # As root: real cgroups and processes; see benchmarks/README.md. ARGS="--matrix", "--soak 30m".
 bench-overhead: $(BIN)/carbond
+	scripts/test-deps.sh
 	$(BIN)/python benchmarks/overhead.py $(ARGS)
 
 clean:

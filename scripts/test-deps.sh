@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# System tools the tests use: gcc (builds the stand-in libnvidia-ml.so.1), setpriv (drops
-# capabilities to test permission errors as root). Installed with apt-get when missing.
+# System tools the tests and benchmarks use: gcc (builds the stand-in libnvidia-ml.so.1 and the
+# benchmark spinner), setpriv (drops capabilities to test permission errors as root). Installed
+# with apt-get when missing.
 set -euo pipefail
 missing=()
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
