@@ -314,8 +314,8 @@ def tune_malloc() -> None:
     One arena: the GIL already serialises allocation, and per-thread arenas (HTTP, intensity,
     taskstats threads) only hold on to freed memory. Fixed thresholds: glibc otherwise raises
     its mmap threshold each time a large block is freed, so later large buffers land in the
-    heap, fragment it and keep it swinging by megabytes (soak: 42.3 -> 44.6 MiB in 4 minutes
-    at 100 exits/s; with fixed thresholds 42.3 -> 42.7 MiB).
+    heap, fragment it and keep it swinging by megabytes (30-minute soak at 100 exits/s: +6.1%
+    with the dynamic threshold, +2.2% with fixed ones; benchmarks/README.md).
     """
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
         libc = ctypes.CDLL(None)
