@@ -2,15 +2,14 @@
 
 Each scenario builds real cgroups (a private subtree of the v2 hierarchy) with real processes
 in them plus a fake two-socket RAPL tree, starts `carbond run` on that subtree
-(`--cgroup-root`), and once per interval, half-way between two ticks: advances the fake
-energy counters, reads carbond's CPU clock, scrapes /metrics, reads the CPU clock again, reads
-its VmRSS, and runs the floor: a bare loop that only reads the files carbond must read (every
+(`--cgroup-root`), and once per interval, half-way between two ticks: advances the fake energy
+counters, reads carbond's CPU clock, scrapes /metrics, reads the CPU clock again, reads its
+VmRSS, and runs the floor: a bare loop that only reads the files carbond must read (every
 cpu.stat of the tree; in process mode also cgroup.procs and every /proc/PID/stat; with GPUs
 also the NVML calls and each GPU process's /proc/PID/cgroup), once opening each file and once
-with pread on descriptors kept open, as carbond does. CPU per tick
-is the growth of carbond's whole-process CPU clock from after one scrape to before the next
-(one tick, plus its idle threads); per scrape, the growth across the request. All figures
-are medians.
+with pread on descriptors kept open, as carbond does. CPU per tick is the growth of carbond's
+whole-process CPU clock from after one scrape to before the next (one tick, plus its idle
+threads); per scrape, the growth across the request. All figures are medians.
 
 Scenarios (--scenario, repeatable; default: cgroups procs consumers idle5s gpu):
   cgroups    --procs N sleeping processes over --cgroups M cgroups (default 1,000 in 100)
