@@ -1,8 +1,8 @@
 """Shared setup for the benchmarks: a throw-away cgroup v2 subtree with real processes in it.
 
 Everything made here is recorded on the `BenchHost` and undone by `close()` (processes killed
-and reaped, cgroups removed deepest first, temp dirs deleted), which the benchmarks call from
-`finally`, so Ctrl-C or a failure leaves nothing behind.
+and reaped, cgroups removed deepest first, temp dirs deleted), which leaving a `with BenchHost()`
+block calls, so Ctrl-C or a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -134,6 +134,12 @@ class BenchHost:
         for proc in self.procs:
             proc.wait()
         self.procs.clear()
+
+    def __enter__(self) -> BenchHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.kill_processes()

@@ -53,8 +53,7 @@ def main() -> int:
         print(problem, file=sys.stderr)
         return 2
 
-    host = BenchHost()
-    try:
+    with BenchHost() as host:
         # 1: processes spread over cgroups
         host.make_cgroups(args.cgroups)
         host.spawn_sleepers(args.processes, host.cgroups)
@@ -88,8 +87,6 @@ def main() -> int:
         floor = cpu_ms(bare, args.ticks)
         collector.close()
         report(f"{len(pids)} procs in the root cgroup ({len(cg_files)} cgroups)", ours, floor)
-    finally:
-        host.close()
     return 0
 
 

@@ -160,7 +160,11 @@ class Carbond:
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.pid = self.proc.pid
         self.profiler: subprocess.Popen[bytes] | None = None
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         if profile:
             self.profiler = subprocess.Popen(
                 ["py-spy", "record", "--nonblocking", "-r", "250", "-f", "flamegraph",
@@ -204,6 +208,12 @@ class Carbond:
             zone.advance_uj(int(WATTS * self.interval * 1e6))
         if self.gpus:
             self.gpus.advance(self.interval)
+
+    def __enter__(self) -> Carbond:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.profiler is not None:
@@ -367,131 +377,92 @@ class Floor:
 
 
 def run_cgroups(args: argparse.Namespace, procs: int, cgroups: int) -> Result:
-    host = BenchHost()
-    carbond = None
-    try:
+    with BenchHost() as host:
         host.make_cgroups(cgroups)
         host.spawn_sleepers(procs, host.cgroups)
-        carbond = Carbond(host, args.interval, {"processes": "off"}, _profile(args, "cgroups"))
-        return measure(carbond, f"{procs:,} processes in {cgroups} cgroups", args.seconds,
-                       Floor(host))
-    finally:
-        if carbond:
-            carbond.stop()
-        host.close()
+        with Carbond(host, args.interval, {"processes": "off"},
+                     _profile(args, "cgroups")) as carbond:
+            return measure(carbond, f"{procs:,} processes in {cgroups} cgroups", args.seconds,
+                           Floor(host))
 
 
 def run_procs(args: argparse.Namespace) -> Result:
-    host = BenchHost()
-    carbond = None
-    try:
+    with BenchHost() as host:
         host.spawn_sleepers(args.procs)
-        carbond = Carbond(host, args.interval, {"processes": "on"}, _profile(args, "procs"))
-        return measure(carbond, f"{args.procs:,} processes in the root cgroup (process mode)",
-                       args.seconds, Floor(host, processes=True))
-    finally:
-        if carbond:
-            carbond.stop()
-        host.close()
+        with Carbond(host, args.interval, {"processes": "on"}, _profile(args, "procs")) as carbond:
+            return measure(carbond, f"{args.procs:,} processes in the root cgroup (process mode)",
+                           args.seconds, Floor(host, processes=True))
 
 
 def run_consumers(args: argparse.Namespace) -> Result:
-    host = BenchHost()
-    carbond = None
-    try:
+    with BenchHost() as host:
         host.make_cgroups(args.consumers)
         host.spawn([host.spinner()], args.consumers, host.cgroups)
-        carbond = Carbond(host, args.interval,
-                          {"processes": "off", "max_consumers": args.consumers},
-                          _profile(args, "consumers"))
-        return measure(carbond, f"{args.consumers} consumers, each using CPU", args.seconds,
-                       Floor(host), warmup_ticks=3)
-    finally:
-        if carbond:
-            carbond.stop()
-        host.close()
+        with Carbond(host, args.interval, {"processes": "off", "max_consumers": args.consumers},
+                     _profile(args, "consumers")) as carbond:
+            return measure(carbond, f"{args.consumers} consumers, each using CPU", args.seconds,
+                           Floor(host), warmup_ticks=3)
 
 
 def run_idle5s(args: argparse.Namespace) -> Result:
-    host = BenchHost()
-    carbond = None
-    try:
+    with BenchHost() as host:
         host.make_cgroups(100)
         host.spawn_sleepers(1000, host.cgroups)
-        carbond = Carbond(host, 5.0, {"processes": "off"}, _profile(args, "idle5s"))
-        return measure(carbond, "1,000 processes in 100 cgroups, 5 s interval, scrape 15 s",
-                       max(args.seconds, 30), Floor(host), scrape_every=3,
-                       warmup_ticks=1)
-    finally:
-        if carbond:
-            carbond.stop()
-        host.close()
+        with Carbond(host, 5.0, {"processes": "off"}, _profile(args, "idle5s")) as carbond:
+            return measure(carbond, "1,000 processes in 100 cgroups, 5 s interval, scrape 15 s",
+                           max(args.seconds, 30), Floor(host), scrape_every=3,
+                           warmup_ticks=1)
 
 
 def run_gpu(args: argparse.Namespace) -> Result:
-    host = BenchHost()
     feed = FakeIntensityServer().start()
-    carbond = None
     try:
-        host.make_cgroups(100)
-        host.spawn_sleepers(1000, host.cgroups)
-        gpus = FakeGpus(host.tmp, [proc.pid for proc in host.procs])
-        token = f"{host.tmp}/em-token"
-        with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-            f.write(EM_TOKEN)
-        intensity = {"zone": "DE", "refresh": "15s", "providers": [
-            {"electricitymaps": {"token_file": token, "url": feed.url}}]}
-        carbond = Carbond(host, args.interval, {"processes": "off"}, _profile(args, "gpu"),
-                          gpus=gpus, intensity=intensity)
-        result = measure(carbond, "1,000 processes in 100 cgroups, 8 GPUs, live intensity",
-                         args.seconds, Floor(host, nvml=NvmlFloor(gpus)))
-        text = carbond.scrape()
-        if not any(line.startswith("carbond_grid_intensity_grams_per_kwh{")
-                   and 'provider="electricitymaps"' in line for line in text.splitlines()):
-            result.notes.append("intensity NOT from electricitymaps")
-        gpu_series = [line for line in text.splitlines()
-                      if line.startswith("carbond_consumer_energy_joules_total{")
-                      and 'component="gpu"' in line]
-        result.notes.append(f"{len(gpu_series)} GPU consumer series")
-        return result
+        with BenchHost() as host:
+            host.make_cgroups(100)
+            host.spawn_sleepers(1000, host.cgroups)
+            gpus = FakeGpus(host.tmp, [proc.pid for proc in host.procs])
+            token = f"{host.tmp}/em-token"
+            with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(EM_TOKEN)
+            intensity = {"zone": "DE", "refresh": "15s", "providers": [
+                {"electricitymaps": {"token_file": token, "url": feed.url}}]}
+            with Carbond(host, args.interval, {"processes": "off"}, _profile(args, "gpu"),
+                         gpus=gpus, intensity=intensity) as carbond:
+                result = measure(carbond, "1,000 processes in 100 cgroups, 8 GPUs, live intensity",
+                                 args.seconds, Floor(host, nvml=NvmlFloor(gpus)))
+                lines = carbond.scrape().splitlines()
     finally:
-        if carbond:
-            carbond.stop()
         feed.stop()
-        host.close()
+    if not any(line.startswith("carbond_grid_intensity_grams_per_kwh{")
+               and 'provider="electricitymaps"' in line for line in lines):
+        result.notes.append("intensity NOT from electricitymaps")
+    gpu_series = [line for line in lines
+                  if line.startswith("carbond_consumer_energy_joules_total{")
+                  and 'component="gpu"' in line]
+    result.notes.append(f"{len(gpu_series)} GPU consumer series")
+    return result
 
 
 def run_soak(args: argparse.Namespace, seconds: float) -> None:
-    host = BenchHost()
-    carbond = None
-    spawner = None
-    try:
+    with BenchHost() as host:
         host.spawn_sleepers(100)
-        carbond = Carbond(host, args.interval, {"processes": "on"})
-        spawner = subprocess.Popen([sys.executable, "-c", SPAWNER, host.root, "100"])
-        host.procs.append(spawner)
-        start = time.monotonic()
-        carbond.next_tick()
-        marks = [(0.0, rss_mib(carbond.pid))]
-        report_every = 60.0
-        while (elapsed := time.monotonic() - start) < seconds:
-            time.sleep(min(report_every, seconds - elapsed))
-            marks.append((time.monotonic() - start, rss_mib(carbond.pid)))
-            print(f"  soak {marks[-1][0]:7.0f} s  RSS {marks[-1][1]:6.1f} MiB", flush=True)
-        text = carbond.scrape()
-        exits = metric(text, "carbond_exited_tasks_total") or 0
-        first, warm, last = marks[0][1], marks[min(1, len(marks) - 1)][1], marks[-1][1]
-        print(f"soak {seconds / 60:.0f} min, {exits / seconds:.0f} exited tasks/s "
-              f"({exits:.0f} in all)")
-        print(f"RSS start {first:.1f} MiB, after 1 min {warm:.1f} MiB, end {last:.1f} MiB: "
-              f"growth {100 * (last - first) / first:+.1f}% from start, "
-              f"{100 * (last - warm) / warm:+.1f}% from 1 min")
-    finally:
-        if spawner is not None and spawner.poll() is None:
-            spawner.kill()
-        if carbond:
-            carbond.stop()
-        host.close()
+        with Carbond(host, args.interval, {"processes": "on"}) as carbond:
+            host.procs.append(subprocess.Popen([sys.executable, "-c", SPAWNER, host.root, "100"]))
+            start = time.monotonic()
+            carbond.next_tick()
+            marks = [(0.0, rss_mib(carbond.pid))]
+            report_every = 60.0
+            while (elapsed := time.monotonic() - start) < seconds:
+                time.sleep(min(report_every, seconds - elapsed))
+                marks.append((time.monotonic() - start, rss_mib(carbond.pid)))
+                print(f"  soak {marks[-1][0]:7.0f} s  RSS {marks[-1][1]:6.1f} MiB", flush=True)
+            exits = metric(carbond.scrape(), "carbond_exited_tasks_total") or 0
+    first, warm, last = marks[0][1], marks[min(1, len(marks) - 1)][1], marks[-1][1]
+    print(f"soak {seconds / 60:.0f} min, {exits / seconds:.0f} exited tasks/s "
+          f"({exits:.0f} in all)")
+    print(f"RSS start {first:.1f} MiB, after 1 min {warm:.1f} MiB, end {last:.1f} MiB: "
+          f"growth {100 * (last - first) / first:+.1f}% from start, "
+          f"{100 * (last - warm) / warm:+.1f}% from 1 min")
 
 
 def _profile(args: argparse.Namespace, name: str) -> str | None:
@@ -517,7 +488,7 @@ def print_table(results: list[Result]) -> None:
 
 
 def interrupted(signum: int, frame: object) -> None:
-    """SIGTERM cleans up like Ctrl-C: through every `finally`."""
+    """SIGTERM cleans up like Ctrl-C: through every `with` and `finally`."""
     raise KeyboardInterrupt
 
 
