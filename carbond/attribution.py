@@ -120,10 +120,6 @@ class IdleBaseline:
         self.min_samples = min_samples
         self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
 
-    @property
-    def learned(self) -> bool:
-        return self.fixed_watts is None
-
     def observe(self, watts: float, now_seconds: float) -> None:
         """Record one tick's mean host power (for this component) at monotonic time `now`."""
         if self.fixed_watts is not None or not math.isfinite(watts) or watts < 0:

@@ -255,7 +255,6 @@ class Daemon:
             counter_wraps_total=dict(self._counters.wraps),
             tick_buckets=tuple(self._histogram.cumulative()),
             tick_seconds_sum=self._histogram.sum_seconds,
-            ticks_total=sum(self._histogram.counts),
             consumers=tuple(self._series.samples()),
             consumer_grams_total=tuple(self._series.emissions()),
             exited_tasks_total=self._counters.exited_tasks,

@@ -28,7 +28,6 @@ class Snapshot:
     counter_wraps_total: dict[str, int] = field(default_factory=dict)
     tick_buckets: tuple[tuple[str, int], ...] = ()
     tick_seconds_sum: float = 0.0
-    ticks_total: int = 0
     consumers: tuple[SeriesSample, ...] = ()
     consumer_grams_total: tuple[tuple[Consumer, float], ...] = ()
     exited_tasks_total: int = 0

@@ -24,8 +24,3 @@ def grams_by_consumer(
     over consumers equals the host figure (same linear factor)."""
     factor = pue * grams_per_kwh / JOULES_PER_KWH
     return {consumer: joules * factor for consumer, joules in joules_by_consumer.items()}
-
-
-def grams_per_second(watts: float, grams_per_kwh: float, pue: float = 1.0) -> float:
-    """Emission rate for `carbond top`: W is J/s, so this is grams(watts) per second."""
-    return grams(watts, grams_per_kwh, pue)

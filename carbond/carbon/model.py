@@ -33,10 +33,6 @@ class Intensity:
     is_estimated: bool = False
     marginal: bool = False
 
-    @property
-    def valid_from(self) -> float:
-        return self.observed_at
-
     def age_seconds(self, now: float) -> float:
         """Seconds since the figure applied, never negative (forecast periods start ahead)."""
         return max(0.0, now - self.observed_at)

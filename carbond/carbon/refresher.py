@@ -150,10 +150,6 @@ class IntensityFeed:
         if thread is not None:
             thread.join(timeout_seconds)
 
-    def wake(self) -> None:
-        """Make the thread re-check its schedule now (e.g. after SIGHUP)."""
-        self._wake.set()
-
     def refresh_now(self, force: bool = True) -> dict[str, str]:
         """One synchronous round; `force` ignores the schedule and backoff.
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from importlib import resources
 
 WORLD = "WORLD"
-CLOUD_PROVIDERS = ("aws", "gcp", "azure")
 
 _ZONE_RE = re.compile(r"^[A-Za-z]{2,5}(?:[-_][A-Za-z0-9]{1,12}){0,4}$")
 _CLOUD_RE = re.compile(r"^(aws|gcp|azure):([a-z0-9][a-z0-9-]{1,40})$")

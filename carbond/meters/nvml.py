@@ -36,7 +36,6 @@ METHOD_COUNTER = "energy counter"
 METHOD_POWER = "power integration"
 
 # NVML return codes (stable across driver versions; duplicated so the module imports without NVML).
-NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_NO_PERMISSION = 4
 NVML_ERROR_NOT_FOUND = 6
@@ -128,18 +127,16 @@ class _Gpu:
         self.reason = "not yet read"
         self.method = ""
         self.counter = EnergyCounter(range_units=None)  # mJ; no range: a decrease is a reset
-        self.counter_millijoules = 0  # counter increments folded in, exact integer
         self.power_millijoules = 0.0  # integrated power
         self.last_power_milliwatts: int | None = None
         self.last_power_time = 0.0
-        self.has_sample = False  # at least one good read since the last (re)start
         self.last_retry = float("-inf")
         self.mig_enabled = False
         self.mig_instances: tuple[MigInstance, ...] = ()
 
     @property
     def joules(self) -> float:
-        return (self.counter_millijoules + self.power_millijoules) / 1000.0
+        return (self.counter.total_units + self.power_millijoules) / 1000.0
 
     def info(self) -> GpuInfo:
         return GpuInfo(self.index, self.device, self.uuid, self.name, self.status,
@@ -182,6 +179,11 @@ class NvmlMeter:
         self.errors_total = 0  # cumulative failed reads, for carbond_meter_errors_total
         self.driver_version = ""
         self._init()
+
+    @property
+    def _api(self) -> ModuleType:
+        assert self._nvml is not None  # only used once nvmlInit succeeded
+        return self._nvml
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -232,8 +234,7 @@ class NvmlMeter:
 
     def _acquire(self, gpu: _Gpu, now: float) -> None:
         """(Re)get a GPU's handle and pick its energy method; marks it ok or down."""
-        nvml = self._nvml
-        assert nvml is not None
+        nvml = self._api
         gpu.last_retry = now
         try:
             handle = None
@@ -260,8 +261,7 @@ class NvmlMeter:
         self._choose_method(gpu, now)
 
     def _choose_method(self, gpu: _Gpu, now: float) -> None:
-        nvml = self._nvml
-        assert nvml is not None
+        nvml = self._api
         try:
             raw = int(nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
         except Exception as exc:
@@ -287,8 +287,7 @@ class NvmlMeter:
 
     def _refresh_mig(self, gpu: _Gpu) -> None:
         """List MIG instances; a GPU or driver without MIG simply has none."""
-        nvml = self._nvml
-        assert nvml is not None
+        nvml = self._api
         instances: list[MigInstance] = []
         try:
             current, _pending = nvml.nvmlDeviceGetMigMode(gpu.handle)
@@ -323,7 +322,6 @@ class NvmlMeter:
         if (gpu.status, gpu.reason) != (status, reason):
             log.warning("%s (%s) down: %s", gpu.device, gpu.uuid or "uuid unknown", reason)
         gpu.status, gpu.reason, gpu.method = status, reason, ""
-        gpu.has_sample = False
         gpu.last_power_milliwatts = None
         self.errors_total += 1
 
@@ -356,8 +354,7 @@ class NvmlMeter:
                     self._sample_gpu_power(gpu, now)
 
     def _sample_gpu_power(self, gpu: _Gpu, now: float) -> bool:
-        nvml = self._nvml
-        assert nvml is not None
+        nvml = self._api
         try:
             milliwatts = int(nvml.nvmlDeviceGetPowerUsage(gpu.handle))
         except Exception as exc:
@@ -395,7 +392,6 @@ class NvmlMeter:
                 else:
                     ok = self._sample_gpu_power(gpu, now)
                 if ok:
-                    gpu.has_sample = True
                     reading.devices.append(DeviceEnergy(gpu.device, "gpu", "nvml", gpu.joules))
             reading.errors = self.errors_total - errors_before
             self._up = bool(reading.devices)
@@ -410,8 +406,7 @@ class NvmlMeter:
             self._init()
 
     def _read_counter(self, gpu: _Gpu, reading: MeterReading) -> bool:
-        nvml = self._nvml
-        assert nvml is not None
+        nvml = self._api
         try:
             raw = int(nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
         except Exception as exc:
@@ -421,9 +416,7 @@ class NvmlMeter:
                 return False
             self._mark_down(gpu, exc, "energy counter")
             return False
-        before = gpu.counter.total_units
         resets = gpu.counter.update(raw)
-        gpu.counter_millijoules += gpu.counter.total_units - before
         if resets:
             reading.wraps[gpu.device] = reading.wraps.get(gpu.device, 0) + resets
         return True

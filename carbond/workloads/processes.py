@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from carbond.consumers import Consumer
-from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype, read_head
+from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype
 from carbond.workloads.taskstats import TaskExit
 
 
@@ -58,11 +58,6 @@ def read_pids(procs_file: str) -> list[int]:
         return []
 
 
-def read_stat(proc_root: str, pid: int, clock_ticks: int) -> ProcStat | None:
-    data = read_head(f"{proc_root}/{pid}/stat", 4096)
-    return None if data is None else parse_stat(pid, data.decode("utf-8", "replace"), clock_ticks)
-
-
 def boot_time_epoch(proc_root: str = "/proc") -> float | None:
     try:
         with open(f"{proc_root}/stat") as f:
@@ -82,7 +77,6 @@ class ProcessTick:
 
     usage: dict[Consumer, float]
     guessed: dict[Consumer, float]
-    exits_used: int = 0
 
 
 @dataclass(slots=True)
@@ -169,9 +163,8 @@ class ProcessTracker:
             else:
                 usage.setdefault(Consumer("process", stat.comm), 0.0)
 
-        used = 0
         if not first:
-            used = self._finish_exits(exits, live, usage, guessed, root_cgroup)
+            self._finish_exits(exits, live, usage, guessed, root_cgroup)
 
         tick = self._tick
         for pid, stat in live.items():
@@ -183,7 +176,7 @@ class ProcessTracker:
         # Keep a vanished process one extra tick: its exit record may arrive a tick late.
         for pid in [p for p, s in self._seen.items() if s.tick < self._tick - 1]:
             del self._seen[pid]
-        return ProcessTick(usage, guessed, used)
+        return ProcessTick(usage, guessed)
 
     def close(self) -> None:
         """Close the /proc files held open between ticks."""
@@ -232,8 +225,7 @@ class ProcessTracker:
         usage: dict[Consumer, float],
         guessed: dict[Consumer, float],
         root_cgroup: str,
-    ) -> int:
-        used = 0
+    ) -> None:
         unknown: dict[int, TaskExit] = {}
         root_pids = set(live) | set(self._seen)  # before finishing: dead parents count too
         total = self._rescale(exits, live)
@@ -250,7 +242,6 @@ class ProcessTracker:
                 key = Consumer("process", seen.stat.comm)
                 usage[key] = usage.get(key, 0.0) + grew
                 del self._seen[exit_.pid]
-                used += 1
             elif seen is None or alive is None or alive.starttime != seen.stat.starttime:
                 unknown[exit_.pid] = exit_  # lived and died between two ticks
 
@@ -275,5 +266,3 @@ class ProcessTracker:
             key = Consumer("process", exit_.comm)
             target = usage if exit_.cgroup is not None else guessed
             target[key] = target.get(key, 0.0) + total[pid]
-            used += 1
-        return used

@@ -188,7 +188,7 @@ class TaskstatsListener:
     """Collects process exit records on a background thread until `stop()`.
 
     `start()` returns False and sets `reason` when taskstats can't be used; `drain()` hands
-    over the exits since the last drain; `exited_total` and `lost` are cumulative counts.
+    over the exits since the last drain.
     """
 
     def __init__(
@@ -205,8 +205,6 @@ class TaskstatsListener:
         self.rcvbuf_bytes = rcvbuf_bytes
         self.max_pending = max_pending
         self.reason: str | None = None
-        self.exited_total = 0
-        self.lost = 0
         self._pending: list[TaskExit] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -281,8 +279,7 @@ class TaskstatsListener:
                         break
                     except OSError as exc:
                         if exc.errno == errno.ENOBUFS:
-                            self.lost += 1  # kernel dropped records: their time stays in root
-                            continue
+                            continue  # the kernel dropped records: their time stays in root
                         raise
                     for task, group_seconds in exits_from_datagram(data):
                         self._handle(task, group_seconds)
@@ -312,11 +309,8 @@ class TaskstatsListener:
             cgroup_of(self.proc_root, tgid, self.hierarchy),  # the zombie still shows it
         )
         with self._lock:
-            self.exited_total += 1
             if len(self._pending) < self.max_pending:
                 self._pending.append(record)
-            else:
-                self.lost += 1
 
 
 def probe_taskstats(proc_root: str = "/proc") -> tuple[bool, str]:
