@@ -19,12 +19,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks._host import UNIFIED, BenchHost, can_run, read_file
-from carbond.workloads.cgroups import (
-    CgroupReader,
-    CpuUsageCollector,
-    cgroup_root,
-    detect_cgroup_root,
-)
+from carbond.workloads.cgroups import CgroupReader, cgroup_root, detect_cgroup_root
+from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.naming import CgroupNamer
 from carbond.workloads.processes import ProcessTracker, read_pids
 

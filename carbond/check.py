@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 from carbond import __version__
+from carbond.builders import build_feed
 from carbond.carbon import cloud_hint_sentence
 from carbond.config import Config
-from carbond.daemon import build_feed
 from carbond.errors import ConfigError
 from carbond.meters.base import Meter
 from carbond.workloads.cgroups import detect_cgroup_root

@@ -11,17 +11,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from carbond import __version__, config
+from carbond.builders import build_daemon, build_feed, build_meters
 from carbond.carbon import ForecastUnsupported, fetch_forecast, format_current, format_forecast
 from carbond.carbon.model import FetchError
 from carbond.check import run_check
-from carbond.daemon import (
-    build_daemon,
-    build_feed,
-    build_meters,
-    install_signal_handlers,
-    prepare_state_dir,
-    tune_malloc,
-)
+from carbond.daemon import install_signal_handlers, prepare_state_dir, tune_malloc
 from carbond.errors import ConfigError
 from carbond.exporter import MetricsServer
 

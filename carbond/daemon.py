@@ -20,100 +20,23 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from carbond.attribution import IdleBaseline, follow_split, split_energy
-from carbond.carbon import IntensityFeed, build_providers, grams, resolve_zone
+from carbond.carbon import IntensityFeed, grams
 from carbond.carbon.model import Intensity
-from carbond.carbon.zone import ZoneChoice
 from carbond.cardinality import ConsumerSeries
 from carbond.config import Config
 from carbond.consumers import OTHER, Consumer
 from carbond.energy import DeviceDelta, DeviceTotals, Histogram, series
-from carbond.errors import ConfigError
 from carbond.meters.base import Meter, MeterReading
-from carbond.meters.model import ModelMeter
 from carbond.meters.nvml import NvmlMeter
-from carbond.meters.rapl import RaplMeter
 from carbond.snapshot import GpuLabel, Snapshot
 from carbond.systemd import notify
-from carbond.workloads.cgroups import (
-    CgroupReader,
-    CgroupRoot,
-    CpuUsageCollector,
-    detect_cgroup_root,
-)
+from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.gpu import GpuUsageTracker, PidConsumers, consumer_weights
 from carbond.workloads.naming import CgroupNamer
-from carbond.workloads.processes import ProcessTracker, read_pids
-from carbond.workloads.taskstats import TaskstatsListener
 
 log = logging.getLogger(__name__)
 
 ConsumerEnergy = dict[Consumer, dict[str, float]]
-
-
-def build_meters(config: Config, *, sampler: bool = True) -> list[Meter]:
-    meters: list[Meter] = []
-    if config.rapl_enabled != "off":
-        meters.append(RaplMeter(config.powercap_root))
-    if config.model_enabled != "off":
-        meters.append(
-            ModelMeter(
-                config.proc_root,
-                config.model_cpu_watts_min,
-                config.model_cpu_watts_max,
-                config.model_memory_watts_per_gb,
-            )
-        )
-    if config.nvml_enabled != "off":
-        meters.append(NvmlMeter(start_sampler=sampler))
-    return meters
-
-
-def root_has_processes(root: CgroupRoot, proc_root: str) -> bool:
-    """True when user-space tasks live in the root cgroup (no systemd): kernel threads have
-    an empty cmdline and are not workloads."""
-    for pid in read_pids(root.procs_file):
-        try:
-            with open(f"{proc_root}/{pid}/cmdline", "rb") as handle:
-                if handle.read(1):
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def build_cpu_usage(config: Config, namer: CgroupNamer) -> CpuUsageCollector | None:
-    """Cgroup walk plus, where tasks run in the root cgroup, processes and taskstats exits."""
-    try:
-        root = detect_cgroup_root(config.cgroup_root, proc_root=config.proc_root)
-    except ConfigError as exc:
-        if config.cgroup_root:
-            raise
-        log.warning("%s: CPU energy goes to consumer 'other'", exc.problem)
-        return None
-    processes = config.processes == "on" or (
-        config.processes == "auto" and root_has_processes(root, config.proc_root)
-    )
-    tracker, listener = None, None
-    if processes:
-        tracker = ProcessTracker(config.proc_root)
-        listener = TaskstatsListener(config.proc_root, root.hierarchy)
-        if not listener.start():
-            log.warning("%s; short-lived processes are recovered from their parents only",
-                        listener.reason)
-            listener = None
-    log.info("cgroups: %s at %s; per-process consumers %s", root.mode, root.path,
-             "on" if processes else "off")
-    return CpuUsageCollector(CgroupReader(root, namer), tracker, listener)
-
-
-def build_feed(config: Config) -> tuple[IntensityFeed, ZoneChoice]:
-    choice = resolve_zone(config.zone)
-    providers = build_providers(list(config.providers), choice.zone)
-    feed = IntensityFeed(
-        providers, choice.zone, config.intensity_refresh_seconds,
-        config.intensity_max_age_seconds, config.state_dir,
-    )
-    return feed, choice
 
 
 def _add(energy: ConsumerEnergy, split: Mapping[Consumer, float], component: str) -> None:
@@ -290,14 +213,6 @@ class Daemon:
             self.cpu_usage.close()
         for meter in self.meters:
             meter.close()
-
-
-def build_daemon(config: Config) -> Daemon:
-    """Everything from config; bad input raises ConfigError before anything starts."""
-    feed, choice = build_feed(config)
-    log.info("intensity zone %s (%s)", choice.zone, choice.how)
-    namer = CgroupNamer(config.rules)
-    return Daemon(config, build_meters(config), build_cpu_usage(config, namer), feed, namer)
 
 
 # glibc mallopt parameters

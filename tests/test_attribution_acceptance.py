@@ -17,7 +17,8 @@ from carbond.attribution import follow_split, split_energy
 from carbond.cardinality import ConsumerSeries
 from carbond.consumers import IDLE, Consumer
 from carbond.meters.rapl import RaplMeter
-from carbond.workloads.cgroups import CgroupReader, CpuUsageCollector, cgroup_root
+from carbond.workloads.cgroups import CgroupReader, cgroup_root
+from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.naming import CgroupNamer
 from tests.cgroup_helpers import TestTree
 from tests.powercap import INTEL_DRAM_RANGE_UJ, FakePowercap

@@ -14,7 +14,8 @@ import pytest
 
 from carbond.attribution import split_energy
 from carbond.consumers import Consumer
-from carbond.workloads.cgroups import CgroupReader, CpuUsageCollector, detect_cgroup_root
+from carbond.workloads.cgroups import CgroupReader, detect_cgroup_root
+from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.naming import CgroupNamer
 from carbond.workloads.processes import ProcessTracker, parse_stat
 from carbond.workloads.taskstats import (
