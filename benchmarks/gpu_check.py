@@ -23,8 +23,9 @@ import threading
 import time
 from typing import Any
 
-from carbond.attribution import split_energy
+from carbond.attribution import GpuWeights, Policy, TickInput, attribute, gpu_basis
 from carbond.consumers import Consumer
+from carbond.energy import DeviceDelta
 from carbond.meters.nvml import NvmlMeter, load_pynvml
 from carbond.workloads.gpu import (
     GpuUsageTracker,
@@ -157,10 +158,16 @@ def main(argv: list[str] | None = None) -> int:
             delta = energy.joules - previous
             carbond_joules += delta
             gpu_usage = usage.get(device)
-            weights = consumer_weights(gpu_usage, to_consumer) if gpu_usage else {}
-            basis = gpu_usage.basis if gpu_usage else None
+            weights = GpuWeights()
+            if gpu_usage:
+                weights = GpuWeights(consumer_weights(gpu_usage.sm, to_consumer),
+                                     consumer_weights(gpu_usage.memory, to_consumer))
+            basis, _ = gpu_basis(weights.sm, weights.memory)
             bases[str(basis)] = bases.get(str(basis), 0) + 1
-            for consumer, joules in split_energy(delta, 1.0, 0.0, "separate", weights).items():
+            tick = TickInput(args.interval, [DeviceDelta("gpu", device, "nvml", delta)], {},
+                             {device: weights})
+            for consumer, parts in attribute(tick, Policy()).energy.items():
+                joules = parts.get("gpu", 0.0)
                 per_consumer[consumer.name] = per_consumer.get(consumer.name, 0.0) + joules
         ticks += 1
     elapsed = time.monotonic() - started

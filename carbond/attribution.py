@@ -1,20 +1,141 @@
-"""Energy -> consumers: pure functions of one tick's deltas, plus the idle-baseline learner.
+"""Energy -> consumers: one pure function of one tick, `attribute()`.
 
-Invariant (DESIGN.md): every tick the consumers, `idle` and `other` included, sum to the host
-energy within 1e-9 relative. Splits are computed share by share and the rounding remainder is
-put on the largest part, so `math.fsum` of the result equals the input energy.
+Everything between the meters' device deltas and joules per consumer is decided here, and
+nowhere else: which devices count as host energy (RAPL, or the model standing in where no
+counter measures a component, never both; `psys` exported but never attributed), the CPU split
+by CPU time with the idle baseline and the idle policy, DRAM following the CPU split, and each
+GPU's split by its processes' SM utilisation with used memory as the fallback.
+
+Invariant (DESIGN.md): every tick the consumers, `idle` and `other` included, sum to the
+attributed host energy within 1e-9 relative. Splits are computed share by share and the rounding
+remainder is put on the largest part, so `math.fsum` of a split equals its input energy.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
 
-from carbond.consumers import IDLE, Consumer
+from carbond.consumers import IDLE, OTHER, Consumer
+from carbond.energy import DeviceDelta
 
 SEPARATE, PROPORTIONAL = "separate", "proportional"
 POLICIES = (SEPARATE, PROPORTIONAL)
+# meters.model.enabled: off never, auto where the host has no CPU counter at all, on for each
+# component (cpu, dram) that no hardware counter measures.
+MODEL_OFF, MODEL_AUTO, MODEL_ON = "off", "auto", "on"
+MODELLED = ("cpu", "dram")  # the components the model can stand in for
+ATTRIBUTED = ("cpu", "dram", "gpu")  # platform (psys) overlaps cpu + dram: exported only
+MODEL_SOURCE = "model"
+BASIS_SM, BASIS_MEMORY = "sm", "memory"
+
+ConsumerEnergy = dict[Consumer, dict[str, float]]
+K = TypeVar("K")
+
+
+@dataclass(frozen=True)
+class GpuWeights:
+    """Who used one GPU over the tick, two ways; `attribute` picks the basis."""
+
+    sm: Mapping[Consumer, float] = field(default_factory=dict)  # summed SM-utilisation samples
+    memory: Mapping[Consumer, float] = field(default_factory=dict)  # used bytes, running procs
+
+
+@dataclass(frozen=True)
+class TickInput:
+    """One tick's measurements. `cpu_seconds` None: no CPU usage source (all to `other`)."""
+
+    seconds: float
+    devices: Sequence[DeviceDelta]
+    cpu_seconds: Mapping[Consumer, float] | None = None
+    gpus: Mapping[str, GpuWeights] = field(default_factory=dict)  # "gpu-N" -> weights
+    measured: frozenset[str] = frozenset()  # components a hardware counter measures here
+    cpu_idle_watts: float = 0.0
+    gpu_idle_watts: float = 0.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    idle: str = SEPARATE
+    model: str = MODEL_AUTO
+
+    def __post_init__(self) -> None:
+        if self.idle not in POLICIES:
+            raise ValueError(f"idle policy must be one of {POLICIES}, not {self.idle!r}")
+        if self.model not in (MODEL_OFF, MODEL_AUTO, MODEL_ON):
+            raise ValueError(f"model must be off, auto or on, not {self.model!r}")
+
+
+@dataclass(frozen=True)
+class Attribution:
+    energy: ConsumerEnergy  # joules per consumer and component
+    counted: tuple[DeviceDelta, ...]  # the device deltas that are host energy (exported)
+    cpu_joules: float  # host CPU energy of the tick, whichever source counted
+
+    @property
+    def host_joules(self) -> float:
+        """The attributed host energy: what the consumers sum to."""
+        return math.fsum(d.joules for d in self.counted if d.component in ATTRIBUTED)
+
+    @property
+    def model_used(self) -> bool:
+        return any(d.source == MODEL_SOURCE for d in self.counted)
+
+
+def counted_devices(
+    devices: Sequence[DeviceDelta], measured: frozenset[str], model: str
+) -> tuple[DeviceDelta, ...]:
+    """The deltas that are host energy: every hardware delta, and the model's only for the
+    components it stands in for. The hardware's view is `measured` (what its counters cover,
+    also in a tick where one read failed: that energy arrives with the next read)."""
+    if model == MODEL_OFF:
+        standing_in: set[str] = set()
+    elif model == MODEL_ON:
+        standing_in = set(MODELLED) - measured
+    else:
+        standing_in = set() if "cpu" in measured else set(MODELLED) - measured
+    return tuple(
+        d for d in devices
+        if d.source != MODEL_SOURCE or (d.component in standing_in and d.component in MODELLED)
+    )
+
+
+def gpu_basis(
+    sm: Mapping[K, float], memory: Mapping[K, float]
+) -> tuple[str | None, Mapping[K, float]]:
+    """SM-utilisation samples where there are any; else the running processes' memory, since
+    holding GPU memory still keeps the GPU busy for them; else nothing (the GPU was idle)."""
+    if _positive_total(sm) > 0:
+        return BASIS_SM, sm
+    if _positive_total(memory) > 0:
+        return BASIS_MEMORY, memory
+    return None, {}
+
+
+def attribute(tick: TickInput, policy: Policy) -> Attribution:
+    """Joules per consumer and component for one tick; see the module docstring."""
+    counted = counted_devices(tick.devices, tick.measured, policy.model)
+    energy: ConsumerEnergy = {}
+    cpu_joules = math.fsum(d.joules for d in counted if d.component == "cpu")
+    dram_joules = math.fsum(d.joules for d in counted if d.component == "dram")
+    cpu_seconds = {OTHER: 1.0} if tick.cpu_seconds is None else tick.cpu_seconds
+    cpu = split_energy(cpu_joules, tick.seconds, tick.cpu_idle_watts, policy.idle, cpu_seconds)
+    _add(energy, cpu, "cpu")
+    _add(energy, follow_split(dram_joules, cpu), "dram")
+    for delta in counted:
+        if delta.component != "gpu":
+            continue
+        weights = tick.gpus.get(delta.device, GpuWeights())
+        _, shares = gpu_basis(weights.sm, weights.memory)
+        _add(energy, split_energy(delta.joules, tick.seconds, tick.gpu_idle_watts, policy.idle,
+                                  shares), "gpu")
+    return Attribution(energy, counted, cpu_joules)
+
+
+def _positive_total(weights: Mapping[K, float]) -> float:
+    return math.fsum(w for w in weights.values() if w > 0 and math.isfinite(w))
 
 
 def _split(joules: float, weights: Mapping[Consumer, float]) -> dict[Consumer, float]:
@@ -29,9 +150,15 @@ def _split(joules: float, weights: Mapping[Consumer, float]) -> dict[Consumer, f
     return parts
 
 
-def _add(into: dict[Consumer, float], parts: Mapping[Consumer, float]) -> None:
+def _merge(into: dict[Consumer, float], parts: Mapping[Consumer, float]) -> None:
     for consumer, joules in parts.items():
         into[consumer] = into.get(consumer, 0.0) + joules
+
+
+def _add(energy: ConsumerEnergy, split: Mapping[Consumer, float], component: str) -> None:
+    for consumer, joules in split.items():
+        parts = energy.setdefault(consumer, {})
+        parts[component] = parts.get(component, 0.0) + joules
 
 
 def split_energy(
@@ -39,37 +166,35 @@ def split_energy(
     interval_seconds: float,
     idle_watts: float,
     policy: str,
-    usage_cpu_seconds: Mapping[Consumer, float],
+    usage: Mapping[Consumer, float],
 ) -> dict[Consumer, float]:
-    """One tick of CPU energy per consumer.
+    """One device's energy per consumer, by `usage` weights (CPU seconds, GPU samples).
 
-    Dynamic energy ΔE - P_idle·Δt is split by CPU-time share; idle energy goes to `idle`
-    (separate) or is shared by CPU time too (proportional). ΔE below the idle baseline is all
-    idle; no CPU time at all is all `idle`. Every consumer in `usage_cpu_seconds` appears in
-    the result (0.0 if it used nothing) and `idle` always does.
+    Dynamic energy ΔE - P_idle·Δt is split by share; idle energy goes to `idle` (separate) or
+    is shared too (proportional). ΔE below the idle baseline is all idle; no usage at all is
+    all `idle`. Every consumer in `usage` appears in the result (0.0 if it used nothing) and
+    `idle` always does.
     """
     if policy not in POLICIES:
         raise ValueError(f"idle policy must be one of {POLICIES}, not {policy!r}")
     if idle_watts < 0 or interval_seconds < 0:
         raise ValueError("idle_watts and interval_seconds must not be negative")
-    result = dict.fromkeys(usage_cpu_seconds, 0.0)
+    result = dict.fromkeys(usage, 0.0)
     result[IDLE] = 0.0
     if energy_joules <= 0 or not math.isfinite(energy_joules):
         result[IDLE] = energy_joules if math.isfinite(energy_joules) else 0.0
         return result
-    weights = {c: s for c, s in usage_cpu_seconds.items() if c != IDLE}
+    weights = {c: s for c, s in usage.items() if c != IDLE}
     idle_joules = min(energy_joules, idle_watts * interval_seconds)
     if policy == PROPORTIONAL:
-        parts = _split(energy_joules, weights)
-        if not parts:
-            parts = {IDLE: energy_joules}
+        parts = _split(energy_joules, weights) or {IDLE: energy_joules}
     else:
         parts = _split(energy_joules - idle_joules, weights)
         if parts:
             parts[IDLE] = parts.get(IDLE, 0.0) + idle_joules
         else:
             parts = {IDLE: energy_joules}
-    _add(result, parts)
+    _merge(result, parts)
     return result
 
 
@@ -80,61 +205,5 @@ def follow_split(energy_joules: float, split: Mapping[Consumer, float]) -> dict[
     if energy_joules <= 0 or not math.isfinite(energy_joules):
         result[IDLE] = energy_joules if math.isfinite(energy_joules) else 0.0
         return result
-    parts = _split(energy_joules, split)
-    _add(result, parts or {IDLE: energy_joules})
+    _merge(result, _split(energy_joules, split) or {IDLE: energy_joules})
     return result
-
-
-def cpu_share(usage_cpu_seconds: Mapping[Consumer, float]) -> dict[Consumer, float]:
-    """Fractions of CPU time (for tests, `carbond top`); empty when nothing ran."""
-    total = math.fsum(s for s in usage_cpu_seconds.values() if s > 0)
-    if total <= 0:
-        return {}
-    return {c: max(0.0, s) / total for c, s in usage_cpu_seconds.items()}
-
-
-class IdleBaseline:
-    """P_idle for one component: configured watts, or learned from observed host power.
-
-    Learned: a low percentile (default the 5th) of the per-tick mean power over a rolling
-    window (default one hour), kept in a bounded deque. Until `min_samples` ticks have been
-    seen it returns 0 W, so a fresh start attributes everything as dynamic rather than calling
-    the first busy minute "idle".
-    """
-
-    def __init__(
-        self,
-        fixed_watts: float | None = None,
-        percentile: float = 5.0,
-        window_seconds: float = 3600.0,
-        min_samples: int = 12,
-        max_samples: int = 4096,
-    ) -> None:
-        if fixed_watts is not None and (fixed_watts < 0 or not math.isfinite(fixed_watts)):
-            raise ValueError("fixed idle watts must be a finite number >= 0")
-        if not 0 <= percentile <= 100:
-            raise ValueError("percentile must be within 0..100")
-        self.fixed_watts = fixed_watts
-        self.percentile = percentile
-        self.window_seconds = window_seconds
-        self.min_samples = min_samples
-        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
-
-    def observe(self, watts: float, now_seconds: float) -> None:
-        """Record one tick's mean host power (for this component) at monotonic time `now`."""
-        if self.fixed_watts is not None or not math.isfinite(watts) or watts < 0:
-            return
-        self._samples.append((now_seconds, watts))
-        horizon = now_seconds - self.window_seconds
-        while self._samples and self._samples[0][0] < horizon:
-            self._samples.popleft()
-
-    def watts(self) -> float:
-        if self.fixed_watts is not None:
-            return self.fixed_watts
-        if len(self._samples) < self.min_samples:
-            return 0.0
-        ordered = sorted(w for _, w in self._samples)
-        rank = (len(ordered) - 1) * self.percentile / 100.0
-        low, high = math.floor(rank), math.ceil(rank)
-        return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

@@ -15,19 +15,28 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
-from carbond.attribution import IdleBaseline, follow_split, split_energy
+from carbond.attribution import (
+    Attribution,
+    ConsumerEnergy,
+    GpuWeights,
+    Policy,
+    TickInput,
+    attribute,
+)
 from carbond.carbon import IntensityFeed, grams
 from carbond.carbon.model import Intensity
 from carbond.cardinality import ConsumerSeries
 from carbond.config import Config
-from carbond.consumers import OTHER, Consumer
+from carbond.consumers import Consumer
 from carbond.energy import DeviceDelta, DeviceTotals, Histogram, series
-from carbond.meters.base import Meter, MeterReading
+from carbond.idle import IdleBaseline
+from carbond.meters.base import Meter
 from carbond.meters.nvml import NvmlMeter
+from carbond.meters.rapl import RaplMeter
 from carbond.snapshot import GpuLabel, Snapshot
 from carbond.systemd import notify
 from carbond.workloads.cpu import CpuUsageCollector
@@ -35,14 +44,6 @@ from carbond.workloads.gpu import GpuUsageTracker, PidConsumers, consumer_weight
 from carbond.workloads.naming import CgroupNamer
 
 log = logging.getLogger(__name__)
-
-ConsumerEnergy = dict[Consumer, dict[str, float]]
-
-
-def _add(energy: ConsumerEnergy, split: Mapping[Consumer, float], component: str) -> None:
-    for consumer, joules in split.items():
-        parts = energy.setdefault(consumer, {})
-        parts[component] = parts.get(component, 0.0) + joules
 
 
 @dataclass
@@ -54,7 +55,13 @@ class Counters:
     host_grams: float = 0.0
 
 
+IDLE_STATE_FILE = "idle-baseline.json"
+PERSIST_SECONDS = 300.0
+
+
 class Daemon:
+    """Measures, calls `attribution.attribute`, converts to CO2e and publishes a Snapshot."""
+
     def __init__(
         self,
         config: Config,
@@ -63,17 +70,24 @@ class Daemon:
         feed: IntensityFeed | None = None,
         namer: CgroupNamer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.meters = meters
         self.cpu_usage = cpu_usage
         self.feed = feed
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._policy = Policy(config.idle_policy, config.model_enabled)
         self._totals = DeviceTotals()
         self._histogram = Histogram()
         self._counters = Counters()
-        self._cpu_idle = IdleBaseline(config.idle_watts_cpu)
+        self._idle_state = os.path.join(config.state_dir, IDLE_STATE_FILE)
+        self._cpu_idle = IdleBaseline.load(self._idle_state, wall_clock(), clock(),
+                                           fixed_watts=config.idle_watts_cpu)
+        self._vcpus = os.cpu_count() or 1
         self._series = ConsumerSeries(config.max_consumers, clock=clock)
+        self._rapl = [m for m in meters if isinstance(m, RaplMeter)]
         self._nvml = next((m for m in meters if isinstance(m, NvmlMeter)), None)
         self._gpu_usage = GpuUsageTracker(self._nvml) if self._nvml else None
         namer = namer or CgroupNamer(config.rules)
@@ -84,7 +98,7 @@ class Daemon:
         self._snapshot = Snapshot(pue=config.pue)
         # Baselines, so the first tick already has deltas.
         for meter in meters:
-            self._account(meter, meter.read(), used=False)
+            self._totals.deltas(meter.read().devices)
         if cpu_usage:
             cpu_usage.tick()
         if self._gpu_usage:
@@ -93,46 +107,51 @@ class Daemon:
     def latest(self) -> Snapshot:
         return self._snapshot
 
-    def _model_in_use(self, readings: dict[str, MeterReading]) -> bool:
-        if self.config.model_enabled == "on":
-            return True
-        rapl = readings.get("rapl")
-        return rapl is None or not rapl.devices
+    def _gpu_weights(self) -> dict[str, GpuWeights]:
+        """Each GPU's pid weights, named as consumers (the only I/O: /proc/PID/cgroup)."""
+        if not self._gpu_usage:
+            return {}
+        usage = self._gpu_usage.sample()
+        to_consumer = self._pid_to_consumer
+        weights = {
+            device: GpuWeights(consumer_weights(u.sm, to_consumer),
+                               consumer_weights(u.memory, to_consumer))
+            for device, u in usage.items()
+        }
+        to_consumer.retain(set().union(*(u.pids for u in usage.values())))
+        return weights
 
-    def _account(self, meter: Meter, reading: MeterReading, used: bool) -> list[DeviceDelta]:
-        for device, wraps in reading.wraps.items():
-            self._counters.wraps[device] = self._counters.wraps.get(device, 0) + wraps
-        return self._totals.update(reading.devices, used=used)
-
-    def _attribute(self, deltas: list[DeviceDelta], seconds: float, now: float) -> ConsumerEnergy:
-        """Host energy of this tick to consumers; sums to the attributed host energy."""
-        energy: ConsumerEnergy = {}
-        cpu_joules = math.fsum(d.joules for d in deltas if d.component == "cpu")
-        dram_joules = math.fsum(d.joules for d in deltas if d.component == "dram")
-        usage: dict[Consumer, float] = {}
-        if self.cpu_usage:
-            cpu = self.cpu_usage.tick()
-            usage = cpu.usage
+    def tick(self) -> Snapshot:
+        started = self._clock()
+        seconds, self._last_tick = started - self._last_tick, started
+        deltas: list[DeviceDelta] = []
+        complete = True  # every device read: a partial tick would teach the baseline a low
+        for meter in self.meters:
+            reading = meter.read()
+            complete = complete and not reading.errors
+            for device, wraps in reading.wraps.items():
+                self._counters.wraps[device] = self._counters.wraps.get(device, 0) + wraps
+            deltas += self._totals.deltas(reading.devices)
+        cpu = self.cpu_usage.tick() if self.cpu_usage else None
+        if cpu:
             self._counters.exited_tasks += cpu.exited_tasks
-        if seconds > 0:
-            self._cpu_idle.observe(cpu_joules / seconds, now)
-        cpu_split = split_energy(cpu_joules, seconds, self._cpu_idle.watts(),
-                                 self.config.idle_policy, usage or {OTHER: 1.0})
-        _add(energy, cpu_split, "cpu")
-        _add(energy, follow_split(dram_joules, cpu_split), "dram")
-        gpu_usage = self._gpu_usage.sample() if self._gpu_usage else {}
-        for delta in deltas:
-            if delta.component != "gpu":
-                continue
-            weights = {}
-            if delta.device in gpu_usage:
-                weights = consumer_weights(gpu_usage[delta.device], self._pid_to_consumer)
-            idle_watts = self.config.idle_watts_gpu or 0.0
-            _add(energy, split_energy(delta.joules, seconds, idle_watts,
-                                      self.config.idle_policy, weights), "gpu")
-        if self._gpu_usage:
-            self._pid_to_consumer.retain({pid for u in gpu_usage.values() for pid in u.weights})
-        return energy
+        measured = frozenset().union(*(meter.components() for meter in self._rapl))
+        result = attribute(
+            TickInput(seconds, deltas, cpu.usage if cpu else None, self._gpu_weights(),
+                      measured, self._cpu_idle.watts(), self.config.idle_watts_gpu or 0.0),
+            self._policy,
+        )
+        self._totals.add(result.counted)
+        if cpu and seconds > 0 and complete and result.cpu_joules > 0:
+            used = math.fsum(cpu.usage.values()) / (self._vcpus * seconds)
+            self._cpu_idle.observe(result.cpu_joules / seconds, min(1.0, used), started)
+        intensity = self.feed.current() if self.feed else None  # the value valid for this tick
+        consumer_grams, host_grams = self._emissions(result.energy, intensity)
+        self._counters.host_grams += host_grams
+        self._series.update(result.energy, seconds, consumer_grams)
+        self._histogram.observe(self._clock() - started)
+        self._snapshot = self._publish(result, seconds, intensity)
+        return self._snapshot
 
     def _emissions(
         self, energy: ConsumerEnergy, intensity: Intensity | None
@@ -145,35 +164,21 @@ class Daemon:
         }
         return per_consumer, math.fsum(per_consumer.values())
 
-    def tick(self) -> Snapshot:
-        started = self._clock()
-        seconds, self._last_tick = started - self._last_tick, started
-        readings = {meter.name: meter.read() for meter in self.meters}
-        use_model = self._model_in_use(readings)
-        deltas: list[DeviceDelta] = []
-        for meter in self.meters:
-            deltas += self._account(meter, readings[meter.name], meter.name != "model" or use_model)
-        energy = self._attribute(deltas, seconds, started)
-        intensity = self.feed.current() if self.feed else None  # the value valid for this tick
-        consumer_grams, host_grams = self._emissions(energy, intensity)
-        self._counters.host_grams += host_grams
-        self._series.update(energy, seconds, consumer_grams)
-        self._histogram.observe(self._clock() - started)
-        self._snapshot = self._publish(deltas, seconds, intensity)
-        return self._snapshot
-
     def _publish(
-        self, deltas: list[DeviceDelta], seconds: float, intensity: Intensity | None
+        self, result: Attribution, seconds: float, intensity: Intensity | None
     ) -> Snapshot:
         errors = {meter.name: meter.errors_total for meter in self.meters}
+        up = {meter.name: meter.up() for meter in self.meters}
+        if "model" in up:  # the model is up when it stands in, not merely when it can
+            up["model"] = result.model_used
         gpus: tuple[GpuLabel, ...] = ()
         if self._nvml:
             gpus = tuple(GpuLabel(g.device, g.uuid, g.name) for g in self._nvml.gpus() if g.uuid)
             if self._gpu_usage:  # failed usage queries count with the meter's failed reads
                 errors["nvml"] = errors.get("nvml", 0) + self._gpu_usage.errors
         return Snapshot(
-            devices=tuple(series(self._totals, deltas, seconds)),
-            meters_up={meter.name: meter.up() for meter in self.meters},
+            devices=tuple(series(self._totals, list(result.counted), seconds)),
+            meters_up=up,
             meter_errors_total=errors,
             counter_wraps_total=dict(self._counters.wraps),
             tick_buckets=tuple(self._histogram.cumulative()),
@@ -189,10 +194,28 @@ class Daemon:
             gpus=gpus,
         )
 
+    def persist(self) -> None:
+        """State that must survive a restart; written off the tick path and at shutdown."""
+        try:
+            self._cpu_idle.save(self._idle_state, self._wall_clock(), self._clock())
+        except OSError as exc:
+            log.warning("cannot save the idle baseline to %s: %s", self._idle_state,
+                        exc.strerror or exc)
+
+    def _persist_until(self, stop: threading.Event) -> None:
+        while not stop.wait(PERSIST_SECONDS):
+            try:
+                self.persist()
+            except Exception:  # a bug here must not end this thread
+                log.exception("saving state to %s failed", self.config.state_dir)
+
     def run(self, stop: threading.Event) -> None:
         """Tick on a fixed cadence until `stop` is set; overruns skip, never pile up."""
         interval = self.config.interval_seconds
         deadline = self._clock() + interval
+        persister = threading.Thread(target=self._persist_until, args=(stop,),
+                                     name="carbond-persist", daemon=True)
+        persister.start()
         notify("READY=1")
         while not stop.wait(max(0.0, deadline - self._clock())):
             try:
@@ -207,6 +230,7 @@ class Daemon:
         notify("STOPPING=1")
 
     def close(self) -> None:
+        self.persist()
         if self.feed:
             self.feed.stop()
         if self.cpu_usage:

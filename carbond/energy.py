@@ -34,31 +34,31 @@ class DeviceSeries:
 
 
 class DeviceTotals:
-    """Exported host counters: the sum of the deltas actually used, per series."""
+    """Exported host counters: the sum of the deltas counted as host energy, per series."""
 
     def __init__(self) -> None:
         self._last_cumulative: dict[SeriesKey, float] = {}
         self.joules_total: dict[SeriesKey, float] = {}
 
-    def update(self, readings: Iterable[DeviceEnergy], used: bool = True) -> list[DeviceDelta]:
-        """Deltas since each device's previous reading; a first sighting is a baseline.
+    def deltas(self, readings: Iterable[DeviceEnergy]) -> list[DeviceDelta]:
+        """Energy since each device's previous reading; a first sighting is 0 J (a baseline).
 
-        With used=False the baseline moves but nothing is added, so a meter that only stands
-        in now and then (the model) never exports energy from ticks it did not stand in for.
+        Every reading moves its baseline, counted or not, so a meter that only stands in now
+        and then (the model) never brings energy from ticks it did not stand in for.
         """
         deltas = []
         for energy in readings:
             key = (energy.component, energy.device, energy.source)
             previous = self._last_cumulative.get(key)
             self._last_cumulative[key] = energy.joules
-            if previous is None or not used:
-                if used:
-                    self.joules_total.setdefault(key, 0.0)
-                continue
-            joules = max(0.0, energy.joules - previous)
-            self.joules_total[key] = self.joules_total.get(key, 0.0) + joules
+            joules = 0.0 if previous is None else max(0.0, energy.joules - previous)
             deltas.append(DeviceDelta(*key, joules))
         return deltas
+
+    def add(self, counted: Iterable[DeviceDelta]) -> None:
+        for delta in counted:
+            key = (delta.component, delta.device, delta.source)
+            self.joules_total[key] = self.joules_total.get(key, 0.0) + delta.joules
 
 
 def series(totals: DeviceTotals, deltas: list[DeviceDelta], seconds: float) -> list[DeviceSeries]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 
 INTEL_PACKAGE_RANGE_UJ = 262_143_328_850
@@ -125,3 +127,31 @@ def laptop(root: str) -> FakePowercap:
 
 def empty(root: str) -> FakePowercap:
     return FakePowercap(root)
+
+
+class ConstantPower:
+    """Advances a package and a DRAM zone in real time, like hardware at constant power."""
+
+    def __init__(self, root: str, package_watts: float = 40.0, dram_watts: float = 5.0) -> None:
+        tree = FakePowercap(root)
+        self.package_watts, self.dram_watts = package_watts, dram_watts
+        self.package = tree.add("intel-rapl:0", "package-0")
+        self.dram = tree.add("intel-rapl:0:0", "dram", INTEL_DRAM_RANGE_UJ)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            self.package.advance_uj(round(self.package_watts * (now - last) * 1e6))
+            self.dram.advance_uj(round(self.dram_watts * (now - last) * 1e6))
+            last = now
+
+    def __enter__(self) -> ConstantPower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,4 +1,4 @@
-"""Pure attribution: conservation, non-negativity, monotone in share; the idle baseline."""
+"""Pure attribution: the whole tick (`attribute`) and its per-device split."""
 
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carbond.attribution import IdleBaseline, cpu_share, follow_split, split_energy
-from carbond.consumers import IDLE, Consumer
+from carbond.attribution import (
+    GpuWeights,
+    Policy,
+    TickInput,
+    attribute,
+    counted_devices,
+    follow_split,
+    split_energy,
+)
+from carbond.consumers import IDLE, OTHER, Consumer
+from carbond.energy import DeviceDelta
 
 A, B, C = Consumer("unit", "a.service"), Consumer("unit", "b.service"), Consumer("user", "ada")
 
@@ -94,34 +103,143 @@ def test_bad_arguments() -> None:
         split_energy(1.0, 1.0, -1.0, "separate", {})
 
 
-def test_cpu_share() -> None:
-    assert cpu_share({A: 3.0, B: 1.0}) == {A: 0.75, B: 0.25}
-    assert cpu_share({A: 0.0}) == {}
+# ---- the whole tick ------------------------------------------------------------------------
+
+def rapl(device: str, component: str, joules: float) -> DeviceDelta:
+    return DeviceDelta(component, device, "rapl", joules)
 
 
-def test_idle_baseline_fixed_and_zero() -> None:
-    assert IdleBaseline(fixed_watts=0.0).watts() == 0.0
-    fixed = IdleBaseline(fixed_watts=12.5)
-    fixed.observe(300.0, 0.0)
-    assert fixed.watts() == 12.5
+def model(component: str, joules: float) -> DeviceDelta:
+    return DeviceDelta(component, component, "model", joules)
+
+
+def gpu(index: int, joules: float) -> DeviceDelta:
+    return DeviceDelta("gpu", f"gpu-{index}", "nvml", joules)
+
+
+def consumer_total(result, component: str | None = None) -> float:
+    return math.fsum(j for parts in result.energy.values() for c, j in parts.items()
+                     if component is None or c == component)
+
+
+devices = st.lists(
+    st.one_of(
+        st.builds(rapl, st.sampled_from(["package-0", "package-1"]), st.just("cpu"), energy),
+        st.builds(rapl, st.sampled_from(["dram-0", "dram-1"]), st.just("dram"), energy),
+        st.builds(rapl, st.just("psys"), st.just("platform"), energy),
+        st.builds(model, st.sampled_from(["cpu", "dram"]), energy),
+        st.builds(gpu, st.integers(0, 3), energy),
+    ),
+    max_size=10,
+)
+components = st.frozensets(st.sampled_from(["cpu", "dram"]))
+gpu_weights = st.dictionaries(
+    st.sampled_from([f"gpu-{i}" for i in range(4)]), st.builds(GpuWeights, usage, usage),
+    max_size=4)
+
+
+@settings(max_examples=400)
+@given(devices, seconds, usage | st.none(), gpu_weights, components, watts, watts, policy,
+       st.sampled_from(["off", "auto", "on"]))
+def test_attribute_conserves_host_energy(deltas, dt, cpu, gpus, measured, cpu_idle, gpu_idle,
+                                         pol, mode) -> None:
+    result = attribute(TickInput(dt, deltas, cpu, gpus, measured, cpu_idle, gpu_idle),
+                       Policy(pol, mode))
+    assert close(consumer_total(result), result.host_joules)
+    assert all(j >= 0 for parts in result.energy.values() for j in parts.values())
+    assert "platform" not in {c for parts in result.energy.values() for c in parts}
+    for component in ("cpu", "dram", "gpu"):
+        counted = math.fsum(d.joules for d in result.counted if d.component == component)
+        assert close(consumer_total(result, component), counted)
+    for delta in result.counted:  # the model never adds to a measured component
+        assert delta.source != "model" or delta.component not in measured
+    if mode == "off":
+        assert not result.model_used
+
+
+def test_model_on_never_adds_to_measured_rapl() -> None:
+    """Issue 10: with meters.model.enabled on, 100 J of RAPL came out as 103 J."""
+    deltas = [rapl("package-0", "cpu", 100.0), model("cpu", 3.0), model("dram", 1.5)]
+    usage_seconds = {A: 1.0, B: 1.0}
+    for mode in ("auto", "on"):
+        result = attribute(TickInput(1.0, deltas, usage_seconds, measured=frozenset({"cpu"})),
+                           Policy(model=mode))
+        assert consumer_total(result, "cpu") == pytest.approx(100.0, rel=1e-12)
+    # DRAM is not measured here: `on` lets the model stand in for it, `auto` does not.
+    on = attribute(TickInput(1.0, deltas, usage_seconds, measured=frozenset({"cpu"})),
+                   Policy(model="on"))
+    auto = attribute(TickInput(1.0, deltas, usage_seconds, measured=frozenset({"cpu"})),
+                     Policy(model="auto"))
+    assert consumer_total(on, "dram") == pytest.approx(1.5)
+    assert consumer_total(auto, "dram") == 0.0
+    assert on.model_used and not auto.model_used
+
+
+def test_model_stands_in_without_rapl_and_never_when_off() -> None:
+    deltas = [model("cpu", 3.0), model("dram", 1.0)]
+    for mode in ("auto", "on"):
+        result = attribute(TickInput(1.0, deltas, {A: 1.0}), Policy(model=mode))
+        assert result.host_joules == pytest.approx(4.0) and result.model_used
+    assert attribute(TickInput(1.0, deltas, {A: 1.0}), Policy(model="off")).host_joules == 0.0
+
+
+def test_a_failed_rapl_read_does_not_let_the_model_in() -> None:
+    """A zone read that failed this tick is still measured: its energy comes with the next
+    read, so counting the model meanwhile would count that interval twice."""
+    counted = counted_devices([model("cpu", 3.0)], frozenset({"cpu", "dram"}), "on")
+    assert counted == ()
+
+
+def test_psys_is_exported_but_never_attributed() -> None:
+    deltas = [rapl("package-0", "cpu", 40.0), rapl("dram-0", "dram", 5.0),
+              rapl("psys", "platform", 60.0)]
+    result = attribute(TickInput(1.0, deltas, {A: 1.0}, measured=frozenset({"cpu", "dram"})),
+                       Policy())
+    assert result.host_joules == pytest.approx(45.0)
+    assert consumer_total(result) == pytest.approx(45.0)
+    assert any(d.device == "psys" for d in result.counted)
+
+
+def test_dram_follows_the_cpu_split_with_idle() -> None:
+    deltas = [rapl("package-0", "cpu", 100.0), rapl("dram-0", "dram", 10.0)]
+    result = attribute(TickInput(5.0, deltas, {A: 3.0, B: 1.0}, measured=frozenset({"cpu"}),
+                                 cpu_idle_watts=8.0), Policy())
+    assert result.energy[IDLE]["cpu"] == pytest.approx(40.0)
+    assert result.energy[A]["cpu"] == pytest.approx(45.0)
+    assert result.energy[IDLE]["dram"] == pytest.approx(4.0)
+    assert result.energy[A]["dram"] == pytest.approx(4.5)
+    assert result.energy[B]["dram"] == pytest.approx(1.5)
+
+
+def test_no_cpu_usage_source_gives_dynamic_energy_to_other() -> None:
+    result = attribute(TickInput(1.0, [rapl("package-0", "cpu", 30.0)], None,
+                                 measured=frozenset({"cpu"}), cpu_idle_watts=10.0), Policy())
+    assert result.energy[OTHER]["cpu"] == pytest.approx(20.0)
+    assert result.energy[IDLE]["cpu"] == pytest.approx(10.0)
+
+
+def test_gpu_split_by_sm_then_memory_then_idle() -> None:
+    deltas = [gpu(0, 100.0), gpu(1, 50.0), gpu(2, 10.0), gpu(3, 7.0)]
+    gpus = {
+        "gpu-0": GpuWeights(sm={A: 75 * 30, B: 25 * 30}, memory={A: 1.0, B: 9.0}),
+        "gpu-1": GpuWeights(sm={A: 0.0}, memory={A: 1.0, B: 4.0}),  # no samples: memory
+        "gpu-2": GpuWeights(),  # no processes: idle
+    }  # gpu-3 has no usage at all (query failed): idle
+    result = attribute(TickInput(1.0, deltas, {}, gpus), Policy())
+    assert result.energy[A]["gpu"] == pytest.approx(75.0 + 10.0)
+    assert result.energy[B]["gpu"] == pytest.approx(25.0 + 40.0)
+    assert result.energy[IDLE]["gpu"] == pytest.approx(17.0)
+
+
+def test_gpu_idle_baseline_applies_per_gpu() -> None:
+    result = attribute(TickInput(2.0, [gpu(0, 100.0)], {}, {"gpu-0": GpuWeights(sm={A: 1.0})},
+                                 gpu_idle_watts=20.0), Policy())
+    assert result.energy[IDLE]["gpu"] == pytest.approx(40.0)
+    assert result.energy[A]["gpu"] == pytest.approx(60.0)
+
+
+def test_bad_policy() -> None:
     with pytest.raises(ValueError):
-        IdleBaseline(fixed_watts=-1)
-
-
-def test_idle_baseline_learns_low_percentile_over_window() -> None:
-    base = IdleBaseline(percentile=5.0, window_seconds=100.0, min_samples=5, max_samples=1000)
-    assert base.watts() == 0.0
-    for i in range(100):  # 20 W floor with bursts up to 120 W
-        base.observe(20.0 + (i % 10) * 10.0, float(i))
-    assert base.watts() == pytest.approx(20.0)
-    for i in range(100, 300):  # the machine got busier: the old floor leaves the window
-        base.observe(60.0 + (i % 10) * 10.0, float(i))
-    assert base.watts() == pytest.approx(60.0)
-    assert len(base._samples) <= 101
-
-
-def test_idle_baseline_memory_bounded() -> None:
-    base = IdleBaseline(window_seconds=1e9, max_samples=50, min_samples=1)
-    for i in range(10_000):
-        base.observe(float(i), float(i))
-    assert len(base._samples) == 50
+        Policy(idle="greedy")
+    with pytest.raises(ValueError):
+        Policy(model="sometimes")

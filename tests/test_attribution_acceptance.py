@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from carbond.attribution import follow_split, split_energy
+from carbond.attribution import Policy, TickInput, attribute
 from carbond.cardinality import ConsumerSeries
 from carbond.consumers import IDLE, Consumer
+from carbond.energy import DeviceTotals
 from carbond.meters.rapl import RaplMeter
 from carbond.workloads.cgroups import CgroupReader, cgroup_root
 from carbond.workloads.cpu import CpuUsageCollector
@@ -41,10 +42,8 @@ def test_two_units_three_to_one(tree: TestTree, tmp_path) -> None:
     collector = CpuUsageCollector(CgroupReader(cgroup_root(tree.root), CgroupNamer()))
     series = ConsumerSeries(max_consumers=10)
 
-    def energy(reading) -> dict[str, float]:
-        return {d.component: d.joules for d in reading.devices}
-
-    last = energy(meter.read())
+    totals = DeviceTotals()
+    totals.deltas(meter.read().devices)
     assert collector.tick().baseline
     k0 = {n: tree.usage_seconds(f"system.slice/{n}.service") for n in "ab"}
     started = time.monotonic()
@@ -54,22 +53,24 @@ def test_two_units_three_to_one(tree: TestTree, tmp_path) -> None:
     dram.advance_uj(round(DRAM_WATTS * dt * 1e6))
     usage = collector.tick()
     k1 = {n: tree.usage_seconds(f"system.slice/{n}.service") for n in "ab"}
-    now = energy(meter.read())
-    host_cpu, host_dram = now["cpu"] - last["cpu"], now["dram"] - last["dram"]
+    deltas = totals.deltas(meter.read().devices)
 
-    cpu = split_energy(host_cpu, dt, IDLE_WATTS, "separate", usage.usage)
-    mem = follow_split(host_dram, cpu)
+    result = attribute(TickInput(dt, deltas, usage.usage, measured=meter.components(),
+                                 cpu_idle_watts=IDLE_WATTS), Policy())
+    cpu = {c: parts.get("cpu", 0.0) for c, parts in result.energy.items()}
+    mem = {c: parts.get("dram", 0.0) for c, parts in result.energy.items()}
     a, b = Consumer("unit", "a.service"), Consumer("unit", "b.service")
 
     kernel_ratio = (k1["a"] - k0["a"]) / (k1["b"] - k0["b"])
     assert 2.0 < kernel_ratio < 4.5  # the burners did run at about 3:1
     assert cpu[a] / cpu[b] == pytest.approx(kernel_ratio, rel=0.03)
-    assert math.fsum(cpu.values()) == pytest.approx(host_cpu, rel=1e-3)
-    assert math.fsum(mem.values()) == pytest.approx(host_dram, rel=1e-3)
-    assert math.isclose(math.fsum(cpu.values()), host_cpu, rel_tol=1e-9)  # in fact exact
+    assert math.fsum(cpu.values()) == pytest.approx(PACKAGE_WATTS * dt, rel=1e-3)
+    assert math.fsum(mem.values()) == pytest.approx(DRAM_WATTS * dt, rel=1e-3)
+    assert math.isclose(math.fsum(cpu.values()) + math.fsum(mem.values()), result.host_joules,
+                        rel_tol=1e-9)  # in fact exact
     assert cpu[IDLE] == pytest.approx(IDLE_WATTS * dt, rel=1e-9)
 
-    series.update({c: {"cpu": cpu[c], "dram": mem[c]} for c in cpu}, dt)
+    series.update(result.energy, dt)
     exported = {(s.consumer.kind, s.consumer.name, s.component) for s in series.samples()}
     for name in ("a.service", "b.service"):
         assert ("unit", name, "cpu") in exported and ("unit", name, "dram") in exported

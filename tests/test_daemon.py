@@ -174,3 +174,52 @@ def test_check_explains_permission_denied_as_non_root():
     assert result.returncode == 1  # no meter works: RAPL denied, model has no /proc
     assert "permission denied" in result.stdout
     assert "CAP_DAC_READ_SEARCH" in result.stdout
+
+
+def consumer_energy(samples, component: str) -> float:
+    return total(samples, "carbond_consumer_energy_joules_total", component=component)
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_model_never_adds_to_a_measured_device(tmp_path, mode):
+    """Issue 10: with `meters.model.enabled: on` 100 J of RAPL came out as 103 J of consumer
+    CPU energy. RAPL measures the package here (no DRAM zone, as on many AMD hosts): CPU energy
+    is RAPL's alone; `on` lets the model stand in for the DRAM that nothing measures."""
+    tree = powercap.FakePowercap(str(tmp_path / "powercap"))
+    package = tree.add("intel-rapl:0", "package-0")
+    config = tmp_path / "carbond.yaml"
+    config.write_text(f"meters: {{model: {{enabled: {mode}}}}}\n")
+    with carbond_run("--config", str(config), "--powercap-root", str(tmp_path / "powercap"),
+                     "--state-dir", str(tmp_path / "state"), "--interval", "1s") as daemon:
+        before = daemon.wait_ticks(1)
+        package.advance_uj(100_000_000)
+        after = daemon.wait_ticks(2)
+
+    def grew(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert grew(HOST_ENERGY, component="cpu") == pytest.approx(100.0, abs=1e-6)
+    assert grew(HOST_ENERGY, component="cpu", source="model") == 0.0
+    assert consumer_energy(after, "cpu") == pytest.approx(
+        total(after, HOST_ENERGY, component="cpu"), rel=1e-9)
+    model_dram = select(after, HOST_ENERGY, component="dram", source="model")
+    assert consumer_energy(after, "dram") == pytest.approx(sum(model_dram.values()), rel=1e-9)
+    in_use = total(after, "carbond_meter_up", meter="model")
+    if mode == "on":
+        assert model_dram and in_use == 1
+    else:
+        assert not model_dram and in_use == 0
+    assert total(after, "carbond_meter_up", meter="rapl") == 1
+
+
+def test_model_is_up_when_it_stands_in_for_missing_rapl(tmp_path):
+    powercap.empty(str(tmp_path / "powercap"))
+    with carbond_run("--powercap-root", str(tmp_path / "powercap"), "--state-dir",
+                     str(tmp_path / "state"), "--interval", "1s") as daemon:
+        samples = daemon.wait_ticks(2)
+    assert total(samples, "carbond_meter_up", meter="model") == 1
+    assert total(samples, "carbond_meter_up", meter="rapl") == 0
+    model = total(samples, HOST_ENERGY, source="model")
+    assert model > 0
+    assert total(samples, "carbond_consumer_energy_joules_total") == pytest.approx(model,
+                                                                                   rel=1e-9)

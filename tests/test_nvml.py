@@ -163,7 +163,7 @@ def test_samples_counted_once_per_interval(fake_lib: Path, scenario_path: Path) 
         # nothing new: no samples (NotFound) -> memory share of the running process
         assert drv.call("usage")["gpu-0"] == {
             "basis": "memory", "weights": {"3999999001": float(GIB)}, "gpu_instances": {},
-            "by_instance": {}, "consumers": {"other:other": float(GIB)}, "error": ""}
+            "consumers": {"other:other": float(GIB)}, "error": ""}
         sc.samples.append(FakeSample(0, 3_999_999_001, T0_US + 9_000_000, 10))
         sc.write(scenario_path)
         assert drv.call("usage")["gpu-0"]["weights"] == {"3999999001": 10.0}
@@ -334,7 +334,8 @@ def test_mig_instances_share_parent_energy(fake_lib: Path, scenario_path: Path) 
             (0, "MIG-aaaa", 1), (2, "MIG-bbbb", 2)]
         usage = drv.call("usage")["gpu-0"]
         assert usage["basis"] == "memory"
-        assert usage["by_instance"] == {"1": 2.0 * GIB, "2": 6.0 * GIB}
+        assert usage["weights"] == {"5001": 2.0 * GIB, "5002": 6.0 * GIB}
+        assert usage["gpu_instances"] == {"5001": 1, "5002": 2}
         assert "MIG enabled (2 instance(s))" in drv.call("report")[1][1]
 
 

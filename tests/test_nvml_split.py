@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from carbond.attribution import split_energy
+from carbond.attribution import GpuWeights, Policy, TickInput, attribute
 from carbond.consumers import IDLE, OTHER, Consumer
+from carbond.energy import DeviceDelta
 from carbond.workloads.gpu import (
-    GpuUsage,
     PidConsumers,
     consumer_weights,
     memory_weights,
@@ -24,9 +24,11 @@ from tests.cgroup_helpers import TestTree, available
 
 
 def split_gpu_energy(joules: float, weights: dict[Consumer, float]) -> dict[Consumer, float]:
-    """The daemon's GPU split (no idle baseline configured), without the zero entries."""
-    split = split_energy(joules, 1.0, 0.0, "separate", weights)
-    return {consumer: value for consumer, value in split.items() if value > 0}
+    """One GPU's tick through `attribute` (no idle baseline configured), zero entries left out."""
+    tick = TickInput(1.0, [DeviceDelta("gpu", "gpu-0", "nvml", joules)], {},
+                     {"gpu-0": GpuWeights(sm=weights)})
+    split = attribute(tick, Policy()).energy
+    return {consumer: parts["gpu"] for consumer, parts in split.items() if parts.get("gpu")}
 
 
 consumers = st.builds(Consumer, st.sampled_from(["unit", "job", "container"]),
@@ -96,8 +98,8 @@ def test_consumer_weights_merge_pids_of_one_consumer(tmp_path: Path) -> None:
     write_cgroup(tmp_path, 11, "0::/job/a\n")
     write_cgroup(tmp_path, 12, "0::/job/b\n")
     to_consumer = PidConsumers(lambda path: Consumer("cgroup", path), "/", tmp_path)
-    usage = GpuUsage("gpu-0", "sm", {10: 30.0, 11: 20.0, 12: 50.0, 13: 5.0})
-    assert consumer_weights(usage, to_consumer) == {
+    pid_weights = {10: 30.0, 11: 20.0, 12: 50.0, 13: 5.0}
+    assert consumer_weights(pid_weights, to_consumer) == {
         Consumer("cgroup", "job/a"): 50.0, Consumer("cgroup", "job/b"): 50.0, OTHER: 5.0}
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from importlib.resources import files
 from typing import Any
@@ -16,36 +15,7 @@ import pytest
 from tests.cgroup_helpers import TestTree
 from tests.fakes.intensity_server import EM_TOKEN, FakeIntensityServer, iso
 from tests.helpers import Carbond, Samples, carbond_run, select, total
-from tests.powercap import INTEL_DRAM_RANGE_UJ, FakePowercap
-
-PACKAGE_WATTS, DRAM_WATTS = 40.0, 5.0
-
-
-class ConstantPower:
-    """Advances a package and a DRAM zone in real time, like hardware at constant power."""
-
-    def __init__(self, root: str) -> None:
-        tree = FakePowercap(root)
-        self.package = tree.add("intel-rapl:0", "package-0")
-        self.dram = tree.add("intel-rapl:0:0", "dram", INTEL_DRAM_RANGE_UJ)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(0.05):
-            now = time.monotonic()
-            self.package.advance_uj(round(PACKAGE_WATTS * (now - last) * 1e6))
-            self.dram.advance_uj(round(DRAM_WATTS * (now - last) * 1e6))
-            last = now
-
-    def __enter__(self) -> ConstantPower:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+from tests.powercap import ConstantPower
 
 
 def consumer_joules(samples: Samples, name: str, component: str = "cpu") -> float:

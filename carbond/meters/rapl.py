@@ -180,6 +180,15 @@ class RaplMeter:
     def up(self) -> bool:
         return self._up
 
+    def components(self) -> frozenset[str]:
+        """What the counters measure on this host: components of zones that are present and
+        have given a reading. A read that fails now and then does not drop a component (the
+        next read brings the missed energy), so the model never stands in for it meanwhile."""
+        return frozenset(
+            zone.component for zone in self._counted
+            if self._counters[zone.device].last_raw is not None
+        )
+
     def report(self) -> list[DeviceReport]:
         if not self._zones:
             return [DeviceReport("-", f"no powercap zones under {self.root}", False)]

@@ -1,14 +1,12 @@
-"""Who used each GPU during an interval, and how a GPU's energy is split between them.
+"""Who used each GPU during an interval, per pid, as NVML reports it.
 
 Per GPU, NVML's process utilisation samples newer than the last timestamp seen on that GPU give
 each pid's SM utilisation; summed over the interval's samples they weigh the pids by
-utilisation x time. Where there are no samples (nothing ran a kernel, MIG mode, vGPU), the
-running processes' used memory weighs them instead, because holding GPU memory still keeps the
-GPU busy for that workload. No processes at all: the GPU's energy is idle.
+utilisation x time. The running processes' used memory is read too: where there are no samples
+(nothing ran a kernel, MIG mode, vGPU) `attribution.attribute` splits by memory instead.
 
 MIG has no per-instance energy counter, so the parent GPU's energy is split across the pids of
-all its instances; `GpuUsage.gpu_instances` says which instance each pid runs in, and
-`GpuUsage.by_instance()` gives the instances' shares.
+all its instances; `GpuUsage.gpu_instances` says which instance each pid runs in.
 
 NVML reports host pids; they map to cgroups through /proc/PID/cgroup under `proc_root`.
 """
@@ -17,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
@@ -34,8 +32,6 @@ from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fsty
 
 log = logging.getLogger(__name__)
 
-BASIS_SM = "sm"
-BASIS_MEMORY = "memory"
 NO_GPU_INSTANCE = 0xFFFFFFFF  # NVML's "not a MIG process" instance id
 CGROUP_FILE_BYTES = 65536  # /proc/PID/cgroup: one line per hierarchy, paths up to PATH_MAX
 
@@ -54,19 +50,14 @@ class GpuUsage:
     """One GPU's usage over the interval since the previous `GpuUsageTracker.sample()`."""
 
     device: str  # "gpu-N"
-    basis: str | None  # "sm", "memory", or None (nothing ran: all idle)
-    weights: dict[int, float]  # pid -> summed smUtil (basis sm) or used bytes (basis memory)
+    sm: dict[int, float] = field(default_factory=dict)  # pid -> summed smUtil of the samples
+    memory: dict[int, float] = field(default_factory=dict)  # pid -> used bytes, running now
     gpu_instances: dict[int, int] = field(default_factory=dict)  # pid -> MIG GPU instance id
     error: str = ""  # why usage could not be read, if it could not
 
-    def by_instance(self) -> dict[int, float]:
-        """MIG GPU instance id -> summed weight of its pids (pids outside MIG left out)."""
-        shares: dict[int, float] = {}
-        for pid, weight in self.weights.items():
-            instance = self.gpu_instances.get(pid)
-            if instance is not None:
-                shares[instance] = shares.get(instance, 0.0) + weight
-        return shares
+    @property
+    def pids(self) -> set[int]:
+        return set(self.sm) | set(self.memory)
 
 
 class GpuUsageTracker:
@@ -101,17 +92,13 @@ class GpuUsageTracker:
         else:
             process_error = ""
         instances = {pid: gi for pid, _mem, gi in processes if gi != NO_GPU_INSTANCE}
+        memory = memory_weights(processes)
         try:
             sm = self._sm_weights(device, handle)
         except Exception as exc:
             self.errors += 1
-            return GpuUsage(device, None, {}, instances, f"utilisation: {describe(exc)}")
-        if sm:
-            return GpuUsage(device, BASIS_SM, sm, instances, process_error)
-        if processes:
-            return GpuUsage(device, BASIS_MEMORY, memory_weights(processes), instances,
-                            process_error)
-        return GpuUsage(device, None, {}, instances, process_error)
+            return GpuUsage(device, {}, memory, instances, f"utilisation: {describe(exc)}")
+        return GpuUsage(device, sm, memory, instances, process_error)
 
     def _sm_weights(self, device: str, handle: Any) -> dict[int, float]:
         """pid -> summed smUtil over samples newer than the last one seen on this GPU."""
@@ -286,11 +273,11 @@ class PidConsumers:
 
 
 def consumer_weights(
-    usage: GpuUsage, pid_to_consumer: Callable[[int], Consumer]
+    pid_weights: Mapping[int, float], pid_to_consumer: Callable[[int], Consumer]
 ) -> dict[Consumer, float]:
-    """Sum a GPU's pid weights per consumer (several pids of one job become one weight)."""
+    """Sum pid weights per consumer (several pids of one job become one weight)."""
     weights: dict[Consumer, float] = {}
-    for pid, weight in usage.weights.items():
+    for pid, weight in pid_weights.items():
         consumer = pid_to_consumer(pid)
         weights[consumer] = weights.get(consumer, 0.0) + weight
     return weights

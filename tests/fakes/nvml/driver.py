@@ -17,6 +17,7 @@ import time
 import traceback
 from typing import Any
 
+from carbond.attribution import gpu_basis
 from carbond.consumers import Consumer
 from carbond.meters.nvml import NvmlMeter
 from carbond.workloads.gpu import (
@@ -53,10 +54,11 @@ def main() -> None:
     pid_to_consumer = PidConsumers(cgroup_consumer, "/", config["proc_root"])
 
     def usage_json(u: Any) -> dict[str, Any]:
-        return {"basis": u.basis, "weights": {str(k): v for k, v in u.weights.items()},
+        basis, weights = gpu_basis(u.sm, u.memory)  # the basis attribution will split by
+        return {"basis": basis, "weights": {str(k): v for k, v in weights.items()},
                 "gpu_instances": {str(k): v for k, v in u.gpu_instances.items()},
-                "by_instance": {str(k): v for k, v in u.by_instance().items()},
-                "consumers": {label(c): w for c, w in consumer_weights(u, pid_to_consumer).items()},
+                "consumers": {label(c): w for c, w in
+                              consumer_weights(weights, pid_to_consumer).items()},
                 "error": u.error}
 
     for line in sys.stdin:
