@@ -243,3 +243,17 @@ def test_bad_policy() -> None:
         Policy(idle="greedy")
     with pytest.raises(ValueError):
         Policy(model="sometimes")
+
+
+def test_worked_example_of_docs_attribution_md() -> None:
+    slurm = Consumer("job", "slurm/42")
+    deltas = [rapl("package-0", "cpu", 100.0), rapl("dram-0", "dram", 10.0),
+              rapl("psys", "platform", 130.0), model("cpu", 20.0), gpu(0, 1500.0)]
+    tick = TickInput(5.0, deltas, {A: 3.0, B: 1.0},
+                     {"gpu-0": GpuWeights(sm={slurm: 80.0 * 5, B: 20.0 * 5})},
+                     measured=frozenset({"cpu", "dram"}), cpu_idle_watts=8.0)
+    energy = attribute(tick, Policy()).energy
+    assert energy[IDLE] == pytest.approx({"cpu": 40.0, "dram": 4.0, "gpu": 0.0})
+    assert energy[A] == pytest.approx({"cpu": 45.0, "dram": 4.5})
+    assert energy[B] == pytest.approx({"cpu": 15.0, "dram": 1.5, "gpu": 300.0})
+    assert energy[slurm] == pytest.approx({"gpu": 1200.0})
