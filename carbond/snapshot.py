@@ -21,6 +21,18 @@ class GpuLabel:
 
 
 @dataclass(frozen=True)
+class BudgetSample:
+    """One emission budget now: carbond_budget_{limit,used,projected}_grams{budget}."""
+
+    name: str
+    limit_grams: float
+    used_grams: float
+    projected_grams: float
+    period_start: float  # epoch seconds, the period's calendar start
+    period_end: float
+
+
+@dataclass(frozen=True)
 class Snapshot:
     devices: tuple[DeviceSeries, ...] = ()
     meters_up: dict[str, bool] = field(default_factory=dict)
@@ -37,3 +49,10 @@ class Snapshot:
     intensity_fetch_errors_total: dict[str, int] = field(default_factory=dict)
     pue: float = 1.0
     gpus: tuple[GpuLabel, ...] = ()
+    consumer_embodied_grams_total: tuple[tuple[Consumer, float], ...] = ()
+    budgets: tuple[BudgetSample, ...] = ()
+    counter_resets_total: dict[str, int] = field(default_factory=dict)
+    exit_records_lost_total: int = 0
+    tick_failures_total: int = 0
+    last_tick_timestamp_seconds: float = 0.0  # wall clock of the last successful tick
+    ledger_errors_total: int = 0
