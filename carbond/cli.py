@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from carbond import __version__, config
+from carbond import __version__, config, report
 from carbond.builders import build_daemon, build_feed, build_meters
 from carbond.carbon import ForecastUnsupported, fetch_forecast, format_current, format_forecast
 from carbond.carbon.model import FetchError
@@ -18,6 +20,8 @@ from carbond.check import run_check
 from carbond.daemon import install_signal_handlers, prepare_state_dir, tune_malloc
 from carbond.errors import ConfigError
 from carbond.exporter import MetricsServer
+from carbond.ledger import LEDGER_FILE, LedgerError, connect_readonly
+from carbond.periods import get_zone
 
 log = logging.getLogger("carbond")
 
@@ -45,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shared_flags(intensity)
     intensity.add_argument("--forecast", action="store_true",
                            help="the provider's forecast, lowest-carbon window marked")
+    reporting = commands.add_parser(
+        "report", help="energy and CO2e over a period, from the ledger or from Prometheus")
+    _add_shared_flags(reporting)
+    reporting.add_argument("--since", default="30d", metavar="WHEN",
+                           help="ISO date or time, today, yesterday, now, or an age such as "
+                           "30d or 12h (default 30d); dates in budgets_timezone")
+    reporting.add_argument("--until", default="now", metavar="WHEN", help="default now")
+    reporting.add_argument("--by", choices=report.GROUPS, default="consumer")
+    reporting.add_argument("--format", choices=report.FORMATS, default="table")
+    reporting.add_argument("--prometheus", metavar="URL", default=None,
+                           help="fleet-wide, from this Prometheus (or Thanos, Mimir) "
+                           "instead of this host's ledger")
     return parser
 
 
@@ -124,6 +140,36 @@ def cmd_intensity(cfg: config.Config, forecast: bool) -> int:
     return 0
 
 
+def cmd_report(cfg: config.Config, args: argparse.Namespace) -> int:
+    """Exit 0 with a report, 2 for bad input (flags, no ledger), 1 when Prometheus fails."""
+    zone = get_zone(cfg.budgets_timezone)
+    since, until = report.parse_range(args.since, args.until, time.time(), zone)
+    if args.prometheus:
+        query = report.prometheus_query(args.prometheus)
+        try:
+            result = report.from_prometheus(query, report.redact(args.prometheus), since, until,
+                                            args.by, zone, cfg.budgets_timezone)
+        except report.FetchFailed as exc:
+            print(f"carbond: error: --prometheus: {exc}", file=sys.stderr)
+            return 1
+    else:
+        try:
+            conn = connect_readonly(cfg.state_dir)
+        except LedgerError as exc:
+            raise ConfigError("--state-dir", str(exc)) from None
+        origin = os.path.join(cfg.state_dir, LEDGER_FILE)
+        try:
+            result = report.from_ledger(conn, origin, since, until, args.by, zone,
+                                        cfg.budgets_timezone)
+        except sqlite3.Error as exc:
+            print(f"carbond: error: cannot read {origin}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            conn.close()
+    sys.stdout.write(report.render(result, args.format, zone))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -133,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(cfg)
         if args.command == "intensity":
             return cmd_intensity(cfg, args.forecast)
+        if args.command == "report":
+            return cmd_report(cfg, args)
         return cmd_check(cfg)
     except ConfigError as exc:
         print(f"carbond: error: {exc}", file=sys.stderr)

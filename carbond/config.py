@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +20,15 @@ import yaml
 from carbond.carbon.providers import PROVIDER_OPTIONS, provider_specs_from_config
 from carbond.carbon.zone import validate_zone
 from carbond.errors import ConfigError
+from carbond.periods import PERIODS, get_zone
 from carbond.units import parse_grams, parse_seconds
 from carbond.workloads.naming import Rule, compile_rules
 
 DEFAULT_CONFIG_PATH = "/etc/carbond/carbond.yaml"
 DEFAULT_PORT = 9877
+SECONDS_PER_YEAR = 365.25 * 86400  # an average year, leap days included
+MIN_RETENTION_SECONDS = 3600.0
+MAX_FLUSH_SECONDS = 3600.0
 
 Validator = Callable[[Any, str], Any]
 
@@ -36,6 +41,36 @@ def _duration(value: Any, key: str) -> float:
         return parse_seconds(value)
     except ValueError as exc:
         raise ConfigError(key, str(exc)) from None
+
+
+_LONG_UNITS_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0,
+                       "y": SECONDS_PER_YEAR}
+_LONG = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def _long_duration(value: Any, key: str) -> float:
+    """Durations of days to years (retention, hardware lifetime): also `w` and `y`."""
+    if isinstance(value, str):
+        match = _LONG.match(value)
+        unit = match.group(2) if match else ""
+        if match and unit in ("w", "y"):
+            number = float(match.group(1))
+            if number <= 0:
+                raise ConfigError(key, f"must be positive, got {value!r}")
+            return number * _LONG_UNITS_SECONDS[unit]
+        if match and unit and unit not in _LONG_UNITS_SECONDS:
+            raise ConfigError(key, f"unknown unit {unit!r} in {value!r}; use one of "
+                              f"{', '.join(_LONG_UNITS_SECONDS)}")
+    return _duration(value, key)
+
+
+def _timezone(value: Any, key: str) -> str:
+    text = _string(value, key)
+    try:
+        get_zone(text)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+    return text
 
 
 def _mass(value: Any, key: str) -> float:
@@ -141,14 +176,18 @@ def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
     schema = {
         "name": _string,
         "match": _match,
-        "period": _choice("day", "week", "month", "year"),
+        "period": _choice(*PERIODS),
         "limit": _mass,
     }
+    names: set[str] = set()
     for index, item in enumerate(_list(value, key)):
         entry = _section(item, f"{key}[{index}]", schema)
         for required in ("name", "limit"):
             if required not in entry:
                 raise ConfigError(f"{key}[{index}].{required}", "is required")
+        if entry["name"] in names:  # the `budget` label must identify one budget
+            raise ConfigError(f"{key}[{index}].name", f"duplicate budget name {entry['name']!r}")
+        names.add(entry["name"])
         budgets.append(
             Budget(entry["name"], entry.get("match", {}), entry.get("period", "month"),
                    entry["limit"])
@@ -157,7 +196,29 @@ def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
 
 
 def _match(value: Any, key: str) -> dict[str, str]:
-    return _section(value, key, {"kind": _string, "consumer": _string, "project": _string})
+    match = _section(value, key, {"kind": _string, "consumer": _string, "project": _string})
+    if "project" in match and match.get("kind", "project") != "project":
+        raise ConfigError(f"{key}.project",
+                          f"matches consumers of kind project, not kind {match['kind']!r}")
+    return match
+
+
+def _ledger(value: Any, key: str) -> dict[str, float]:
+    ledger = _section(value, key, {"flush": _duration, "retention": _long_duration})
+    if ledger.get("flush", 0.0) > MAX_FLUSH_SECONDS:
+        raise ConfigError(f"{key}.flush", f"must be at most 1h (a crash loses one flush "
+                          f"interval), got {ledger['flush']:g}s")
+    if ledger.get("retention", MIN_RETENTION_SECONDS) < MIN_RETENTION_SECONDS:
+        raise ConfigError(f"{key}.retention", f"must be at least 1h (rows are hourly), got "
+                          f"{ledger['retention']:g}s")
+    return ledger
+
+
+def _embodied(value: Any, key: str) -> dict[str, float]:
+    embodied = _section(value, key, {"kgco2e": _number(0.0), "lifetime": _long_duration})
+    if "kgco2e" not in embodied:
+        raise ConfigError(f"{key}.kgco2e", "is required (the host's embodied kg CO2e)")
+    return embodied
 
 
 # ---- structure ------------------------------------------------------------------------------
@@ -227,6 +288,9 @@ SCHEMA: dict[str, Any] = {
         "providers": _providers,
     },
     "pue": _number(1.0),
+    "embodied": _embodied,
+    "ledger": _ledger,
+    "budgets_timezone": _timezone,
     "budgets": _budgets,
 }
 
@@ -284,6 +348,11 @@ class Config:
     intensity_max_age_seconds: float = 7200.0
     providers: tuple[tuple[str, dict[str, Any]], ...] = (("static", {}),)
     pue: float = 1.0
+    embodied_kgco2e: float = 0.0  # 0: no embodied emissions
+    embodied_lifetime_seconds: float = 4 * SECONDS_PER_YEAR
+    ledger_flush_seconds: float = 30.0
+    ledger_retention_seconds: float = 400 * 86400.0
+    budgets_timezone: str = "UTC"
     budgets: tuple[Budget, ...] = field(default=())
     source: str | None = None  # the file read, for `carbond check`
 
@@ -330,6 +399,13 @@ def _build(tree: Mapping[str, Any], source: str | None) -> Config:
                                        default=base.intensity_max_age_seconds),
         providers=_get(tree, "intensity", "providers", default=base.providers),
         pue=tree.get("pue", base.pue),
+        embodied_kgco2e=_get(tree, "embodied", "kgco2e", default=base.embodied_kgco2e),
+        embodied_lifetime_seconds=_get(tree, "embodied", "lifetime",
+                                       default=base.embodied_lifetime_seconds),
+        ledger_flush_seconds=_get(tree, "ledger", "flush", default=base.ledger_flush_seconds),
+        ledger_retention_seconds=_get(tree, "ledger", "retention",
+                                      default=base.ledger_retention_seconds),
+        budgets_timezone=tree.get("budgets_timezone", base.budgets_timezone),
         budgets=tree.get("budgets", base.budgets),
         source=source,
     )

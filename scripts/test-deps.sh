@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # System tools the tests and benchmarks use: gcc (builds the stand-in libnvidia-ml.so.1 and the
-# benchmark spinner), setpriv (drops capabilities to test permission errors as root). Installed
-# with apt-get when missing.
+# benchmark spinner), setpriv (drops capabilities to test permission errors as root), prometheus
+# (the real server that `carbond report --prometheus` is tested against). Installed with apt-get
+# when missing.
 set -euo pipefail
 missing=()
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 command -v setpriv >/dev/null || missing+=(util-linux)
+command -v prometheus >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test-deps: need ${missing[*]}; run as root or install them" >&2
         exit 1
     fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # --no-install-recommends: the tests start the prometheus binary themselves; the package's
+    # own service is stopped and disabled below so it does not hold port 9090.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi

@@ -1,0 +1,166 @@
+"""The ledger: CPU of a flush of 200 consumers, and a generated 400-day ledger of 200
+consumers (size on disk, `carbond report --since 30d --by consumer` on it, open and budget
+seeding times).
+
+Run: .venv/bin/python benchmarks/ledger.py [--rounds 200] [--days 400] [--consumers 200]
+Targets (issue 12): flush <= 20 ms CPU; ledger < 300 MB; report <= 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from carbond.budgets import BudgetTracker
+from carbond.config import Budget
+from carbond.consumers import Consumer
+from carbond.ledger import LEDGER_FILE, Ledger
+from carbond.periods import SECONDS_PER_HOUR, floor_hour
+
+KINDS = ("unit", "container", "job", "user", "project")
+
+
+def consumers(count: int) -> list[Consumer]:
+    names = []
+    for i in range(count):
+        kind = KINDS[i % len(KINDS)]
+        name = {"unit": f"service-{i}.service", "container": f"docker/{i:012x}",
+                "job": f"slurm/{100000 + i}", "user": f"user{i}", "project": f"project-{i}"}[kind]
+        names.append(Consumer(kind, name))
+    return names
+
+
+def tick(ledger: Ledger, who: list[Consumer], wall_time: float) -> None:
+    energy = {c: {"cpu": random.uniform(1, 100), "dram": random.uniform(0.1, 10),
+                  "gpu": random.uniform(0, 300)} for c in who}
+    grams = {c: sum(parts.values()) / 3.6e6 * 350 for c, parts in energy.items()}
+    embodied = {c: g * 0.1 for c, g in grams.items()}
+    devices = {("cpu", f"package-{i}", "rapl"): 100.0 for i in range(2)}
+    ledger.record(wall_time, 5.0, energy, grams, embodied, devices, 350.0, "electricitymaps")
+
+
+def bench_flush(rounds: int, count: int) -> None:
+    """Each round: one 5 s tick of `count` consumers recorded, then flushed; the flush is
+    what runs every 30 s in the daemon (with six ticks pending it writes the same rows)."""
+    root = tempfile.mkdtemp(prefix="carbond-bench-ledger-")
+    try:
+        who = consumers(count)
+        with Ledger.open(root) as ledger:
+            now = time.time()
+            records, flushes = [], []
+            for i in range(rounds):
+                start = time.thread_time()
+                tick(ledger, who, now + 5 * i)
+                records.append(time.thread_time() - start)
+                start = time.thread_time()
+                assert ledger.flush()
+                flushes.append(time.thread_time() - start)
+        print(f"{count} consumers, {rounds} rounds")
+        print(f"record CPU median {statistics.median(records) * 1e3:.3f} ms")
+        print(f"flush  CPU median {statistics.median(flushes) * 1e3:.3f} ms, "
+              f"p95 {sorted(flushes)[int(0.95 * len(flushes))] * 1e3:.3f} ms (target <= 20 ms)")
+    finally:
+        shutil.rmtree(root)
+
+
+def generate(root: str, days: int, count: int) -> int:
+    """Writes `days` of hourly rows for `count` consumers ending now, every column non-zero
+    (the worst case for size: zeros take no space), through the ledger's own schema."""
+    who = consumers(count)
+    now = time.time()
+    with Ledger.open(root) as ledger:  # creates the schema and the consumers
+        tick(ledger, who, now)
+        ledger.flush()
+    import sqlite3
+
+    conn = sqlite3.connect(os.path.join(root, LEDGER_FILE))
+    ids = [i for (i,) in conn.execute("SELECT id FROM consumers ORDER BY id")]
+    first = floor_hour(now) - days * 86400
+    rows = 0
+    rng = random.Random(1)
+    conn.execute("BEGIN")
+    for hour in range(first, floor_hour(now), SECONDS_PER_HOUR):
+        batch = []
+        for consumer_id in ids:
+            cpu, dram, gpu = rng.uniform(1e3, 4e5), rng.uniform(1e2, 4e4), rng.uniform(1e3, 1e6)
+            joules = cpu + dram + gpu
+            grams = joules / 3.6e6 * rng.uniform(100, 500)
+            batch.append((hour, consumer_id, cpu, dram, gpu, grams, grams * 0.1, joules,
+                          joules * 350.0, 1))
+        conn.executemany(
+            "INSERT OR REPLACE INTO consumer_hours (hour, consumer, cpu_joules, dram_joules,"
+            " gpu_joules, grams, embodied_grams, intensity_joules, intensity_weighted,"
+            " providers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+        conn.executemany(
+            "INSERT OR REPLACE INTO host_hours VALUES (?, 'cpu', ?, 'rapl', ?)",
+            [(hour, f"package-{i}", rng.uniform(1e5, 1e6)) for i in range(2)])
+        rows += len(batch)
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return rows
+
+
+def bench_history(days: int, count: int, runs: int) -> None:
+    root = tempfile.mkdtemp(prefix="carbond-bench-ledger-")
+    try:
+        start = time.monotonic()
+        rows = generate(root, days, count)
+        print(f"generated {rows:,} hourly rows ({days} days x {count} consumers) "
+              f"in {time.monotonic() - start:.0f} s")
+        size = sum(os.path.getsize(os.path.join(root, name)) for name in os.listdir(root))
+        print(f"ledger on disk {size / 1e6:.1f} MB (target < 300 MB)")
+        command = [sys.executable, "-m", "carbond", "report", "--state-dir", root,
+                   "--since", "30d", "--by", "consumer"]
+        walls = []
+        for _ in range(runs):
+            start = time.monotonic()
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            walls.append(time.monotonic() - start)
+        lines = result.stdout.count("\n")
+        print(f"`carbond report --since 30d --by consumer`: wall median "
+              f"{statistics.median(walls):.3f} s, max {max(walls):.3f} s over {runs} runs, "
+              f"{lines} lines (target <= 1 s)")
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import carbond.cli"], check=True)
+        print(f"  of which starting Python and importing carbond.cli: "
+              f"{time.monotonic() - start:.3f} s")
+        start = time.monotonic()
+        ledger = Ledger.open(root)
+        opened = time.monotonic() - start
+        budgets = [Budget(f"{p}", {}, p, 1e6) for p in ("day", "week", "month", "quarter",
+                                                         "year")]
+        start = time.monotonic()
+        BudgetTracker(budgets, "UTC", ledger)
+        seeded = time.monotonic() - start
+        ledger.close()
+        print(f"Ledger.open (quick_check, totals) {opened:.3f} s; budget seeding "
+              f"(day..year, one-off at start) {seeded:.3f} s")
+    finally:
+        shutil.rmtree(root)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--consumers", type=int, default=200)
+    parser.add_argument("--days", type=int, default=400)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--skip-history", action="store_true")
+    args = parser.parse_args()
+    bench_flush(args.rounds, args.consumers)
+    if not args.skip_history:
+        bench_history(args.days, args.consumers, args.runs)
+
+
+if __name__ == "__main__":
+    main()
