@@ -13,6 +13,7 @@ from carbond.carbon.zone import ZoneChoice
 from carbond.config import Config
 from carbond.daemon import Daemon
 from carbond.errors import ConfigError
+from carbond.ledger import Ledger, LedgerError
 from carbond.meters.base import Meter
 from carbond.meters.model import ModelMeter
 from carbond.meters.nvml import NvmlMeter
@@ -92,9 +93,23 @@ def build_feed(config: Config) -> tuple[IntensityFeed, ZoneChoice]:
     return feed, choice
 
 
+def open_ledger(config: Config) -> Ledger:
+    """The state directory's ledger; a second daemon on the same directory is refused."""
+    try:
+        return Ledger.open(config.state_dir, config.ledger_retention_seconds)
+    except LedgerError as exc:
+        raise ConfigError("--state-dir", str(exc)) from None
+
+
 def build_daemon(config: Config) -> Daemon:
     """Everything from config; bad input raises ConfigError before anything starts."""
-    feed, choice = build_feed(config)
-    log.info("intensity zone %s (%s)", choice.zone, choice.how)
-    namer = CgroupNamer(config.rules)
-    return Daemon(config, build_meters(config), build_cpu_usage(config, namer), feed, namer)
+    ledger = open_ledger(config)  # first: a second daemon on this state dir stops here
+    try:
+        feed, choice = build_feed(config)
+        log.info("intensity zone %s (%s)", choice.zone, choice.how)
+        namer = CgroupNamer(config.rules)
+        return Daemon(config, build_meters(config), build_cpu_usage(config, namer), feed, namer,
+                      ledger)
+    except BaseException:
+        ledger.close()
+        raise

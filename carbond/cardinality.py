@@ -35,6 +35,7 @@ class _Series:
     joules: dict[str, float] = field(default_factory=dict)
     watts: dict[str, float] = field(default_factory=dict)
     grams: float = 0.0
+    embodied_grams: float = 0.0
     active: bool = True
     last_active: float = 0.0
 
@@ -78,15 +79,28 @@ class ConsumerSeries:
         self,
         totals: Mapping[Consumer, Mapping[str, float]],
         grams: Mapping[Consumer, float] | None = None,
+        embodied_grams: Mapping[Consumer, float] | None = None,
+        idle_seconds: Mapping[Consumer, float] | None = None,
     ) -> None:
-        """Seed counters from the ledger after a restart, so they continue, not restart."""
-        grams = grams or {}
-        for consumer, joules in totals.items():
+        """Seed counters from the ledger after a restart, so they continue, not restart.
+
+        A consumer last active `idle_seconds[c]` ago, within the retention, is exported again
+        at once (frozen, power 0) so its series has no gap; the others wait in memory.
+        """
+        grams, embodied_grams = grams or {}, embodied_grams or {}
+        idle_seconds = idle_seconds or {}
+        now = self.clock()
+        for consumer in {*totals, *grams, *embodied_grams}:
+            series = _Series(dict(totals.get(consumer, {})), grams=grams.get(consumer, 0.0),
+                             embodied_grams=embodied_grams.get(consumer, 0.0))
+            idle = idle_seconds.get(consumer)
             if consumer in (IDLE, OTHER):
-                self._series[consumer].joules.update(joules)
-                self._series[consumer].grams = grams.get(consumer, 0.0)
+                self._series[consumer] = series
+            elif idle is not None and 0 <= idle < self.retention_seconds:
+                series.active, series.last_active = False, now - idle
+                self._series[consumer] = series
             else:
-                self._memory[consumer] = _Series(dict(joules), grams=grams.get(consumer, 0.0))
+                self._memory[consumer] = series
                 self._memory.move_to_end(consumer)
         while len(self._memory) > self._remember:
             self._memory.popitem(last=False)
@@ -121,9 +135,10 @@ class ConsumerSeries:
         energy: Mapping[Consumer, Mapping[str, float]],
         interval_seconds: float,
         grams: Mapping[Consumer, float] | None = None,
+        embodied_grams: Mapping[Consumer, float] | None = None,
     ) -> None:
         """Account one tick: `energy[consumer][component]` joules over `interval_seconds`,
-        and each consumer's CO2e grams, which fold with its energy."""
+        and each consumer's operational and embodied CO2e grams, which fold with its energy."""
         now = self.clock()
         # A consumer gets a series once it has used energy: an idle kernel thread never does.
         energy = {
@@ -155,6 +170,8 @@ class ConsumerSeries:
                 target = other
             if grams:
                 target.grams += grams.get(consumer, 0.0)
+            if embodied_grams:
+                target.embodied_grams += embodied_grams.get(consumer, 0.0)
             for component, joules in parts.items():
                 target.joules[component] = target.joules.get(component, 0.0) + joules
                 target.watts[component] = target.watts.get(component, 0.0) + joules * per_second
@@ -178,7 +195,7 @@ class ConsumerSeries:
     def samples(self) -> list[SeriesSample]:
         """Everything to export now, stable order (idle, other, then by consumer)."""
         out = []
-        for consumer in sorted(self._series, key=lambda c: (c not in (IDLE, OTHER), c)):
+        for consumer in self._order():
             series = self._series[consumer]
             for component in sorted(series.joules):
                 out.append(
@@ -191,7 +208,13 @@ class ConsumerSeries:
                 )
         return out
 
+    def _order(self) -> list[Consumer]:
+        return sorted(self._series, key=lambda c: (c not in (IDLE, OTHER), c))
+
     def emissions(self) -> list[tuple[Consumer, float]]:
         """carbond_consumer_emissions_grams_total: the same consumers as `samples()`."""
-        order = sorted(self._series, key=lambda c: (c not in (IDLE, OTHER), c))
-        return [(consumer, self._series[consumer].grams) for consumer in order]
+        return [(consumer, self._series[consumer].grams) for consumer in self._order()]
+
+    def embodied(self) -> list[tuple[Consumer, float]]:
+        """carbond_consumer_embodied_grams_total: the same consumers as `samples()`."""
+        return [(c, self._series[c].embodied_grams) for c in self._order()]

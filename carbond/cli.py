@@ -17,11 +17,12 @@ from carbond.builders import build_daemon, build_feed, build_meters
 from carbond.carbon import ForecastUnsupported, fetch_forecast, format_current, format_forecast
 from carbond.carbon.model import FetchError
 from carbond.check import run_check
-from carbond.daemon import install_signal_handlers, prepare_state_dir, tune_malloc
+from carbond.daemon import Daemon, install_signal_handlers, prepare_state_dir, tune_malloc
 from carbond.errors import ConfigError
 from carbond.exporter import MetricsServer
 from carbond.ledger import LEDGER_FILE, LedgerError, connect_readonly
 from carbond.periods import get_zone
+from carbond.snapshot import Snapshot
 
 log = logging.getLogger("carbond")
 
@@ -82,31 +83,38 @@ def setup_logging(level: str) -> None:
 def cmd_run(cfg: config.Config) -> int:
     tune_malloc()  # before any thread starts
     prepare_state_dir(cfg.state_dir)
-    daemon = build_daemon(cfg)
-    meters = daemon.meters
+    daemons: list[Daemon] = []  # bound first, so a taken port is reported before the ledger
+
+    def latest() -> Snapshot:
+        return daemons[0].latest() if daemons else Snapshot()
+
     try:
-        server = MetricsServer(cfg.listen_host, cfg.listen_port, daemon.latest)
+        server = MetricsServer(cfg.listen_host, cfg.listen_port, latest)
     except OSError as exc:
         raise ConfigError(
             "--listen", f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc.strerror}"
         ) from None
     stop = threading.Event()
     install_signal_handlers(stop)
-    if daemon.feed:
-        daemon.feed.start()
-    daemon.tick()
-    server.start()
-    log.info(
-        "carbond %s serving http://%s:%d/metrics every %gs; meters: %s",
-        __version__, cfg.listen_host, server.port, cfg.interval_seconds,
-        ", ".join(f"{m.name} ({'up' if m.up() else 'down'})" for m in meters),
-    )
     try:
-        daemon.run(stop)
+        daemon = build_daemon(cfg)
+        daemons.append(daemon)
+        try:  # startup and shutdown share one cleanup path
+            if daemon.feed:
+                daemon.feed.start()
+            daemon.tick()
+            server.start()
+            log.info(
+                "carbond %s serving http://%s:%d/metrics every %gs; meters: %s",
+                __version__, cfg.listen_host, server.port, cfg.interval_seconds,
+                ", ".join(f"{m.name} ({'up' if m.up() else 'down'})" for m in daemon.meters),
+            )
+            daemon.run(stop)
+        finally:
+            daemon.close()
     finally:
-        server.stop()
-        daemon.close()
-        log.info("stopped")
+        server.stop()  # also when never started: closes the socket
+    log.info("stopped")
     return 0
 
 

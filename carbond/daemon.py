@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from carbond.attribution import (
     Attribution,
@@ -27,17 +29,20 @@ from carbond.attribution import (
     TickInput,
     attribute,
 )
+from carbond.budgets import BudgetTracker
 from carbond.carbon import IntensityFeed, grams
 from carbond.carbon.model import Intensity
 from carbond.cardinality import ConsumerSeries
 from carbond.config import Config
 from carbond.consumers import Consumer
+from carbond.embodied import embodied_grams_per_second, share_embodied
 from carbond.energy import DeviceDelta, DeviceTotals, Histogram, series
 from carbond.idle import IdleBaseline
+from carbond.ledger import Ledger
 from carbond.meters.base import Meter
 from carbond.meters.nvml import NvmlMeter
 from carbond.meters.rapl import RaplMeter
-from carbond.snapshot import GpuLabel, Snapshot
+from carbond.snapshot import BudgetSample, GpuLabel, Snapshot
 from carbond.systemd import notify
 from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.gpu import GpuUsageTracker, PidConsumers, consumer_weights
@@ -48,14 +53,45 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Counters:
-    """Cumulative counts that only the daemon sees whole."""
+    """Cumulative counts that only the daemon sees whole, carried across restarts through
+    the ledger's state so that every `*_total` series continues where it stopped."""
 
     wraps: dict[str, int] = field(default_factory=dict)
     exited_tasks: int = 0
+    tick_failures: int = 0
     host_grams: float = 0.0
+    # Counts kept by other parts (meters, feed, ledger) as exported at the last stop: added
+    # to what those parts count in this run.
+    carried: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def plus_carried(self, family: str, counts: Mapping[str, float]) -> dict[str, float]:
+        carried = self.carried.get(family, {})
+        return {key: carried.get(key, 0.0) + counts.get(key, 0.0)
+                for key in {*carried, *counts}}
+
+    @classmethod
+    def from_state(cls, state: Any, host_grams: float) -> Counters:
+        """From `Ledger.get_state(COUNTERS_STATE)`; anything malformed is started afresh."""
+        counters = cls(host_grams=host_grams)
+        if not isinstance(state, dict):
+            return counters
+        try:
+            counters.wraps = {str(k): int(v) for k, v in state.get("wraps", {}).items()}
+            counters.exited_tasks = int(state.get("exited_tasks", 0))
+            counters.tick_failures = int(state.get("tick_failures", 0))
+            counters.carried = {
+                str(family): {str(k): float(v) for k, v in counts.items()}
+                for family, counts in state.get("carried", {}).items()
+            }
+        except (AttributeError, TypeError, ValueError):
+            log.warning("ledger state %r is malformed: its counters start afresh",
+                        COUNTERS_STATE)
+            return cls(host_grams=host_grams)
+        return counters
 
 
 IDLE_STATE_FILE = "idle-baseline.json"
+COUNTERS_STATE = "counters"
 PERSIST_SECONDS = 300.0
 
 
@@ -69,6 +105,7 @@ class Daemon:
         cpu_usage: CpuUsageCollector | None = None,
         feed: IntensityFeed | None = None,
         namer: CgroupNamer | None = None,
+        ledger: Ledger | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -76,17 +113,24 @@ class Daemon:
         self.meters = meters
         self.cpu_usage = cpu_usage
         self.feed = feed
+        self.ledger = ledger
         self._clock = clock
         self._wall_clock = wall_clock
         self._policy = Policy(config.idle_policy, config.model_enabled)
         self._totals = DeviceTotals()
         self._histogram = Histogram()
+        self._series = ConsumerSeries(config.max_consumers, clock=clock)
         self._counters = Counters()
+        if ledger is not None:
+            self._restore(ledger)
+        self._budgets = BudgetTracker(config.budgets, config.budgets_timezone, ledger,
+                                      clock=wall_clock)
+        self._embodied_grams_per_second = embodied_grams_per_second(
+            config.embodied_kgco2e, config.embodied_lifetime_seconds)
         self._idle_state = os.path.join(config.state_dir, IDLE_STATE_FILE)
         self._cpu_idle = IdleBaseline.load(self._idle_state, wall_clock(), clock(),
                                            fixed_watts=config.idle_watts_cpu)
         self._vcpus = os.cpu_count() or 1
-        self._series = ConsumerSeries(config.max_consumers, clock=clock)
         self._rapl = [m for m in meters if isinstance(m, RaplMeter)]
         self._nvml = next((m for m in meters if isinstance(m, NvmlMeter)), None)
         self._gpu_usage = GpuUsageTracker(self._nvml) if self._nvml else None
@@ -103,6 +147,16 @@ class Daemon:
             cpu_usage.tick()
         if self._gpu_usage:
             self._gpu_usage.sample()
+
+    def _restore(self, ledger: Ledger) -> None:
+        """Counters continue from the ledger's totals instead of starting at zero."""
+        totals = ledger.restore()
+        wall = self._wall_clock()
+        self._series.restore(totals.consumer_joules, totals.consumer_grams,
+                             totals.consumer_embodied_grams,
+                             {c: wall - t for c, t in totals.consumer_updated.items()})
+        self._totals.joules_total.update(totals.device_joules)
+        self._counters = Counters.from_state(ledger.get_state(COUNTERS_STATE), totals.host_grams)
 
     def latest(self) -> Snapshot:
         return self._snapshot
@@ -147,10 +201,22 @@ class Daemon:
             self._cpu_idle.observe(result.cpu_joules / seconds, min(1.0, used), started)
         intensity = self.feed.current() if self.feed else None  # the value valid for this tick
         consumer_grams, host_grams = self._emissions(result.energy, intensity)
+        embodied = share_embodied(self._embodied_grams_per_second * seconds, result.energy)
         self._counters.host_grams += host_grams
-        self._series.update(result.energy, seconds, consumer_grams)
+        self._series.update(result.energy, seconds, consumer_grams, embodied)
+        wall = self._wall_clock()
+        if self.ledger is not None:
+            self.ledger.record(
+                wall, seconds, result.energy, consumer_grams, embodied,
+                {(d.component, d.device, d.source): d.joules for d in result.counted},
+                intensity.grams_per_kwh if intensity else None,
+                intensity.provider if intensity else None,
+            )
+        self._budgets.add(wall, seconds, consumer_grams)
         self._histogram.observe(self._clock() - started)
-        self._snapshot = self._publish(result, seconds, intensity)
+        self._snapshot = self._publish(result, seconds, intensity, wall)
+        if self.ledger is not None:
+            self.ledger.put_state(COUNTERS_STATE, self._counters_state(self._snapshot))
         return self._snapshot
 
     def _emissions(
@@ -165,9 +231,10 @@ class Daemon:
         return per_consumer, math.fsum(per_consumer.values())
 
     def _publish(
-        self, result: Attribution, seconds: float, intensity: Intensity | None
+        self, result: Attribution, seconds: float, intensity: Intensity | None, wall: float
     ) -> Snapshot:
-        errors = {meter.name: meter.errors_total for meter in self.meters}
+        counters = self._counters
+        errors: dict[str, float] = {meter.name: meter.errors_total for meter in self.meters}
         up = {meter.name: meter.up() for meter in self.meters}
         if "model" in up:  # the model is up when it stands in, not merely when it can
             up["model"] = result.model_used
@@ -176,23 +243,55 @@ class Daemon:
             gpus = tuple(GpuLabel(g.device, g.uuid, g.name) for g in self._nvml.gpus() if g.uuid)
             if self._gpu_usage:  # failed usage queries count with the meter's failed reads
                 errors["nvml"] = errors.get("nvml", 0) + self._gpu_usage.errors
+        fetch_errors = self.feed.fetch_errors() if self.feed else {}
+        ledger_errors = {"": self.ledger.errors_total} if self.ledger else {}
+        budgets = tuple(
+            BudgetSample(b.name, b.limit_grams, b.used_grams, b.projected_grams,
+                         b.period_start, b.period_end)
+            for b in self._budgets.status(wall)
+        )
         return Snapshot(
             devices=tuple(series(self._totals, list(result.counted), seconds)),
             meters_up=up,
-            meter_errors_total=errors,
-            counter_wraps_total=dict(self._counters.wraps),
+            meter_errors_total=counters.plus_carried("meter_errors", errors),
+            counter_wraps_total=dict(counters.wraps),
             tick_buckets=tuple(self._histogram.cumulative()),
             tick_seconds_sum=self._histogram.sum_seconds,
             consumers=tuple(self._series.samples()),
             consumer_grams_total=tuple(self._series.emissions()),
-            exited_tasks_total=self._counters.exited_tasks,
-            host_grams_total=self._counters.host_grams,
+            consumer_embodied_grams_total=tuple(self._series.embodied()),
+            exited_tasks_total=counters.exited_tasks,
+            host_grams_total=counters.host_grams,
             intensity=intensity,
-            intensity_age_seconds=intensity.age_seconds(time.time()) if intensity else None,
-            intensity_fetch_errors_total=self.feed.fetch_errors() if self.feed else {},
+            intensity_age_seconds=intensity.age_seconds(wall) if intensity else None,
+            intensity_fetch_errors_total=counters.plus_carried("fetch_errors", fetch_errors),
             pue=self.config.pue,
             gpus=gpus,
+            budgets=budgets,
+            tick_failures_total=counters.tick_failures,
+            last_tick_timestamp_seconds=wall,
+            ledger_errors_total=int(counters.plus_carried("ledger_errors", ledger_errors)
+                                    .get("", 0)),
         )
+
+    def _counters_state(self, snap: Snapshot) -> dict[str, Any]:
+        """What the next start needs to continue every counter from its exported value."""
+        return {
+            "wraps": snap.counter_wraps_total,
+            "exited_tasks": snap.exited_tasks_total,
+            "tick_failures": snap.tick_failures_total,
+            "carried": {
+                "meter_errors": snap.meter_errors_total,
+                "fetch_errors": snap.intensity_fetch_errors_total,
+                "ledger_errors": {"": snap.ledger_errors_total},
+            },
+        }
+
+    def tick_failed(self) -> None:
+        """A tick raised: count it, keep serving the last good snapshot with the count."""
+        self._counters.tick_failures += 1
+        self._snapshot = dataclasses.replace(self._snapshot,
+                                             tick_failures_total=self._counters.tick_failures)
 
     def persist(self) -> None:
         """State that must survive a restart; written off the tick path and at shutdown."""
@@ -216,13 +315,17 @@ class Daemon:
         persister = threading.Thread(target=self._persist_until, args=(stop,),
                                      name="carbond-persist", daemon=True)
         persister.start()
+        if self.ledger is not None:
+            self.ledger.start(self.config.ledger_flush_seconds)
         notify("READY=1")
         while not stop.wait(max(0.0, deadline - self._clock())):
             try:
                 self.tick()
             except Exception:  # a bug in one tick must not end accounting
                 log.exception("tick failed")
-            notify("WATCHDOG=1")
+                self.tick_failed()
+            else:  # the watchdog fires when ticks keep failing: /metrics would be stale
+                notify("WATCHDOG=1")
             deadline += interval
             now = self._clock()
             if deadline <= now:
@@ -231,6 +334,8 @@ class Daemon:
 
     def close(self) -> None:
         self.persist()
+        if self.ledger is not None:
+            self.ledger.close()  # flushes the last ticks
         if self.feed:
             self.feed.stop()
         if self.cpu_usage:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -66,7 +68,13 @@ class Carbond:
 
 @contextlib.contextmanager
 def carbond_run(*args: str, env: dict[str, str] | None = None) -> Iterator[Carbond]:
+    """`carbond run` on a free port; with a private state directory unless one is passed, so
+    no test sees another's ledger."""
     port = free_port()
+    state: list[str] = []
+    if "--state-dir" not in args:
+        state = [tempfile.mkdtemp(prefix="carbond-state-")]
+        args = (*args, "--state-dir", state[0])
     process = subprocess.Popen(
         [sys.executable, "-m", "carbond", "run", "--listen", f"127.0.0.1:{port}", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -93,3 +101,5 @@ def carbond_run(*args: str, env: dict[str, str] | None = None) -> Iterator[Carbo
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for path in state:
+            shutil.rmtree(path, ignore_errors=True)
