@@ -36,7 +36,7 @@ class BudgetSample:
 class Snapshot:
     devices: tuple[DeviceSeries, ...] = ()
     meters_up: dict[str, bool] = field(default_factory=dict)
-    meter_errors_total: dict[str, int] = field(default_factory=dict)
+    meter_errors_total: dict[str, float] = field(default_factory=dict)
     counter_wraps_total: dict[str, int] = field(default_factory=dict)
     tick_buckets: tuple[tuple[str, int], ...] = ()
     tick_seconds_sum: float = 0.0
@@ -46,7 +46,7 @@ class Snapshot:
     host_grams_total: float = 0.0
     intensity: Intensity | None = None
     intensity_age_seconds: float | None = None
-    intensity_fetch_errors_total: dict[str, int] = field(default_factory=dict)
+    intensity_fetch_errors_total: dict[str, float] = field(default_factory=dict)
     pue: float = 1.0
     gpus: tuple[GpuLabel, ...] = ()
     consumer_embodied_grams_total: tuple[tuple[Consumer, float], ...] = ()
