@@ -89,7 +89,8 @@ def cmd_run(cfg: config.Config) -> int:
         return daemons[0].latest() if daemons else Snapshot()
 
     try:
-        server = MetricsServer(cfg.listen_host, cfg.listen_port, latest)
+        server = MetricsServer(cfg.listen_host, cfg.listen_port, latest,
+                               web_config=cfg.web_config_file)
     except OSError as exc:
         raise ConfigError(
             "--listen", f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc.strerror}"

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # System tools the tests and benchmarks use: gcc (builds the stand-in libnvidia-ml.so.1 and the
 # benchmark spinner), setpriv (drops capabilities to test permission errors as root), prometheus
-# (the real server that `carbond report --prometheus` is tested against). Installed with apt-get
-# when missing.
+# (the real server that `carbond report --prometheus` and the exporter are tested against),
+# openssl (self-signed certificates for the TLS tests). Installed with apt-get when missing.
 set -euo pipefail
 missing=()
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v prometheus >/dev/null || missing+=(prometheus)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test-deps: need ${missing[*]}; run as root or install them" >&2
