@@ -145,7 +145,7 @@ def cmd_intensity(cfg: config.Config, forecast: bool) -> int:
             return 1
         return 0
     feed.refresh_now(force=False)
-    print(format_current(feed.current(), now), end="")
+    print(format_current(feed.current(), now, feed.zone), end="")
     return 0
 
 

@@ -263,6 +263,7 @@ class Daemon:
             exited_tasks_total=counters.exited_tasks,
             host_grams_total=counters.host_grams,
             intensity=intensity,
+            zone=self.feed.zone if self.feed else "",
             intensity_age_seconds=intensity.age_seconds(wall) if intensity else None,
             intensity_fetch_errors_total=counters.plus_carried("fetch_errors", fetch_errors),
             pue=self.config.pue,

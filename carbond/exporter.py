@@ -191,7 +191,7 @@ def _carbon(snap: Snapshot) -> Iterator[Metric]:
         labels=["zone", "provider"],
     )
     if snap.intensity is not None:
-        labels = _labels((snap.intensity.zone, snap.intensity.provider))
+        labels = _labels((snap.zone or snap.intensity.zone, snap.intensity.provider))
         intensity.add_metric(labels, snap.intensity.grams_per_kwh)
         age.add_metric(labels, snap.intensity_age_seconds or 0.0)
     yield intensity
@@ -344,7 +344,8 @@ def _header(snap: Snapshot) -> dict[str, Any]:
     if snap.intensity is not None:
         intensity = {
             "grams_per_kwh": _finite(snap.intensity.grams_per_kwh),
-            "zone": label_text(snap.intensity.zone),
+            "zone": label_text(snap.zone or snap.intensity.zone),
+            "looked_up_zone": label_text(snap.intensity.zone),
             "provider": label_text(snap.intensity.provider),
             "age_seconds": (None if snap.intensity_age_seconds is None
                             else _finite(snap.intensity_age_seconds)),

@@ -45,6 +45,7 @@ class Snapshot:
     exited_tasks_total: int = 0
     host_grams_total: float = 0.0
     intensity: Intensity | None = None
+    zone: str = ""  # the configured (or resolved) zone: the `zone` label, whoever answers
     intensity_age_seconds: float | None = None
     intensity_fetch_errors_total: dict[str, float] = field(default_factory=dict)
     pue: float = 1.0

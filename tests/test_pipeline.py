@@ -176,3 +176,20 @@ def test_intensity_forecast_unsupported_by_static(tmp_path) -> None:
     result = run_intensity("--zone", "DE", "--state-dir", str(tmp_path), "--forecast")
     assert result.returncode == 1
     assert "no forecast" in result.stderr
+
+
+def test_zone_label_stays_the_configured_zone_on_fallback(tmp_path) -> None:
+    """Issue 11: a fallback from US-CAL-CISO to the static table must not rename the series
+    to zone="US"; the zone looked up shows in `carbond intensity` and the log."""
+    with ConstantPower(str(tmp_path / "powercap")), carbond_run(
+        "--powercap-root", str(tmp_path / "powercap"), "--zone", "US-CAL-CISO",
+        "--interval", "1s",
+    ) as daemon:
+        samples = daemon.wait_ticks(1)
+    found = intensity(samples)
+    assert found["zone"] == "US-CAL-CISO" and found["provider"] == "static"
+    assert found["value"] == static_figure("US")
+    assert "answers for zone US-CAL-CISO with the figure of US" in daemon.process.stderr.read()
+    current = run_intensity("--zone", "US-CAL-CISO", "--state-dir", str(tmp_path / "cli"))
+    assert current.returncode == 0, current.stderr
+    assert "zone US-CAL-CISO (as US)" in current.stdout

@@ -138,10 +138,15 @@ def format_age(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def format_current(intensity: Intensity | None, now: float) -> str:
-    """One line: value, zone, provider, age, and whether it is marginal or estimated."""
+def format_current(intensity: Intensity | None, now: float, zone: str | None = None) -> str:
+    """One line: value, zone, provider, age, and whether it is marginal or estimated. Where
+    the provider looked up another zone than the configured one (static falls back from an
+    Electricity Maps zone to its country), both are shown."""
     if intensity is None:
         return "no grid intensity available\n"
+    shown = intensity.zone
+    if zone and zone != intensity.zone:
+        shown = f"{zone} (as {intensity.zone})"
     notes = []
     if intensity.marginal:
         notes.append("marginal (MOER): the rate of the plants that follow load, not the mix")
@@ -149,7 +154,7 @@ def format_current(intensity: Intensity | None, now: float) -> str:
         notes.append("estimated")
     extra = f"; {'; '.join(notes)}" if notes else ""
     return (
-        f"{intensity.grams_per_kwh:.1f} gCO2e/kWh  zone {intensity.zone}  "
+        f"{intensity.grams_per_kwh:.1f} gCO2e/kWh  zone {shown}  "
         f"provider {intensity.provider}  age {format_age(intensity.age_seconds(now))}"
         f"{extra}\n"
     )

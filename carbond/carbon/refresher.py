@@ -77,6 +77,7 @@ class IntensityFeed:
         if not providers:
             raise ValueError("at least one provider is needed")
         self.zone = zone
+        self._in_use: tuple[str, str] | None = None  # (provider, zone) of the figure in use
         self.refresh_seconds = float(refresh_seconds)
         self.max_age_seconds = float(max_age_seconds)
         self.state_dir = Path(state_dir) if state_dir is not None else None
@@ -98,13 +99,27 @@ class IntensityFeed:
         """The figure to use now, or None only if every provider lacks a fresh value (static
         is always configured by build_providers, so in practice never None)."""
         now = self.clock()
+        value = None
         with self._lock:
             for state in self._states:
                 if not state.provider.network:  # a local figure: pure, instant
-                    return state.provider.fetch(now)
+                    value = state.provider.fetch(now)
+                    break
                 if state.value is not None and self._fresh(state.value, now):
-                    return state.value
-        return None
+                    value = state.value
+                    break
+            self._note_in_use(value)
+        return value
+
+    def _note_in_use(self, value: Intensity | None) -> None:
+        """One log line when the figure in use changes provider or looked-up zone."""
+        in_use = None if value is None else (value.provider, value.zone)
+        if in_use == self._in_use:
+            return
+        self._in_use = in_use
+        if value is not None and value.zone != self.zone:
+            log.info("intensity provider %s answers for zone %s with the figure of %s",
+                     value.provider, self.zone, value.zone)
 
     def age_seconds(self, now: float | None = None) -> float | None:
         """Age of the figure in use; 0 for local figures (constant, static), whose observed_at
