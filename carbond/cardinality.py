@@ -1,7 +1,8 @@
 """Bounded, stable consumer series for the exporter.
 
 At most `max_consumers` consumers are exported under their own name (`idle` and `other` are
-always exported on top); the rest are folded into `other` by energy rank. Rank is an
+always exported on top), series still kept for finished consumers included; the rest are
+folded into `other` by energy rank. Rank is an
 exponentially smoothed power, and a consumer outside the set only displaces the weakest member
 when it beats it by a margin, so series don't flap. Counters never go backwards: a consumer that
 is folded or finishes keeps its exported counter frozen (power 0) for `retention_seconds`, then
@@ -119,7 +120,10 @@ class ConsumerSeries:
         candidates = sorted(
             (c for c in score if c not in self._active), key=lambda c: (-score[c], c)
         )
-        free = self.max_consumers - len(self._active)
+        # Series kept for finished or folded consumers are exported too: they hold their
+        # slot until they expire, so the body stays bounded whatever the churn.
+        retained = sum(1 for c in self._series if c not in self._active and c not in (IDLE, OTHER))
+        free = self.max_consumers - len(self._active) - retained
         if free > 0:
             self._active.update(candidates[:free])
             candidates = candidates[free:]

@@ -173,15 +173,9 @@ def _providers(value: Any, key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
 
 def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
     budgets = []
-    schema = {
-        "name": _string,
-        "match": _match,
-        "period": _choice(*PERIODS),
-        "limit": _mass,
-    }
     names: set[str] = set()
     for index, item in enumerate(_list(value, key)):
-        entry = _section(item, f"{key}[{index}]", schema)
+        entry = _section(item, f"{key}[{index}]", BUDGET_SCHEMA)
         for required in ("name", "limit"):
             if required not in entry:
                 raise ConfigError(f"{key}[{index}].{required}", "is required")
@@ -196,7 +190,7 @@ def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
 
 
 def _match(value: Any, key: str) -> dict[str, str]:
-    match = _section(value, key, {"kind": _string, "consumer": _string, "project": _string})
+    match = _section(value, key, MATCH_SCHEMA)
     if "project" in match and match.get("kind", "project") != "project":
         raise ConfigError(f"{key}.project",
                           f"matches consumers of kind project, not kind {match['kind']!r}")
@@ -204,7 +198,7 @@ def _match(value: Any, key: str) -> dict[str, str]:
 
 
 def _ledger(value: Any, key: str) -> dict[str, float]:
-    ledger = _section(value, key, {"flush": _duration, "retention": _long_duration})
+    ledger = _section(value, key, LEDGER_SCHEMA)
     if ledger.get("flush", 0.0) > MAX_FLUSH_SECONDS:
         raise ConfigError(f"{key}.flush", f"must be at most 1h (a crash loses one flush "
                           f"interval), got {ledger['flush']:g}s")
@@ -215,7 +209,7 @@ def _ledger(value: Any, key: str) -> dict[str, float]:
 
 
 def _embodied(value: Any, key: str) -> dict[str, float]:
-    embodied = _section(value, key, {"kgco2e": _number(0.0), "lifetime": _long_duration})
+    embodied = _section(value, key, EMBODIED_SCHEMA)
     if "kgco2e" not in embodied:
         raise ConfigError(f"{key}.kgco2e", "is required (the host's embodied kg CO2e)")
     return embodied
@@ -256,6 +250,21 @@ def _section(value: Any, key: str, schema: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
+MATCH_SCHEMA: dict[str, Any] = {"kind": _string, "consumer": _string, "project": _string}
+BUDGET_SCHEMA: dict[str, Any] = {
+    "name": _string, "match": MATCH_SCHEMA, "period": _choice(*PERIODS), "limit": _mass,
+}
+LEDGER_SCHEMA: dict[str, Any] = {"flush": _duration, "retention": _long_duration}
+EMBODIED_SCHEMA: dict[str, Any] = {"kgco2e": _number(0.0), "lifetime": _long_duration}
+# Keys validated inside a list or by a function rather than by a nested schema above.
+LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
+    "budgets[]": BUDGET_SCHEMA,
+    "attribution.rules[]": dict.fromkeys(("match", "kind", "name")),
+    "intensity.providers[]": PROVIDER_OPTIONS,
+    "ledger": LEDGER_SCHEMA,
+    "embodied": EMBODIED_SCHEMA,
+}
+
 SCHEMA: dict[str, Any] = {
     "listen": _listen,
     "interval": _duration,
@@ -293,6 +302,31 @@ SCHEMA: dict[str, Any] = {
     "budgets_timezone": _timezone,
     "budgets": _budgets,
 }
+
+def key_paths() -> list[str]:
+    """Every configuration key as a dotted path (lists as `[]`): what docs/configuration.md
+    must document, no more and no less."""
+    paths: list[str] = []
+
+    def walk(schema: Mapping[str, Any], prefix: str) -> None:
+        for name, spec in schema.items():
+            path = f"{prefix}.{name}" if prefix else name
+            below = LIST_SCHEMAS.get(f"{path}[]", LIST_SCHEMAS.get(path))
+            if isinstance(spec, dict) and path not in LIST_SCHEMAS:
+                walk(spec, path)
+            elif below is not None:
+                nested = f"{path}[]" if f"{path}[]" in LIST_SCHEMAS else path
+                for child, sub in below.items():
+                    if isinstance(sub, dict) and sub:
+                        walk(sub, f"{nested}.{child}")
+                    else:
+                        paths.append(f"{nested}.{child}")
+            else:
+                paths.append(path)
+
+    walk(SCHEMA, "")
+    return paths
+
 
 # Flags: flag name -> key path. Values from argparse arrive as strings.
 FLAG_KEYS: dict[str, tuple[str, ...]] = {

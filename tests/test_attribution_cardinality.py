@@ -121,3 +121,22 @@ def test_zero_max_folds_everything() -> None:
     fold = ConsumerSeries(max_consumers=0, clock=Clock())
     fold.update({unit(1): {"cpu": 2.0}, IDLE: {"cpu": 1.0}}, 1.0)
     assert totals(fold) == {(IDLE, "cpu"): 1.0, (OTHER, "cpu"): 2.0}
+
+
+def test_churn_never_exports_more_than_max_consumers() -> None:
+    """Issue 14: 220 consumers that each live one tick, max_consumers 50: finished ones
+    still hold their series (10 minutes, longer than this test), so new ones fold into
+    `other` meanwhile, and nothing is lost."""
+    clock = Clock()
+    fold = ConsumerSeries(max_consumers=50, clock=clock)
+    fed = 0.0
+    for step in range(110):
+        clock.now += 5
+        tick = {unit(i): {"cpu": 1.0 + i % 7} for i in (2 * step, 2 * step + 1)}
+        tick[IDLE] = {"cpu": 3.0}
+        fed += sum(sum(p.values()) for p in tick.values())
+        fold.update(tick, 5.0)
+        named = {s.consumer for s in fold.samples()} - {IDLE, OTHER}
+        assert len(named) <= 50
+        assert math.isclose(sum(totals(fold).values()), fed, rel_tol=1e-12)
+    assert totals(fold)[(OTHER, "cpu")] > 0
