@@ -57,6 +57,7 @@ class Counters:
     the ledger's state so that every `*_total` series continues where it stopped."""
 
     wraps: dict[str, int] = field(default_factory=dict)
+    resets: dict[str, int] = field(default_factory=dict)
     exited_tasks: int = 0
     tick_failures: int = 0
     host_grams: float = 0.0
@@ -77,6 +78,7 @@ class Counters:
             return counters
         try:
             counters.wraps = {str(k): int(v) for k, v in state.get("wraps", {}).items()}
+            counters.resets = {str(k): int(v) for k, v in state.get("resets", {}).items()}
             counters.exited_tasks = int(state.get("exited_tasks", 0))
             counters.tick_failures = int(state.get("tick_failures", 0))
             counters.carried = {
@@ -185,6 +187,8 @@ class Daemon:
             complete = complete and not reading.errors
             for device, wraps in reading.wraps.items():
                 self._counters.wraps[device] = self._counters.wraps.get(device, 0) + wraps
+            for device, resets in reading.resets.items():
+                self._counters.resets[device] = self._counters.resets.get(device, 0) + resets
             deltas += self._totals.deltas(reading.devices)
         cpu = self.cpu_usage.tick() if self.cpu_usage else None
         if cpu:
@@ -255,6 +259,7 @@ class Daemon:
             meters_up=up,
             meter_errors_total=counters.plus_carried("meter_errors", errors),
             counter_wraps_total=dict(counters.wraps),
+            counter_resets_total=dict(counters.resets),
             tick_buckets=tuple(self._histogram.cumulative()),
             tick_seconds_sum=self._histogram.sum_seconds,
             consumers=tuple(self._series.samples()),
@@ -279,6 +284,7 @@ class Daemon:
         """What the next start needs to continue every counter from its exported value."""
         return {
             "wraps": snap.counter_wraps_total,
+            "resets": snap.counter_resets_total,
             "exited_tasks": snap.exited_tasks_total,
             "tick_failures": snap.tick_failures_total,
             "carried": {

@@ -223,3 +223,17 @@ def test_model_is_up_when_it_stands_in_for_missing_rapl(tmp_path):
     assert model > 0
     assert total(samples, "carbond_consumer_energy_joules_total") == pytest.approx(model,
                                                                                    rel=1e-9)
+
+
+def test_counter_reset_is_counted_and_adds_no_spike(tmp_path):
+    tree = powercap.FakePowercap(str(tmp_path / "powercap"))
+    package = tree.add("intel-rapl:0", "package-0", energy_uj=200_000_000)
+    with carbond_run("--powercap-root", str(tmp_path / "powercap"), "--interval", "1s") as daemon:
+        before = daemon.wait_ticks(1)
+        package.set_uj(40_000_000)  # the zone was re-created: 40 J since
+        after = daemon.wait_ticks(2)
+    assert total(after, "carbond_counter_resets_total", device="package-0") == 1
+    assert total(after, "carbond_counter_wraps_total", device="package-0") == 0
+    grew = total(after, HOST_ENERGY, device="package-0") - total(before, HOST_ENERGY,
+                                                                  device="package-0")
+    assert grew == pytest.approx(40.0, abs=1e-6)

@@ -237,7 +237,7 @@ def test_counter_reset_is_not_negative(fake_lib: Path, scenario_path: Path) -> N
         sc.write(scenario_path)
         reading = drv.call("read")
         assert reading["devices"]["gpu-0"] == 4.0
-        assert reading["wraps"] == {"gpu-0": 1}
+        assert reading["resets"] == {"gpu-0": 1} and reading["wraps"] == {}
         sc.gpu(0).energy_millijoules = 1_500
         sc.write(scenario_path)
         assert drv.call("read")["devices"]["gpu-0"] == 4.5
@@ -345,7 +345,8 @@ def test_missing_library_leaves_meter_down(scenario_path: Path) -> None:
     two_gpus().write(scenario_path)
     with Driver(None, scenario_path) as drv:
         reading = drv.call("read")
-        assert reading == {"devices": {}, "sources": [], "errors": 0, "wraps": {}, "up": False}
+        assert reading == {"devices": {}, "sources": [], "errors": 0, "wraps": {},
+                           "resets": {}, "up": False}
         (line,) = drv.call("report")
         assert line[0] == "nvml" and not line[2]
         assert "libnvidia-ml.so.1 not found" in line[1]

@@ -111,7 +111,7 @@ def test_missing_range_treats_decrease_as_reset_without_spike(tmp_path):
     assert devices(meter)["package-0"] == pytest.approx(1.0)
     zone.set_uj(250_000)  # reset: counter restarted from 0
     reading = meter.read()
-    assert reading.wraps == {"package-0": 1}
+    assert reading.resets == {"package-0": 1} and reading.wraps == {}
     assert reading.devices[0].joules == pytest.approx(1.25)  # energy since the reset, no spike
     zone.set_uj(1_250_000)
     assert devices(meter)["package-0"] == pytest.approx(2.25)
@@ -197,11 +197,71 @@ def test_counter_without_range_never_goes_backwards(raws):
 def test_meter_through_real_files_matches_increments_with_wraps(tmp_path):
     tree = powercap.FakePowercap(str(tmp_path))
     zone = tree.add("intel-rapl:0", "package-0", range_uj=10_000_000, energy_uj=9_500_000)
-    meter = RaplMeter(str(tmp_path))
+    clock = Clock()
+    meter = RaplMeter(str(tmp_path), clock=clock)
     meter.read()
     increments = [600_000, 9_999_999, 1, 5_000_000, 9_000_000]
     for increment in increments:
+        clock.now += 5.0  # one tick: each increment is a plausible power
         zone.advance_uj(increment)
         meter.read()
     assert os.path.exists(zone.path)
     assert devices(meter)["package-0"] == pytest.approx(sum(increments) / 1e6, abs=1e-6)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_drop_to_zero_is_a_reset_not_a_71_wh_wrap(tmp_path):
+    """Issue 14: a package counter re-created at 0 with max_energy_range_uj present was taken
+    for a wrap: +257 kJ in one 2 s tick at 40 W."""
+    tree = powercap.FakePowercap(str(tmp_path))
+    zone = tree.add("intel-rapl:0", "package-0", energy_uj=5_000_000)
+    clock = Clock()
+    meter = RaplMeter(str(tmp_path), clock=clock)
+    meter.read()
+    clock.now += 2.0
+    zone.advance_uj(80_000_000)  # 40 W for 2 s
+    assert devices(meter)["package-0"] == pytest.approx(80.0)
+    clock.now += 2.0
+    zone.set_uj(60_000_000)  # re-created: 60 J since, 20 J lost before it; never 257 kJ
+    reading = meter.read()
+    assert reading.resets == {"package-0": 1} and reading.wraps == {}
+    assert reading.devices[0].joules == pytest.approx(140.0)
+
+
+def test_a_plausible_wrap_stays_a_wrap_and_constraints_bound_it(tmp_path):
+    tree = powercap.FakePowercap(str(tmp_path))
+    zone = tree.add("intel-rapl:0", "package-0", range_uj=1_000_000_000,
+                    energy_uj=999_000_000)
+    with open(os.path.join(zone.path, "constraint_0_max_power_uw"), "w") as handle:
+        handle.write("100000000\n")  # 100 W: a wrap may imply at most 200 W
+    clock = Clock()
+    meter = RaplMeter(str(tmp_path), clock=clock)
+    meter.read()
+    clock.now += 1.0
+    zone.advance_uj(150_000_000)  # 150 W over 1 s, through the wrap
+    reading = meter.read()
+    assert reading.wraps == {"package-0": 1}
+    assert reading.devices[0].joules == pytest.approx(150.0)
+    clock.now += 1.0
+    zone.set_uj(10_000_000)  # would be a 990 J wrap in 1 s: over 200 W, so a reset
+    reading = meter.read()
+    assert reading.resets == {"package-0": 1}
+    assert reading.devices[0].joules == pytest.approx(160.0)
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**32), st.floats(0.001, 100)), max_size=40))
+def test_counter_with_a_power_bound_never_goes_backwards(steps):
+    counter = EnergyCounter(2**32 - 1, max_units_per_second=1e9)
+    now, previous = 0.0, 0
+    for raw, elapsed in steps:
+        now += elapsed
+        counter.update(raw, now)
+        assert counter.total_units >= previous
+        previous = counter.total_units

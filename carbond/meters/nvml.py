@@ -416,9 +416,8 @@ class NvmlMeter:
                 return False
             self._mark_down(gpu, exc, "energy counter")
             return False
-        resets = gpu.counter.update(raw)
-        if resets:
-            reading.wraps[gpu.device] = reading.wraps.get(gpu.device, 0) + resets
+        if gpu.counter.update(raw) is not None:  # no range: a decrease is a driver reload
+            reading.resets[gpu.device] = reading.resets.get(gpu.device, 0) + 1
         return True
 
     def up(self) -> bool:

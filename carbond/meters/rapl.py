@@ -8,6 +8,7 @@ and psys are read, each once.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -16,7 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from carbond.meters.base import DeviceEnergy, DeviceReport, EnergyCounter, MeterReading
+from carbond.meters.base import (
+    RESET,
+    WRAP,
+    DeviceEnergy,
+    DeviceReport,
+    EnergyCounter,
+    MeterReading,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +32,10 @@ _ZONE_DIR = re.compile(r"^(?P<prefix>[a-z0-9-]+):(?P<path>\d+(?::\d+)*)$")
 _PACKAGE = re.compile(r"^package-(\d+)(-die-\d+)?$")
 UNREADABLE_HINT = "run carbond as root, or grant it CAP_DAC_READ_SEARCH"
 REDISCOVER_SECONDS = 60.0
+# A counter drop is a wrap only if the energy it implies could have been drawn. The bound is
+# twice the zone's highest power constraint (turbo can exceed the long-term limit), else this
+# ceiling, above any single package, DRAM or platform zone.
+CEILING_WATTS = 5000.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,14 @@ class Zone:
     component: str  # cpu, dram, platform; "" when not counted
     range_uj: int | None
     why_skipped: str = ""
+    max_power_uw: int | None = None  # the highest constraint_N_max_power_uw, if any
+
+    @property
+    def max_uj_per_second(self) -> float:
+        """The most energy per second a wrap may imply (see CEILING_WATTS)."""
+        if self.max_power_uw:
+            return 2.0 * self.max_power_uw
+        return CEILING_WATTS * 1e6
 
 
 def _read_text(path: str) -> str:
@@ -108,8 +128,19 @@ def discover(root: str) -> list[Zone]:
         zone_id = os.path.basename(path)
         parent = _parent_id(zone_id)
         range_uj = _read_int(os.path.join(path, "max_energy_range_uj"))
-        zones.append(classify(path, names[zone_id], names.get(parent or ""), range_uj))
+        zone = classify(path, names[zone_id], names.get(parent or ""), range_uj)
+        zones.append(dataclasses.replace(zone, max_power_uw=_max_power_uw(path)))
     return zones
+
+
+def _max_power_uw(path: str) -> int | None:
+    limits = []
+    for index in range(8):  # constraint_0 long term, _1 short term, _2 peak
+        value = _read_int(os.path.join(path, f"constraint_{index}_max_power_uw"))
+        if value is None:
+            break
+        limits.append(value)
+    return max(limits, default=None) or None
 
 
 def _describe_error(exc: OSError) -> str:
@@ -141,10 +172,12 @@ class RaplMeter:
         for zone in counted:
             counter = self._counters.get(zone.device)
             if counter is None:
-                self._counters[zone.device] = EnergyCounter(zone.range_uj)
+                self._counters[zone.device] = EnergyCounter(zone.range_uj,
+                                                            zone.max_uj_per_second)
             elif previous.get(zone.device) != zone.path:
                 counter.last_raw = None  # a different zone took this name: start afresh
                 counter.range_units = zone.range_uj
+                counter.max_units_per_second = zone.max_uj_per_second
         self._counted = counted
         self._discovered_at = self._clock()
 
@@ -165,9 +198,15 @@ class RaplMeter:
                 log.debug("rapl zone %s unreadable: %s", zone.path, exc)
                 continue
             counter = self._counters[zone.device]
-            wrapped = counter.update(raw)
-            if wrapped:
-                reading.wraps[zone.device] = wrapped
+            previous = counter.last_raw
+            event = counter.update(raw, self._clock())
+            if event == WRAP:
+                reading.wraps[zone.device] = 1
+            elif event == RESET:
+                reading.resets[zone.device] = 1
+                log.warning("rapl %s: counter went from %s to %d uJ, more than the zone can "
+                            "draw if it had wrapped: counted as a reset", zone.device,
+                            previous, raw)
             reading.devices.append(
                 DeviceEnergy(zone.device, zone.component, "rapl", counter.total_units / 1e6)
             )

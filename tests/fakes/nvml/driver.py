@@ -69,7 +69,8 @@ def main() -> None:
                 r = meter.read()
                 result: Any = {"devices": {d.device: d.joules for d in r.devices},
                                "sources": sorted({(d.component, d.source) for d in r.devices}),
-                               "errors": r.errors, "wraps": r.wraps, "up": meter.up()}
+                               "errors": r.errors, "wraps": r.wraps, "resets": r.resets,
+                          "up": meter.up()}
             elif op == "usage":
                 result = {k: usage_json(v) for k, v in tracker.sample().items()}
             elif op == "report":
