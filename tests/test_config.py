@@ -84,6 +84,8 @@ def test_precedence_flags_over_file_over_defaults(tmp_path):
         ("interval: soon\n", "interval", "cannot parse"),
         ("interval: 5y\n", "interval", "unknown unit"),
         ("interval: [5]\n", "interval", "expected a duration"),
+        ("interval: 1ms\n", "interval", "at least 1s"),
+        ("interval: 0.5s\n", "interval", "at least 1s"),
         ("pue: fast\n", "pue", "expected a number"),
         ("pue: 0.5\n", "pue", ">= 1"),
         ("attribution: {max_consumers: -3}\n", "attribution.max_consumers", "positive integer"),
@@ -122,6 +124,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--zone", "x y"], "--zone: malformed zone"),
         (["--listen", "localhost"], "--listen: expected HOST:PORT"),
         (["--config", "/nonexistent/carbond.yaml"], "--config: cannot read /nonexistent"),
+        (["--interval", "1ms"], "--interval: must be at least 1s"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, needle):
@@ -155,3 +158,11 @@ def test_unreadable_config_file(tmp_path):
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("carbond ")
+
+
+def test_a_config_file_that_is_not_utf8_exits_2_naming_it(tmp_path):
+    path = tmp_path / "carbond.yaml"
+    path.write_bytes(b"interval: 5s\nintensity: {zone: \xff\xfe}\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"carbond: error: --config: {path} is not UTF-8 text (byte 31)"
