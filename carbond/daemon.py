@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from carbond.attribution import (
     Attribution,
@@ -35,20 +35,22 @@ from carbond.carbon.model import Intensity
 from carbond.cardinality import ConsumerSeries
 from carbond.config import Config
 from carbond.consumers import Consumer
+from carbond.deadline import DeadlineWorker, Missed
 from carbond.embodied import embodied_grams_per_second, share_embodied
 from carbond.energy import DeviceDelta, DeviceTotals, Histogram, series
 from carbond.idle import IdleBaseline
 from carbond.ledger import Ledger
-from carbond.meters.base import Meter
+from carbond.meters.base import Meter, MeterReading
 from carbond.meters.nvml import NvmlMeter
 from carbond.meters.rapl import RaplMeter
 from carbond.snapshot import BudgetSample, GpuLabel, Snapshot
-from carbond.systemd import notify
+from carbond.systemd import notify, status_line, watchdog_seconds
 from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.gpu import GpuUsageTracker, PidConsumers, consumer_weights
 from carbond.workloads.naming import CgroupNamer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Counters:
         return counters
 
 
+READ_DEADLINE_SECONDS = 2.0  # or half the interval, whichever is shorter
 IDLE_STATE_FILE = "idle-baseline.json"
 COUNTERS_STATE = "counters"
 PERSIST_SECONDS = 300.0
@@ -142,13 +145,46 @@ class Daemon:
         self._pid_to_consumer = PidConsumers(namer, rel, config.proc_root, per_process)
         self._last_tick = clock()
         self._snapshot = Snapshot(pue=config.pue)
+        # Every source reads on its own thread: one that blocks misses its deadline alone.
+        self._read_deadline = min(READ_DEADLINE_SECONDS, config.interval_seconds / 2)
+        self._workers: dict[str, DeadlineWorker[Any]] = {
+            name: DeadlineWorker(name) for name in [m.name for m in meters] + ["cgroups", "gpu"]
+        }
+        self._up: dict[str, bool] = {}
         # Baselines, so the first tick already has deltas.
         for meter in meters:
-            self._totals.deltas(meter.read().devices)
-        if cpu_usage:
-            cpu_usage.tick()
-        if self._gpu_usage:
-            self._gpu_usage.sample()
+            reading = self._read(meter)
+            if reading is not None:
+                self._totals.deltas(reading.devices)
+        self._collect("cgroups", cpu_usage.tick if cpu_usage else None)
+        self._collect("gpu", self._gpu_usage.sample if self._gpu_usage else None)
+
+    def _read(self, meter: Meter) -> MeterReading | None:
+        """The meter's reading, or None when it missed its deadline or failed: down alone."""
+        try:
+            reading = self._workers[meter.name].call(meter.read, self._read_deadline)
+        except Missed:
+            self._up[meter.name] = False
+            return None
+        except Exception:
+            log.exception("meter %s failed", meter.name)
+            self._up[meter.name] = False
+            return None
+        self._up[meter.name] = meter.up()
+        return reading
+
+    def _collect(self, name: str, fn: Callable[[], T] | None) -> T | None:
+        """A usage source's result, or None when it is absent, missed its deadline or failed
+        (its time then goes to `other` or `idle` for the tick; counters keep the rest)."""
+        if fn is None:
+            return None
+        try:
+            return self._workers[name].call(fn, self._read_deadline)
+        except Missed:
+            return None
+        except Exception:
+            log.exception("%s usage failed", name)
+            return None
 
     def _restore(self, ledger: Ledger) -> None:
         """Counters continue from the ledger's totals instead of starting at zero."""
@@ -183,19 +219,23 @@ class Daemon:
         deltas: list[DeviceDelta] = []
         complete = True  # every device read: a partial tick would teach the baseline a low
         for meter in self.meters:
-            reading = meter.read()
+            reading = self._read(meter)
+            if reading is None:
+                complete = False
+                continue
             complete = complete and not reading.errors
             for device, wraps in reading.wraps.items():
                 self._counters.wraps[device] = self._counters.wraps.get(device, 0) + wraps
             for device, resets in reading.resets.items():
                 self._counters.resets[device] = self._counters.resets.get(device, 0) + resets
             deltas += self._totals.deltas(reading.devices)
-        cpu = self.cpu_usage.tick() if self.cpu_usage else None
+        cpu = self._collect("cgroups", self.cpu_usage.tick if self.cpu_usage else None)
         if cpu:
             self._counters.exited_tasks += cpu.exited_tasks
         measured = frozenset().union(*(meter.components() for meter in self._rapl))
         result = attribute(
-            TickInput(seconds, deltas, cpu.usage if cpu else None, self._gpu_weights(),
+            TickInput(seconds, deltas, cpu.usage if cpu else None,
+                      self._collect("gpu", self._gpu_weights if self._gpu_usage else None) or {},
                       measured, self._cpu_idle.watts(), self.config.idle_watts_gpu or 0.0),
             self._policy,
         )
@@ -238,8 +278,11 @@ class Daemon:
         self, result: Attribution, seconds: float, intensity: Intensity | None, wall: float
     ) -> Snapshot:
         counters = self._counters
-        errors: dict[str, float] = {meter.name: meter.errors_total for meter in self.meters}
-        up = {meter.name: meter.up() for meter in self.meters}
+        errors: dict[str, float] = {
+            meter.name: meter.errors_total + self._workers[meter.name].missed_total
+            for meter in self.meters
+        }
+        up = {meter.name: self._up.get(meter.name, False) for meter in self.meters}
         if "model" in up:  # the model is up when it stands in, not merely when it can
             up["model"] = result.model_used
         gpus: tuple[GpuLabel, ...] = ()
@@ -316,28 +359,42 @@ class Daemon:
                 log.exception("saving state to %s failed", self.config.state_dir)
 
     def run(self, stop: threading.Event) -> None:
-        """Tick on a fixed cadence until `stop` is set; overruns skip, never pile up."""
+        """Tick on a fixed cadence until `stop` is set; overruns skip, never pile up.
+
+        systemd hears READY=1 once a tick has completed (the caller's first tick, or one made
+        here), WATCHDOG=1 after every good tick (so a daemon whose ticks keep failing or hang
+        is restarted), STATUS= with what it measures, and STOPPING=1 when it shuts down.
+        """
         interval = self.config.interval_seconds
+        if not self._snapshot.last_tick_timestamp_seconds:
+            self.tick()  # READY=1 promises a measurement
+        watchdog = watchdog_seconds()
+        if watchdog is not None and interval * 2 > watchdog:
+            log.warning("interval %gs is more than half of the systemd watchdog (%gs): "
+                        "raise WatchdogSec= or the daemon is restarted between ticks",
+                        interval, watchdog)
         deadline = self._clock() + interval
         persister = threading.Thread(target=self._persist_until, args=(stop,),
                                      name="carbond-persist", daemon=True)
         persister.start()
         if self.ledger is not None:
             self.ledger.start(self.config.ledger_flush_seconds)
-        notify("READY=1")
+        notify(f"READY=1\nSTATUS={status_line(self._snapshot)}")
         while not stop.wait(max(0.0, deadline - self._clock())):
             try:
-                self.tick()
-            except Exception:  # a bug in one tick must not end accounting
+                snapshot = self.tick()
+            except Exception as exc:  # a bug in one tick must not end accounting
                 log.exception("tick failed")
                 self.tick_failed()
+                notify(f"STATUS=tick failed ({type(exc).__name__}); "
+                       f"{status_line(self._snapshot)}")
             else:  # the watchdog fires when ticks keep failing: /metrics would be stale
-                notify("WATCHDOG=1")
+                notify(f"WATCHDOG=1\nSTATUS={status_line(snapshot)}")
             deadline += interval
             now = self._clock()
             if deadline <= now:
                 deadline = now + interval - (now - deadline) % interval
-        notify("STOPPING=1")
+        notify("STOPPING=1\nSTATUS=stopping: flushing the ledger")
 
     def close(self) -> None:
         self.persist()

@@ -237,3 +237,51 @@ def test_counter_reset_is_counted_and_adds_no_spike(tmp_path):
     grew = total(after, HOST_ENERGY, device="package-0") - total(before, HOST_ENERGY,
                                                                   device="package-0")
     assert grew == pytest.approx(40.0, abs=1e-6)
+
+
+def test_a_counter_that_blocks_never_stalls_ticks_or_shutdown(tmp_path):
+    """Issue 14: an `energy_uj` that blocks (a FIFO standing in for a hung driver) stopped
+    ticks for good and SIGTERM no longer stopped the daemon."""
+    tree = powercap.FakePowercap(str(tmp_path / "powercap"))
+    stuck = tree.add("intel-rapl:0", "package-0")
+    fine = tree.add("intel-rapl:1", "package-1")
+    energy = os.path.join(stuck.path, "energy_uj")
+    os.remove(energy)
+    os.mkfifo(energy)
+    with carbond_run("--powercap-root", str(tmp_path / "powercap"), "--interval", "1s") as daemon:
+        before = daemon.wait_ticks(1)
+        fine.advance_uj(5_000_000)
+        after = daemon.wait_ticks(3)
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=5) == 0
+        assert time.monotonic() - started < 2.0
+    assert total(after, HOST_ENERGY, device="package-1") - total(
+        before, HOST_ENERGY, device="package-1") == pytest.approx(5.0)
+    assert total(after, "carbond_meter_errors_total", meter="rapl") >= 3
+
+
+def test_a_cgroup_read_that_blocks_misses_its_deadline_alone(tmp_path):
+    """A collector read that blocks (a FIFO where a cgroup's cpu.stat should be): the tick
+    goes on without CPU shares (their energy goes to `other`), and shutdown is prompt."""
+    root = tmp_path / "cgroups"
+    (root / "stuck.service").mkdir(parents=True)
+    (root / "cpu.stat").write_text("usage_usec 1000\n")
+    os.mkfifo(root / "stuck.service" / "cpu.stat")
+    tree = powercap.FakePowercap(str(tmp_path / "powercap"))
+    package = tree.add("intel-rapl:0", "package-0")
+    config = tmp_path / "carbond.yaml"
+    config.write_text("attribution: {idle_watts: {cpu: 0}, processes: off}\n")
+    with carbond_run("--config", str(config), "--powercap-root", str(tmp_path / "powercap"),
+                     "--cgroup-root", str(root), "--interval", "2s") as daemon:
+        before = daemon.wait_ticks(1, timeout=30)
+        package.advance_uj(10_000_000)
+        after = daemon.wait_ticks(2, timeout=30)
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=5) == 0
+        assert time.monotonic() - started < 2.0
+    other = total(after, "carbond_consumer_energy_joules_total", consumer="other") - total(
+        before, "carbond_consumer_energy_joules_total", consumer="other")
+    assert other == pytest.approx(10.0)
+    assert "cgroups did not answer" in daemon.process.stderr.read()

@@ -57,8 +57,13 @@ class Zone:
 
 
 def _read_text(path: str) -> str:
-    with open(path, encoding="ascii") as handle:
-        return handle.read().strip()
+    """A small sysfs file. Non-blocking, so a FIFO planted where a counter should be reads as
+    garbage instead of stalling the tick (a hung driver is the daemon's deadline's job)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).decode("ascii").strip()
+    finally:
+        os.close(fd)
 
 
 def _read_int(path: str) -> int | None:
@@ -120,7 +125,7 @@ def discover(root: str) -> list[Zone]:
     for path in _zone_dirs(root):
         try:
             names[os.path.basename(path)] = _read_text(os.path.join(path, "name"))
-        except OSError:
+        except (OSError, ValueError):
             continue
         paths.append(path)
     zones = []
