@@ -84,8 +84,8 @@ def test_precedence_flags_over_file_over_defaults(tmp_path):
         ("interval: soon\n", "interval", "cannot parse"),
         ("interval: 5y\n", "interval", "unknown unit"),
         ("interval: [5]\n", "interval", "expected a duration"),
-        ("interval: 1ms\n", "interval", "at least 1s"),
-        ("interval: 0.5s\n", "interval", "at least 1s"),
+        ("interval: 1ms\n", "interval", "at least 0.1s"),
+        ("interval: 0.05s\n", "interval", "at least 0.1s"),
         ("pue: fast\n", "pue", "expected a number"),
         ("pue: 0.5\n", "pue", ">= 1"),
         ("attribution: {max_consumers: -3}\n", "attribution.max_consumers", "positive integer"),
@@ -124,7 +124,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--zone", "x y"], "--zone: malformed zone"),
         (["--listen", "localhost"], "--listen: expected HOST:PORT"),
         (["--config", "/nonexistent/carbond.yaml"], "--config: cannot read /nonexistent"),
-        (["--interval", "1ms"], "--interval: must be at least 1s"),
+        (["--interval", "1ms"], "--interval: must be at least 0.1s"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, needle):
