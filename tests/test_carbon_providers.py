@@ -142,6 +142,8 @@ def test_retry_after_forms():
     assert parse_retry_after("soon", 0.0) is None
     assert parse_retry_after(None, 0.0) is None
     assert parse_retry_after("99999999", 0.0) == 86400.0
+    assert parse_retry_after("\u00b2", 0.0) is None  # str.isdigit() says yes; float() says no
+    assert parse_retry_after("\u0663", 0.0) is None  # ARABIC-INDIC DIGIT THREE
 
 
 def test_decode_json_tells_html_from_json():

@@ -326,8 +326,116 @@ def test_stop_is_prompt_when_idle(server, tmp_path):
 
 
 def test_clock_stepped_back_does_not_stall_refreshes(server, tmp_path, clock):
+    # The host clock ran a day ahead; NTP steps it back to the time the API also keeps.
+    clock.advance(86400)
     feed = make_feed(server, tmp_path, clock)
+    server.now = clock.now  # the API's answers follow the wrong clock: dated "now"
     assert feed.refresh_now(force=False) == {"electricitymaps": "ok"}
-    clock.advance(-86400)  # NTP stepped the clock back a day
+    clock.advance(-86400)
+    server.now = clock.now
+    # The figure now looks a day ahead: not fresh (it would stay so for a day), refetched.
+    assert feed.current().provider == "static"
     assert feed.refresh_now(force=False) == {"electricitymaps": "ok"}
+    assert feed.current().provider == "electricitymaps"
     assert feed.refresh_now(force=False) == {}  # and then back on the normal schedule
+
+
+# ------------------------------------------------------------------ dates
+
+
+Y2099 = 4_070_908_800.0  # 2099-01-01T00:00Z
+Y2001 = 978_307_200.0  # 2001-01-01T00:00Z
+
+
+def test_a_value_dated_in_the_future_is_a_fetch_error(server, tmp_path, clock):
+    feed = make_feed(server, tmp_path, clock)
+    assert feed.refresh_now() == {"electricitymaps": "ok"}
+    server.em_observed_at = Y2099
+    server.em_grams_per_kwh = 999.0
+    clock.advance(60)
+    assert feed.refresh_now() == {"electricitymaps": "future_date"}
+    assert feed.current().grams_per_kwh == 123.0  # the good value stays in use
+    assert feed.fetch_errors()["electricitymaps"] == 1
+    assert feed.last_errors()["electricitymaps"] == "future_date"
+    assert "999" not in (tmp_path / "state" / CACHE_FILE).read_text()  # never cached
+    # The provider then fails: the good value goes stale as usual, the 2099 one never existed.
+    server.modes["em_latest"] = "500"
+    clock.advance(7200)
+    assert feed.refresh_now() == {"electricitymaps": "http_500"}
+    assert feed.current().provider == "static"
+    restarted = make_feed(server, tmp_path, clock)
+    assert restarted.current().provider == "static"
+
+
+def test_a_value_dated_2001_is_a_stale_date_error(server, tmp_path, clock, caplog):
+    caplog.set_level(logging.WARNING)
+    server.em_observed_at = Y2001
+    feed = make_feed(server, tmp_path, clock)
+    assert feed.refresh_now() == {"electricitymaps": "stale_date"}
+    assert feed.fetch_errors()["electricitymaps"] == 1
+    assert feed.values()["electricitymaps"] is None
+    assert feed.current().provider == "static"
+    assert "2001-01-01T00:00:00Z" in caplog.text  # said, not ignored silently
+
+
+@pytest.mark.parametrize(
+    ("offset_seconds", "outcome"),
+    [(-7199, "ok"), (-7201, "stale_date"), (0, "ok"), (1800, "ok"), (3599, "ok"),
+     (3601, "future_date")],
+)  # fmt: skip
+def test_date_limits(server, tmp_path, clock, offset_seconds, outcome):
+    # A current period's start may be a little ahead of a slow host clock: up to an hour.
+    server.em_observed_at = START + offset_seconds
+    feed = make_feed(server, tmp_path, clock)
+    assert feed.refresh_now() == {"electricitymaps": outcome}
+    assert (feed.current().provider == "electricitymaps") == (outcome == "ok")
+
+
+@pytest.mark.parametrize(
+    ("observed_at", "fetched_at", "reason"),
+    [(Y2099, START, "ahead of now"), (START - 600, Y2099, "ahead of now"),
+     (Y2001, Y2001, "older than max_age")],
+)  # fmt: skip
+def test_cached_values_get_the_same_date_checks(
+    server, tmp_path, clock, caplog, observed_at, fetched_at, reason
+):
+    caplog.set_level(logging.INFO)
+    state = tmp_path / "state"
+    state.mkdir()
+    entry = {"grams_per_kwh": 55.0, "zone": "DE", "provider": "electricitymaps",
+             "observed_at": observed_at, "fetched_at": fetched_at}  # fmt: skip
+    cache = {"version": 1, "zone": "DE", "providers": {"electricitymaps": entry}}
+    (state / CACHE_FILE).write_text(json.dumps(cache))
+    feed = make_feed(server, tmp_path, clock)
+    assert feed.current().provider == "static"
+    assert reason in caplog.text
+    # and nothing in the cache puts the next fetch off
+    assert feed.refresh_now(force=False) == {"electricitymaps": "ok"}
+    assert feed.current().grams_per_kwh == 123.0
+
+
+# ------------------------------------------------------------------ a server that drips
+
+
+def test_a_dripping_provider_times_out_and_the_next_refresh_happens(server, tmp_path):
+    deadline_seconds = 1.0
+    server.modes["em_latest"] = "drip_body"
+    server.drip_seconds = deadline_seconds / 4  # each read gets a byte long before its timeout
+    providers = make_providers(server, tmp_path, timeout=deadline_seconds)
+    feed = IntensityFeed(providers, "DE", refresh_seconds=0.2, max_age_seconds=7200,
+                         state_dir=tmp_path / "state", backoff_base_seconds=0.05)  # fmt: skip
+    feed.start()
+    try:
+        wait_until = time.monotonic() + deadline_seconds * 10
+        while feed.fetch_errors()["electricitymaps"] == 0 and time.monotonic() < wait_until:
+            time.sleep(0.02)
+        assert feed.last_errors()["electricitymaps"] == "timeout"
+        server.modes["em_latest"] = "ok"
+        server.now = time.time()
+        wait_until = time.monotonic() + deadline_seconds * 10
+        while feed.current().provider != "electricitymaps" and time.monotonic() < wait_until:
+            time.sleep(0.02)
+        assert feed.current().provider == "electricitymaps"
+    finally:
+        feed.stop()
+        server.stop()  # lets a held fetch go, on code without the deadline

@@ -14,6 +14,9 @@ from typing import Any
 MAX_GRAMS_PER_KWH = 3000.0
 # 1 lb = 0.45359237 kg, so 1 lb/MWh = 453.59237 g / 1000 kWh = 0.45359237 g/kWh.
 GRAMS_PER_KWH_PER_LBS_PER_MWH = 0.45359237
+# How far ahead of now a figure may be dated: the period that holds now starts at or before it
+# (GB half hours, Electricity Maps' hour), but a host clock a little slow sees the next one.
+FUTURE_TOLERANCE_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,10 @@ def check_grams_per_kwh(value: Any) -> float:
     """A plausible intensity or FetchError('invalid_value'): numeric, finite, 0..3000."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FetchError("invalid_value", f"not a number ({type(value).__name__})")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits: JSON allows it
+        raise FetchError("invalid_value", "too large for a number") from None
     if math.isnan(number) or math.isinf(number):
         raise FetchError("invalid_value", "not finite")
     if number < 0:
@@ -97,6 +103,53 @@ def check_grams_per_kwh(value: Any) -> float:
     if number > MAX_GRAMS_PER_KWH:
         raise FetchError("invalid_value", f"{number:g} g/kWh is above {MAX_GRAMS_PER_KWH:g}")
     return number
+
+
+def date_problem(observed_at: float, now: float, max_age_seconds: float) -> str | None:
+    """Why a figure dated `observed_at` cannot be used at `now`: `future_date` when it is
+    dated more than FUTURE_TOLERANCE_SECONDS ahead (it would never go stale), `stale_date`
+    when older than `max_age_seconds` (it would never be used); None when usable."""
+    if observed_at - now > FUTURE_TOLERANCE_SECONDS:
+        return "future_date"
+    if now - observed_at > max_age_seconds:
+        return "stale_date"
+    return None
+
+
+def check_observed_at(observed_at: float, now: float, max_age_seconds: float) -> None:
+    """FetchError `future_date` / `stale_date` (see date_problem), naming the date."""
+    problem = date_problem(observed_at, now, max_age_seconds)
+    if problem == "future_date":
+        raise FetchError(
+            problem, f"dated {describe_time(observed_at)}, {observed_at - now:.0f}s ahead of now"
+        )
+    if problem == "stale_date":
+        raise FetchError(
+            problem,
+            f"dated {describe_time(observed_at)}, "
+            f"{now - observed_at:.0f}s old (max_age {max_age_seconds:g}s)",
+        )
+
+
+def describe_time(epoch_seconds: float) -> str:
+    """UTC ISO form for messages; the bare number where no calendar date can hold it."""
+    try:
+        return format_utc(epoch_seconds, minutes=False)
+    except (OverflowError, OSError, ValueError):
+        return f"{epoch_seconds:g} s after the epoch"
+
+
+def snippet(value: Any, limit: int = 40) -> str:
+    """A short, escaped rendering of a value an API sent, safe for one log line."""
+    if isinstance(value, str):
+        return repr(value[:limit])
+    if value is None or isinstance(value, (bool, int, float)):
+        try:
+            text = repr(value)
+        except ValueError:  # an int past Python's digit limit for str()
+            return "a huge integer"
+        return text if len(text) <= limit else f"{text[:limit]}..."
+    return type(value).__name__
 
 
 def lbs_per_mwh_to_grams_per_kwh(lbs_per_mwh: float) -> float:
@@ -135,6 +188,12 @@ def _str(value: Any) -> str:
 
 
 def _finite(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("expected a finite number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError("expected a finite number") from None
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number

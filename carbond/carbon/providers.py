@@ -2,7 +2,9 @@
 
 Every provider answers `fetch(now) -> Intensity` or raises FetchError; network providers also
 answer `forecast(now)`. Responses are validated here (shape, zone, units, range) so a bad answer
-never replaces a good value. Credentials live in `Secret`, which never prints itself.
+never replaces a good value: each network provider's `parse_*` functions take a decoded body and
+return a value or raise FetchError, whatever the body holds. Credentials live in `Secret`, which
+never prints itself.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from carbond.carbon.model import (
     format_utc,
     lbs_per_mwh_to_grams_per_kwh,
     parse_timestamp,
+    snippet,
 )
 from carbond.carbon.static import (
     Tables,
@@ -133,11 +136,17 @@ class ElectricityMapsProvider(_Base):
         if not isinstance(zone, str) or not zone:
             raise FetchError("missing_field", "no zone in the answer")
         if split_cloud_zone(self.zone) is None and zone.upper() != self.zone.upper():
-            raise FetchError("wrong_zone", f"asked for {self.zone}, got {zone[:40]}")
+            raise FetchError("wrong_zone", f"asked for {self.zone}, got {snippet(zone)}")
         return zone
 
     def fetch(self, now: float) -> Intensity:
-        body = _object(self._get("/v3/carbon-intensity/latest"))
+        return self.parse_latest(self._get("/v3/carbon-intensity/latest"), now)
+
+    def forecast(self, now: float) -> list[ForecastPoint]:
+        return self.parse_forecast(self._get("/v3/carbon-intensity/forecast"))
+
+    def parse_latest(self, answer: Any, now: float) -> Intensity:
+        body = _object(answer)
         zone = self._check_zone(body)
         grams = check_grams_per_kwh(_field(body, "carbonIntensity"))
         observed_at = parse_timestamp(_field(body, "datetime"))
@@ -151,8 +160,8 @@ class ElectricityMapsProvider(_Base):
             is_estimated=bool(estimated),
         )
 
-    def forecast(self, now: float) -> list[ForecastPoint]:
-        body = _object(self._get("/v3/carbon-intensity/forecast"))
+    def parse_forecast(self, answer: Any) -> list[ForecastPoint]:
+        body = _object(answer)
         self._check_zone(body)
         rows = _field(body, "forecast")
         if not isinstance(rows, list):
@@ -206,17 +215,12 @@ class WattTimeProvider(_Base):
         pair = f"{self.username}:{self._password.reveal()}".encode()
         basic = base64.b64encode(pair).decode("ascii")
         try:
-            body = _object(
-                self.http.get_json(f"{self.url}/login", {"Authorization": f"Basic {basic}"})
-            )
+            answer = self.http.get_json(f"{self.url}/login", {"Authorization": f"Basic {basic}"})
         except FetchError as exc:
             raise FetchError(
                 f"login_{exc.reason}", "WattTime login failed", exc.retry_after_seconds
             ) from None
-        token = body.get("token")
-        if not isinstance(token, str) or not token:
-            raise FetchError("missing_field", "WattTime login answer has no token")
-        self._token = Secret(token)
+        self._token = Secret(self.parse_login(answer))
         self._token_expires_at = now + WATTTIME_TOKEN_SECONDS
         return self._token
 
@@ -232,22 +236,37 @@ class WattTimeProvider(_Base):
                 self._token = None  # expired early or revoked: log in again once
         raise AssertionError("unreachable")
 
-    def _series(self, now: float, horizon_hours: int) -> tuple[list[tuple[float, float]], float]:
+    @staticmethod
+    def parse_login(answer: Any) -> str:
+        token = _object(answer).get("token")
+        if not isinstance(token, str) or not token:
+            raise FetchError("missing_field", "WattTime login answer has no token")
+        return token
+
+    def _forecast_body(self, now: float, horizon_hours: int) -> Any:
         params = {"region": self.region, "signal_type": "co2_moer", "horizon_hours": horizon_hours}
-        body = _object(self._get("/v3/forecast", params, now))
+        return self._get("/v3/forecast", params, now)
+
+    def parse_series(self, answer: Any) -> tuple[list[tuple[float, float]], float]:
+        """(start, g/kWh) points of a /v3/forecast answer and their period in seconds."""
+        body = _object(answer)
         meta = _object(_field(body, "meta"))
         units = meta.get("units")
         if units != "lbs_co2_per_mwh":
-            raise FetchError("wrong_units", f"expected lbs_co2_per_mwh, got {str(units)[:40]}")
+            raise FetchError("wrong_units", f"expected lbs_co2_per_mwh, got {snippet(units)}")
         signal = meta.get("signal_type", "co2_moer")
         if signal != "co2_moer":
-            raise FetchError("wrong_signal", f"expected co2_moer, got {str(signal)[:40]}")
+            raise FetchError("wrong_signal", f"expected co2_moer, got {snippet(signal)}")
         region = meta.get("region")
         if region is not None and region != self.region:
-            raise FetchError("wrong_zone", f"asked for {self.region}, got {str(region)[:40]}")
+            raise FetchError("wrong_zone", f"asked for {self.region}, got {snippet(region)}")
         period = meta.get("data_point_period_seconds", 300)
-        if isinstance(period, bool) or not isinstance(period, (int, float)) or period <= 0:
-            period = 300
+        try:
+            period = _number(period)
+        except FetchError:
+            period = 300.0
+        if period <= 0:
+            period = 300.0
         data = _field(body, "data")
         if not isinstance(data, list) or not data:
             raise FetchError("missing_field", "no data points")
@@ -260,7 +279,13 @@ class WattTimeProvider(_Base):
         return series, float(period)
 
     def fetch(self, now: float) -> Intensity:
-        series, _ = self._series(now, horizon_hours=0)
+        return self.parse_latest(self._forecast_body(now, horizon_hours=0), now)
+
+    def forecast(self, now: float) -> list[ForecastPoint]:
+        return self.parse_forecast(self._forecast_body(now, horizon_hours=24))
+
+    def parse_latest(self, answer: Any, now: float) -> Intensity:
+        series, _ = self.parse_series(answer)
         observed_at, grams = series[0]
         return Intensity(
             grams_per_kwh=grams,
@@ -272,8 +297,8 @@ class WattTimeProvider(_Base):
             marginal=True,
         )
 
-    def forecast(self, now: float) -> list[ForecastPoint]:
-        series, period = self._series(now, horizon_hours=24)
+    def parse_forecast(self, answer: Any) -> list[ForecastPoint]:
+        series, period = self.parse_series(answer)
         return points_from_starts(series, default_period_seconds=period)
 
 
@@ -315,7 +340,7 @@ class UKGridProvider(_Base):
         regionid = region.get("regionid")
         if regionid != self.region:
             raise FetchError(
-                "wrong_zone", f"asked for region {self.region}, got {str(regionid)[:20]}"
+                "wrong_zone", f"asked for region {self.region}, got {snippet(regionid, 20)}"
             )
         periods = _field(region, "data")
         if not isinstance(periods, list) or not periods:
@@ -332,7 +357,18 @@ class UKGridProvider(_Base):
 
     def fetch(self, now: float) -> Intensity:
         path = "/intensity" if self.region is None else f"/regional/regionid/{self.region}"
-        period = self._periods(self.http.get_json(f"{self.url}{path}"))[0]
+        return self.parse_latest(self.http.get_json(f"{self.url}{path}"), now)
+
+    def forecast(self, now: float) -> list[ForecastPoint]:
+        start = format_utc(now)
+        if self.region is None:
+            path = f"/intensity/{start}/fw24h"
+        else:
+            path = f"/regional/intensity/{start}/fw24h/regionid/{self.region}"
+        return self.parse_forecast(self.http.get_json(f"{self.url}{path}"))
+
+    def parse_latest(self, answer: Any, now: float) -> Intensity:
+        period = self._periods(answer)[0]
         grams, estimated = self._value(period)
         return Intensity(
             grams_per_kwh=grams,
@@ -343,14 +379,9 @@ class UKGridProvider(_Base):
             is_estimated=estimated or self.region is not None,
         )
 
-    def forecast(self, now: float) -> list[ForecastPoint]:
-        start = format_utc(now)
-        if self.region is None:
-            path = f"/intensity/{start}/fw24h"
-        else:
-            path = f"/regional/intensity/{start}/fw24h/regionid/{self.region}"
+    def parse_forecast(self, answer: Any) -> list[ForecastPoint]:
         points = []
-        for period in self._periods(self.http.get_json(f"{self.url}{path}")):
+        for period in self._periods(answer):
             grams, _ = self._value(period)
             points.append(
                 ForecastPoint(
@@ -417,9 +448,15 @@ def _field(body: Any, key: str) -> Any:
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FetchError("invalid_value", "not a finite number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise FetchError("invalid_value", "not a finite number") from None
+    if not math.isfinite(number):
+        raise FetchError("invalid_value", "not a finite number")
+    return number
 
 
 def points_from_starts(

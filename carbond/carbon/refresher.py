@@ -4,7 +4,8 @@ A daemon thread polls each network provider on its own schedule (refresh period,
 backoff with jitter after failures, Retry-After on 429). Ticks only call `current()`, which
 reads a few fields under a lock and never waits on the network. The last good value of each
 provider is cached in the state directory so a restart does not fall back to the annual table
-while the API is slow or down.
+while the API is slow or down. A figure dated in the future (it would never go stale) or older
+than max_age (it would never be used) is a failed fetch, from the API and from the cache alike.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from carbond.carbon.model import FetchError, Intensity
+from carbond.carbon.model import (
+    FUTURE_TOLERANCE_SECONDS,
+    FetchError,
+    Intensity,
+    check_observed_at,
+    date_problem,
+    describe_time,
+)
 from carbond.carbon.providers import Provider
 
 log = logging.getLogger(__name__)
@@ -192,6 +200,7 @@ class IntensityFeed:
         started = self.clock()
         try:
             value = provider.fetch(started)
+            check_observed_at(value.observed_at, started, self.max_age_seconds)
         except FetchError as exc:
             return self._failed(state, exc, started)
         except Exception as exc:  # a provider bug must not end the thread
@@ -244,14 +253,19 @@ class IntensityFeed:
     # ------------------------------------------------------------ freshness and cache
 
     def _fresh(self, value: Intensity, now: float) -> bool:
-        return value.age_seconds(now) <= self.max_age_seconds
+        """Not older than max_age, and not ahead of now by more than the tolerance (a clock
+        stepped back a day must not make a figure fresh for a day)."""
+        return date_problem(value.observed_at, now, self.max_age_seconds) is None
 
     def _cache_path(self) -> Path | None:
         return self.state_dir / CACHE_FILE if self.state_dir is not None else None
 
     def _load_cache(self) -> None:
         """Reuse cached values that are for this zone and still fresh; schedule the next fetch
-        one refresh period after the cached fetch, so restart loops do not hammer the APIs."""
+        one refresh period after the cached fetch, so restart loops do not hammer the APIs.
+
+        Cached values get the checks fetched ones do: one dated (or fetched) in the future is
+        dropped with a warning, one older than max_age with an info line."""
         path = self._cache_path()
         if path is None:
             return
@@ -259,7 +273,7 @@ class IntensityFeed:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("ignoring intensity cache %s: %s", path, type(exc).__name__)
             return
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
@@ -275,11 +289,33 @@ class IntensityFeed:
                 value = Intensity.from_json(entry)
             except (ValueError, FetchError):
                 continue
-            if value.provider != state.provider.name or not self._fresh(value, now):
+            if value.provider != state.provider.name or not self._cached_usable(value, now):
                 continue
             state.value = value
-            state.next_attempt_at = max(now, value.fetched_at + self.refresh_seconds)
-            state.scheduled_at = min(now, value.fetched_at)
+            fetched_at = min(now, value.fetched_at)
+            state.next_attempt_at = max(now, fetched_at + self.refresh_seconds)
+            state.scheduled_at = fetched_at
+
+    def _cached_usable(self, value: Intensity, now: float) -> bool:
+        problem = date_problem(value.observed_at, now, self.max_age_seconds)
+        if problem is None and value.fetched_at - now > FUTURE_TOLERANCE_SECONDS:
+            problem = "future_date"  # it would put the next fetch off until then
+        if problem == "future_date":
+            log.warning(
+                "ignoring cached %s intensity: dated %s, fetched %s, ahead of now (%s)",
+                value.provider,
+                describe_time(value.observed_at),
+                describe_time(value.fetched_at),
+                describe_time(now),
+            )
+        elif problem == "stale_date":
+            log.info(
+                "ignoring cached %s intensity: dated %s, older than max_age %gs",
+                value.provider,
+                describe_time(value.observed_at),
+                self.max_age_seconds,
+            )
+        return problem is None
 
     def _save_cache(self) -> None:
         """Atomic write (temp file + rename); a full or read-only disk only logs, once."""

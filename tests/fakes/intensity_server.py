@@ -1,6 +1,7 @@
 """A local HTTP server on 127.0.0.1 that answers like Electricity Maps v3, WattTime v3 and the
 GB Carbon Intensity API, and misbehaves on request (500, timeouts, 429, garbage, HTML pages,
-truncated JSON, wrong zone or units, out-of-range values).
+truncated JSON, wrong zone or units, out-of-range values, redirects elsewhere, answers dripped a
+byte at a time, endless chunked bodies).
 
 Each route has its own mode (`server.modes["em_latest"] = "500"`), so one server can play a
 healthy API and a broken one at the same time. Every request is recorded for assertions.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +28,13 @@ WT_TOKEN_PREFIX = "wt-session-token-"
 MODES = (
     "ok", "500", "timeout", "429", "garbage", "html", "truncated", "short_read", "wrong_zone",
     "wrong_units", "negative", "nan", "huge", "string_value", "missing", "401", "empty",
+    "redirect", "drip", "drip_body", "endless_chunked",
 )  # fmt: skip
+# "redirect": 302 to `redirect_location`, except requests whose query has `hop` (the
+#   redirected one, when it points back here), which are answered normally.
+# "drip": the whole answer, status line first, one byte every `drip_seconds`.
+# "drip_body": status and headers at once, then a chunked body one byte every `drip_seconds`.
+# "endless_chunked": a chunked body that never ends, as fast as the client reads.
 
 
 @dataclass
@@ -52,6 +60,7 @@ class FakeIntensityServer:
     modes: dict[str, str] = field(default_factory=dict)  # route -> mode; default "ok"
     em_grams_per_kwh: float = 123.0
     em_is_estimated: bool = False
+    em_observed_at: float | None = None  # Electricity Maps' `datetime`; None: the current hour
     wt_lbs_per_mwh: float = 1000.0
     wt_region_override: str | None = None
     uk_actual: float | None = 180.0
@@ -59,6 +68,8 @@ class FakeIntensityServer:
     uk_regional_forecast: float = 95.0
     retry_after: str = "7"
     hang_seconds: float = 3.0
+    redirect_location: str = "/"
+    drip_seconds: float = 2.0
     forecast_values: list[float] = field(default_factory=lambda: [300, 250, 120, 140, 260, 310])
     requests: list[Recorded] = field(default_factory=list)
     tokens_issued: int = 0
@@ -66,12 +77,15 @@ class FakeIntensityServer:
     def __post_init__(self) -> None:
         self._release = threading.Event()
         self._server: ThreadingHTTPServer | None = None
+        self._scheme = "http"
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self) -> FakeIntensityServer:
+    def start(self, tls: ssl.SSLContext | None = None) -> FakeIntensityServer:
+        """Serve on 127.0.0.1; over TLS with `tls` (a server-side context), then `url` is
+        https://."""
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,6 +99,10 @@ class FakeIntensityServer:
 
         self._release.clear()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._scheme = "http"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -104,7 +122,7 @@ class FakeIntensityServer:
     def url(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self._scheme}://{host}:{port}"
 
     def set_all(self, mode: str) -> None:
         for route in ALL_ROUTES:
@@ -129,6 +147,36 @@ class FakeIntensityServer:
         mode = self.modes.get(route, "ok")
         if route == "unknown":
             return _send(handler, 404, b'{"error":"not found"}')
+        if mode == "redirect" and "hop" not in query:
+            return _send(handler, 302, b"", {"Location": self.redirect_location})
+        if mode == "drip":
+            body = json.dumps(self.answer(route, query, parts.path)).encode()
+            head = _head(
+                200,
+                {
+                    "Content-Type": "application/json",
+                    "Content-Length": str(len(body)),
+                    "Connection": "close",
+                },
+            )
+            return self._drip(handler, head + body)
+        if mode == "drip_body":
+            body = json.dumps(self.answer(route, query, parts.path)).encode()
+            head = _head(
+                200,
+                {
+                    "Content-Type": "application/json",
+                    "Transfer-Encoding": "chunked",
+                    "Connection": "close",
+                },
+            )
+            if not _write(handler, head):
+                return None
+            return self._drip(
+                handler, b"".join(_chunk(body[i : i + 1]) for i in range(len(body))) + _chunk(b"")
+            )
+        if mode == "endless_chunked":
+            return self._endless(handler)
         if mode == "timeout":
             self._release.wait(self.hang_seconds)
             mode = "ok"
@@ -165,6 +213,32 @@ class FakeIntensityServer:
             return None
         return _send(handler, 200, text)
 
+    def _drip(self, handler: BaseHTTPRequestHandler, data: bytes) -> None:
+        """One byte every `drip_seconds`, until done, the client leaves or the server stops."""
+        handler.close_connection = True
+        for index in range(len(data)):
+            if not _write(handler, data[index : index + 1]):
+                return
+            if self._release.wait(self.drip_seconds):
+                return
+
+    def _endless(self, handler: BaseHTTPRequestHandler) -> None:
+        handler.close_connection = True
+        head = _head(200, {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        block = _chunk(b"0," * 32768)
+        if not _write(handler, head + _chunk(b'{"zone": "DE", "padding": [')):
+            return
+        while not self._release.is_set() and _write(handler, block):
+            pass
+
+    def answer(self, route: str, query: dict[str, str] | None = None, path: str = "") -> Any:
+        """The healthy answer of `route`, as a parsed JSON value (for fuzzing parsers)."""
+        path = path or {"uk_regional": "/regional/regionid/13",
+                        "uk_fw24h": f"/intensity/{iso(self.now, minutes=True)}/fw24h",
+                        "uk_regional_fw24h": f"/regional/intensity/{iso(self.now, minutes=True)}"
+                                             "/fw24h/regionid/13"}.get(route, "")  # fmt: skip
+        return self._answer(route, "ok", dict(query or {}), path)
+
     def _authorised(self, route: str, handler: BaseHTTPRequestHandler, query: dict) -> bool:
         if route.startswith("em_"):
             return handler.headers.get("auth-token") == EM_TOKEN
@@ -196,7 +270,7 @@ class FakeIntensityServer:
             body: dict[str, Any] = {
                 "zone": "FR" if mode == "wrong_zone" else zone,
                 "carbonIntensity": self._value(mode, self.em_grams_per_kwh),
-                "datetime": iso(hour),
+                "datetime": iso(hour if self.em_observed_at is None else self.em_observed_at),
                 "updatedAt": iso(self.now),
                 "createdAt": iso(hour - 86400),
                 "emissionFactorType": "lifecycle",
@@ -333,3 +407,22 @@ def _send(
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
+
+
+def _head(status: int, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} OK", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _write(handler: BaseHTTPRequestHandler, data: bytes) -> bool:
+    """False once the client has gone (it gave up, as it should)."""
+    try:
+        handler.wfile.write(data)
+        handler.wfile.flush()
+    except OSError:
+        return False
+    return True
