@@ -23,21 +23,20 @@ restart keeps what was learned within the window. The maths does no I/O; `save`/
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from carbond.files import write_atomically
+
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-STATE_FILE_MODE = 0o640
 MAX_STATE_BYTES = 1 << 20  # a full hour of one-minute buckets is ~18 KB
 MAX_WATTS = 1e6  # a megawatt for one host's CPUs is a broken meter, not a reading
 MIN_SPREAD = 0.05  # std dev of utilisation (5 points) below which the line is not fitted
@@ -295,7 +294,7 @@ class IdleBaseline:
              now_seconds: float | None = None) -> None:
         """Replace `path` atomically (temp file, fsync, rename; mode 0640). Raises OSError."""
         text = json.dumps(self.to_state(wall_now, now_seconds), allow_nan=False)
-        _write_atomically(os.fspath(path), text)
+        write_atomically(path, text)
 
     @classmethod
     def load(
@@ -380,26 +379,3 @@ def _parse_state(
     buckets.sort(key=lambda b: b.start_seconds)
     return buckets
 
-
-def _write_atomically(path: str, text: str) -> None:
-    """Sibling temp file, fsync, rename, fsync the directory: readers see old or new, not half."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), STATE_FILE_MODE)
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # durability of the rename; not all filesystems allow
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

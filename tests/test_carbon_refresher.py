@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from carbond.carbon.http import HttpClient
 from carbond.carbon.providers import build_providers
-from carbond.carbon.refresher import CACHE_FILE, IntensityFeed, backoff_seconds, write_atomically
+from carbond.carbon.refresher import CACHE_FILE, IntensityFeed, backoff_seconds
 from tests.fakes.intensity_server import EM_TOKEN, FakeIntensityServer
 
 START = 1_717_000_000.0
@@ -243,26 +243,6 @@ def test_unwritable_state_dir_degrades(server, tmp_path, clock, caplog):
     assert feed.current().grams_per_kwh == 123.0
     warnings = [r for r in caplog.records if "cannot write intensity cache" in r.getMessage()]
     assert len(warnings) == 1  # said once, not every refresh
-
-
-def test_write_atomically_leaves_no_temp_files(tmp_path):
-    target = tmp_path / "x.json"
-    write_atomically(target, "one")
-    write_atomically(target, "two")
-    assert target.read_text() == "two"
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
-
-
-def test_write_atomically_cleans_up_on_failure(tmp_path, monkeypatch):
-    import os
-
-    def fail(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError):
-        write_atomically(tmp_path / "x.json", "data")
-    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ the thread

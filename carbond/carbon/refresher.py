@@ -10,12 +10,10 @@ than max_age (it would never be used) is a failed fetch, from the API and from t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +29,7 @@ from carbond.carbon.model import (
     describe_time,
 )
 from carbond.carbon.providers import Provider
+from carbond.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -343,18 +342,3 @@ class IntensityFeed:
             return
         self._cache_warned = False
 
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a sibling temp file, fsync, rename over `path`: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
