@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test bench bench-overhead clean
+.PHONY: run test bench bench-overhead clean install uninstall dashboards
 
 $(BIN)/carbond: pyproject.toml
 	scripts/setup-venv.sh $(PYTHON) $(VENV)
@@ -28,3 +28,54 @@ bench-overhead: $(BIN)/carbond
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+
+# ---- install (README "Install") -------------------------------------------------------------
+# carbond in its own virtual environment under PREFIX, the systemd unit, and a commented sample
+# configuration that never replaces an existing one. DESTDIR stages everything under another
+# root (packaging, tests); the paths written into the unit are those without DESTDIR.
+# INSTALL_VENV=no lays out the unit and configuration only (the venv step needs PyPI).
+PREFIX ?= /opt/carbond
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(SYSCONFDIR)/systemd/system
+CONFDIR ?= $(SYSCONFDIR)/carbond
+INSTALL_VENV ?= yes
+DESTDIR ?=
+
+install:
+ifeq ($(INSTALL_VENV),yes)
+	[ -x "$(DESTDIR)$(PREFIX)/bin/python" ] || $(PYTHON) -m venv "$(DESTDIR)$(PREFIX)"
+	"$(DESTDIR)$(PREFIX)/bin/python" -m pip install -q --upgrade pip
+	"$(DESTDIR)$(PREFIX)/bin/python" -m pip install -q --upgrade --no-cache-dir .
+ifneq ($(DESTDIR),)
+# the scripts and pyvenv.cfg name the staging path: point them at the final one
+	grep -rlI -- "$(DESTDIR)$(PREFIX)" "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(PREFIX)/pyvenv.cfg" \
+		| xargs -r sed -i "s|$(DESTDIR)$(PREFIX)|$(PREFIX)|g"
+endif
+endif
+	install -d -m 0755 "$(DESTDIR)$(PREFIX)/share/carbond" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(CONFDIR)"
+	install -m 0644 deploy/carbond.yaml README.md docs/deploy.md "$(DESTDIR)$(PREFIX)/share/carbond/"
+	sed -e "s|/opt/carbond|$(PREFIX)|g" -e "s|/etc/carbond|$(CONFDIR)|g" \
+		deploy/systemd/carbond.service > "$(DESTDIR)$(UNITDIR)/carbond.service"
+	chmod 0644 "$(DESTDIR)$(UNITDIR)/carbond.service"
+	[ -e "$(DESTDIR)$(CONFDIR)/carbond.yaml" ] || \
+		install -m 0644 deploy/carbond.yaml "$(DESTDIR)$(CONFDIR)/carbond.yaml"
+	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+		systemctl daemon-reload; \
+		echo "installed; start with: systemctl enable --now carbond"; \
+	fi
+
+# Leaves the configuration and the state directory (the ledger): README says how to purge them.
+uninstall:
+	@case "$(PREFIX)" in */carbond) ;; *) echo "refusing to remove PREFIX=$(PREFIX)" >&2; exit 1;; esac
+	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+		systemctl disable --now carbond.service || true; \
+	fi
+	rm -f "$(DESTDIR)$(UNITDIR)/carbond.service"
+	rm -rf "$(DESTDIR)$(PREFIX)"
+	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+		systemctl daemon-reload; \
+	fi
+
+# deploy/grafana/*.json from deploy/grafana/dashboards.py (tests check they are in step).
+dashboards: $(BIN)/carbond
+	$(BIN)/python deploy/grafana/dashboards.py

@@ -7,11 +7,13 @@ this host (no cgroup hierarchy, no taskstats) is logged and left out.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from carbond.carbon import IntensityFeed, build_providers, resolve_zone
 from carbond.carbon.zone import ZoneChoice
-from carbond.config import Config
-from carbond.daemon import Daemon
+from carbond.config import Config, load
+from carbond.daemon import Daemon, Reconfiguration
 from carbond.errors import ConfigError
 from carbond.ledger import Ledger, LedgerError
 from carbond.meters.base import Meter
@@ -91,6 +93,26 @@ def build_feed(config: Config) -> tuple[IntensityFeed, ZoneChoice]:
         config.intensity_max_age_seconds, config.state_dir,
     )
     return feed, choice
+
+
+METER_KEYS = ("rapl_enabled", "powercap_root", "nvml_enabled", "model_enabled",
+              "model_cpu_watts_min", "model_cpu_watts_max", "model_memory_watts_per_gb")
+FEED_KEYS = ("zone", "providers", "intensity_refresh_seconds", "intensity_max_age_seconds")
+
+
+def reconfigure(config_path: str | None, flags: Mapping[str, Any], old: Config
+                ) -> Reconfiguration:
+    """SIGHUP: the configuration read again, and the parts its changes need rebuilt. Bad
+    input raises ConfigError before anything is touched."""
+    new = load(config_path, flags)
+
+    def changed(keys: tuple[str, ...]) -> bool:
+        return any(getattr(new, key) != getattr(old, key) for key in keys)
+
+    feed = build_feed(new)[0] if changed(FEED_KEYS) else None
+    meters = build_meters(new) if changed(METER_KEYS) else None
+    namer = CgroupNamer(new.rules) if new.rules != old.rules else None
+    return Reconfiguration(new, meters, feed, namer)
 
 
 def open_ledger(config: Config) -> Ledger:

@@ -38,6 +38,7 @@ from carbond.consumers import Consumer
 from carbond.deadline import DeadlineWorker, Missed
 from carbond.embodied import embodied_grams_per_second, share_embodied
 from carbond.energy import DeviceDelta, DeviceTotals, Histogram, series
+from carbond.errors import ConfigError
 from carbond.idle import IdleBaseline
 from carbond.ledger import Ledger
 from carbond.meters.base import Meter, MeterReading
@@ -51,6 +52,22 @@ from carbond.workloads.naming import CgroupNamer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+# Settings the running process was started with: a reload logs a change and keeps them.
+RESTART_KEYS = ("listen_host", "listen_port", "state_dir", "interval_seconds", "cgroup_root",
+                "proc_root", "web_config_file", "processes", "ledger_retention_seconds",
+                "ledger_flush_seconds")
+
+
+@dataclass(frozen=True)
+class Reconfiguration:
+    """A reloaded configuration and what had to be rebuilt for it (None: keep the old)."""
+
+    config: Config
+    meters: list[Meter] | None = None
+    feed: IntensityFeed | None = None
+    namer: CgroupNamer | None = None
 
 
 @dataclass
@@ -136,21 +153,19 @@ class Daemon:
         self._cpu_idle = IdleBaseline.load(self._idle_state, wall_clock(), clock(),
                                            fixed_watts=config.idle_watts_cpu)
         self._vcpus = os.cpu_count() or 1
-        self._rapl = [m for m in meters if isinstance(m, RaplMeter)]
-        self._nvml = next((m for m in meters if isinstance(m, NvmlMeter)), None)
-        self._gpu_usage = GpuUsageTracker(self._nvml) if self._nvml else None
+        # Every source reads on its own thread: one that blocks misses its deadline alone.
+        self._read_deadline = min(READ_DEADLINE_SECONDS, config.interval_seconds / 2)
+        self._workers: dict[str, DeadlineWorker[Any]] = {
+            name: DeadlineWorker(name) for name in ("cgroups", "gpu")
+        }
+        self._up: dict[str, bool] = {}
+        self._set_meters(meters)
         namer = namer or CgroupNamer(config.rules)
         rel = cpu_usage.reader.root.rel if cpu_usage else "/"
         per_process = cpu_usage is not None and cpu_usage.processes is not None
         self._pid_to_consumer = PidConsumers(namer, rel, config.proc_root, per_process)
         self._last_tick = clock()
         self._snapshot = Snapshot(pue=config.pue)
-        # Every source reads on its own thread: one that blocks misses its deadline alone.
-        self._read_deadline = min(READ_DEADLINE_SECONDS, config.interval_seconds / 2)
-        self._workers: dict[str, DeadlineWorker[Any]] = {
-            name: DeadlineWorker(name) for name in [m.name for m in meters] + ["cgroups", "gpu"]
-        }
-        self._up: dict[str, bool] = {}
         # Baselines, so the first tick already has deltas.
         for meter in meters:
             reading = self._read(meter)
@@ -158,6 +173,14 @@ class Daemon:
                 self._totals.deltas(reading.devices)
         self._collect("cgroups", cpu_usage.tick if cpu_usage else None)
         self._collect("gpu", self._gpu_usage.sample if self._gpu_usage else None)
+
+    def _set_meters(self, meters: list[Meter]) -> None:
+        self.meters = meters
+        self._rapl = [m for m in meters if isinstance(m, RaplMeter)]
+        self._nvml = next((m for m in meters if isinstance(m, NvmlMeter)), None)
+        self._gpu_usage = GpuUsageTracker(self._nvml) if self._nvml else None
+        for meter in meters:  # a reloaded meter gets a fresh worker, clear of any stuck read
+            self._workers[meter.name] = DeadlineWorker(meter.name)
 
     def _read(self, meter: Meter) -> MeterReading | None:
         """The meter's reading, or None when it missed its deadline or failed: down alone."""
@@ -343,6 +366,50 @@ class Daemon:
         self._snapshot = dataclasses.replace(self._snapshot,
                                              tick_failures_total=self._counters.tick_failures)
 
+    def _reconfigure(self, reconfigure: Callable[[], Reconfiguration]) -> None:
+        try:
+            new = reconfigure()
+        except ConfigError as exc:
+            log.error("configuration not reloaded, the old one stays in force: %s", exc)
+            return
+        except Exception:
+            log.exception("configuration not reloaded, the old one stays in force")
+            return
+        self.apply(new)
+
+    def apply(self, new: Reconfiguration) -> None:
+        """Take a reloaded configuration: meters, rules, providers, budgets, attribution and
+        carbon settings. What the process was started with (listen address, state dir,
+        interval, cgroup and proc roots, web config path) needs a restart."""
+        old, config = self.config, new.config
+        kept = {key: getattr(old, key) for key in RESTART_KEYS}
+        for key, value in kept.items():
+            if getattr(config, key) != value:
+                log.warning("%s changed: takes effect after a restart", key)
+        config = dataclasses.replace(config, **kept)
+        if new.meters is not None:
+            for meter in self.meters:
+                meter.close()
+            self._set_meters(new.meters)
+        if new.feed is not None:
+            if self.feed is not None:
+                self.feed.stop()
+            self.feed = new.feed
+            self.feed.start()
+        if new.namer is not None:
+            if self.cpu_usage is not None:
+                self.cpu_usage.reader.namer = new.namer
+            self._pid_to_consumer.rename(new.namer)
+        self.config = config
+        self._policy = Policy(config.idle_policy, config.model_enabled)
+        self._cpu_idle.fixed_watts = config.idle_watts_cpu
+        self._series.max_consumers = config.max_consumers
+        self._budgets = BudgetTracker(config.budgets, config.budgets_timezone, self.ledger,
+                                      clock=self._wall_clock)
+        self._embodied_grams_per_second = embodied_grams_per_second(
+            config.embodied_kgco2e, config.embodied_lifetime_seconds)
+        log.info("configuration reloaded")
+
     def persist(self) -> None:
         """State that must survive a restart; written off the tick path and at shutdown."""
         try:
@@ -358,8 +425,10 @@ class Daemon:
             except Exception:  # a bug here must not end this thread
                 log.exception("saving state to %s failed", self.config.state_dir)
 
-    def run(self, stop: threading.Event) -> None:
-        """Tick on a fixed cadence until `stop` is set; overruns skip, never pile up.
+    def run(self, stop: threading.Event, reload: threading.Event | None = None,
+            reconfigure: Callable[[], Reconfiguration] | None = None) -> None:
+        """Tick on a fixed cadence until `stop` is set; overruns skip, never pile up. When
+        `reload` is set (SIGHUP), `reconfigure()` is applied between two ticks.
 
         systemd hears READY=1 once a tick has completed (the caller's first tick, or one made
         here), WATCHDOG=1 after every good tick (so a daemon whose ticks keep failing or hang
@@ -381,6 +450,9 @@ class Daemon:
             self.ledger.start(self.config.ledger_flush_seconds)
         notify(f"READY=1\nSTATUS={status_line(self._snapshot)}")
         while not stop.wait(max(0.0, deadline - self._clock())):
+            if reload is not None and reload.is_set() and reconfigure is not None:
+                reload.clear()
+                self._reconfigure(reconfigure)
             try:
                 snapshot = self.tick()
             except Exception as exc:  # a bug in one tick must not end accounting
@@ -439,10 +511,17 @@ def prepare_state_dir(path: str) -> None:
                     exc.strerror)
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
+def install_signal_handlers(stop: threading.Event,
+                            reload: threading.Event | None = None) -> None:
     def handle(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
 
+    def handle_reload(signum: int, frame: FrameType | None) -> None:
+        log.info("received SIGHUP, reloading the configuration before the next tick")
+        if reload is not None:
+            reload.set()
+
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGHUP, handle_reload)

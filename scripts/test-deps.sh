@@ -2,13 +2,20 @@
 # System tools the tests and benchmarks use: gcc (builds the stand-in libnvidia-ml.so.1 and the
 # benchmark spinner), setpriv (drops capabilities to test permission errors as root), prometheus
 # (the real server that `carbond report --prometheus` and the exporter are tested against),
-# openssl (self-signed certificates for the TLS tests). Installed with apt-get when missing.
+# openssl (self-signed certificates for the TLS tests), chromium (opens `report --format html`
+# headless over the DevTools protocol), tmux (a real terminal for `carbond top`). Installed with
+# apt-get when missing.
 set -euo pipefail
 missing=()
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v openssl >/dev/null || missing+=(openssl)
+# systemd-analyze verifies and scores deploy/systemd/carbond.service; make runs `make install`.
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v make >/dev/null || missing+=(make)
+command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
+command -v tmux >/dev/null || missing+=(tmux)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test-deps: need ${missing[*]}; run as root or install them" >&2

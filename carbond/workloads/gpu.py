@@ -251,6 +251,11 @@ class PidConsumers:
             self._named[data] = consumer
         return consumer if consumer is not None else self._root_task(pid)
 
+    def rename(self, namer: Callable[[str], Consumer]) -> None:
+        """New naming rules (a configuration reload): forget names made with the old ones."""
+        self._namer = namer
+        self._named.clear()
+
     def _name(self, data: bytes) -> Consumer | None:
         path = cgroup_of(data.decode("utf-8", "replace"))
         if path is None:
