@@ -186,6 +186,7 @@ def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
     names: set[str] = set()
     for index, item in enumerate(_list(value, key)):
         entry = _section(item, f"{key}[{index}]", BUDGET_SCHEMA)
+        _check_match(entry.get("match", {}), f"{key}[{index}].match")
         for required in ("name", "limit"):
             if required not in entry:
                 raise ConfigError(f"{key}[{index}].{required}", "is required")
@@ -199,12 +200,10 @@ def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
     return tuple(budgets)
 
 
-def _match(value: Any, key: str) -> dict[str, str]:
-    match = _section(value, key, MATCH_SCHEMA)
+def _check_match(match: dict[str, str], key: str) -> None:
     if "project" in match and match.get("kind", "project") != "project":
         raise ConfigError(f"{key}.project",
                           f"matches consumers of kind project, not kind {match['kind']!r}")
-    return match
 
 
 def _ledger(value: Any, key: str) -> dict[str, float]:

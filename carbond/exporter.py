@@ -345,7 +345,6 @@ def _header(snap: Snapshot) -> dict[str, Any]:
         intensity = {
             "grams_per_kwh": _finite(snap.intensity.grams_per_kwh),
             "zone": label_text(snap.zone or snap.intensity.zone),
-            "looked_up_zone": label_text(snap.intensity.zone),
             "provider": label_text(snap.intensity.provider),
             "age_seconds": (None if snap.intensity_age_seconds is None
                             else _finite(snap.intensity_age_seconds)),
