@@ -19,8 +19,11 @@ from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.naming import CgroupNamer
 from carbond.workloads.processes import ProcessTracker, parse_stat
 from carbond.workloads.taskstats import (
+    PF_EXITING,
+    RawStats,
     TaskExit,
     TaskstatsListener,
+    live_cgroup,
     parse_taskstats,
     probe_taskstats,
 )
@@ -142,6 +145,112 @@ def test_short_lived_exits_classified_by_cgroup_and_parent(tmp_path: Path) -> No
     assert P("stranger") not in tick.usage and P("stranger") not in tick.guessed
 
 
+def test_likely_cgroup_decides_where_proc_could_not(tmp_path: Path) -> None:
+    """v1 shows "/" for every exiting task, so the listener's guess (the parent's cgroup, or
+    its own seen while alive) decides; a guess of the root is still only a guess."""
+    proc = FakeProc(tmp_path)
+    tracker = ProcessTracker(str(tmp_path), clock_ticks=HZ)
+    proc.set(30, "sh", 1, 10, 500)
+    tracker.tick([30], now_boottime=100.0)
+    exits = [
+        TaskExit(45, 30, "likely-root", 0.2, None, None, "/"),
+        TaskExit(46, 30, "in-unit", 0.3, None, None, "/system.slice/x.service"),
+        TaskExit(47, 46, "unit-child", 0.4, None, None),  # no guess: its parent's verdict
+        TaskExit(48, 30, "certain", 0.1, None, "/", "/elsewhere"),  # /proc beats a guess
+    ]
+    tick = tracker.tick([30], exits, root_cgroup="/", now_boottime=105.0)
+    assert tick.guessed == {P("likely-root"): pytest.approx(0.2)}
+    assert tick.usage[P("certain")] == pytest.approx(0.1)
+    for name in ("in-unit", "unit-child"):
+        assert P(name) not in tick.usage and P(name) not in tick.guessed
+
+
+def test_exit_alive_elsewhere_at_the_last_tick_is_not_the_roots(tmp_path: Path) -> None:
+    """A process that already ran at the last tick but was not among the root's pids lived in
+    another cgroup; moved into the root before it ended (as a cleanup evicting leftovers
+    does), it must not bring its whole lifetime along."""
+    proc = FakeProc(tmp_path)  # btime 1000: boot time t is epoch 1000 + t
+    tracker = ProcessTracker(str(tmp_path), clock_ticks=HZ)
+    proc.set(30, "sh", 1, 10, 500)
+    tracker.tick([30], now_boottime=100.0)
+    exits = [
+        TaskExit(50, 30, "evicted", 40.0, 1000.0 + 20.0, "/"),  # started at 20 s, ended in /
+        TaskExit(51, 30, "new", 0.5, 1000.0 + 102.0, "/"),  # born after the last tick
+    ]
+    tick = tracker.tick([30], exits, root_cgroup="/", now_boottime=105.0)
+    assert P("evicted") not in tick.usage and P("evicted") not in tick.guessed
+    assert tick.usage[P("new")] == pytest.approx(0.5)
+
+
+def test_a_process_that_leaves_the_root_alive_is_forgotten(tmp_path: Path) -> None:
+    """A shell in the root moves itself into a cgroup and runs the work there: when it ends,
+    its time is that cgroup's (counted by its counter), not the root's. One that left
+    cgroup.procs because it is exiting is still finished off by its record."""
+    proc = FakeProc(tmp_path)
+    tracker = ProcessTracker(str(tmp_path), clock_ticks=HZ)
+    proc.set(30, "mover", 1, 10, 500)
+    proc.set(31, "dying", 1, 10, 500)
+    tracker.tick([30, 31], now_boottime=100.0)
+    proc.set(30, "mover", 1, 200, 500)  # alive, no longer in the root's cgroup.procs
+    (tmp_path / "31" / "stat").write_text(  # a zombie: PF_EXITING, out of cgroup.procs
+        f"31 (dying) Z 1 0 0 0 0 {0x400000 | PF_EXITING} 0 0 0 0 30 0 0 0 20 0 1 0 500 0 0\n"
+    )
+    tracker.tick([], now_boottime=105.0)
+    proc.gone(30)
+    proc.gone(31)
+    exits = [TaskExit(30, 1, "mover", 9.0, None, None), TaskExit(31, 1, "dying", 0.5, None, None)]
+    tick = tracker.tick([], exits, now_boottime=110.0)
+    assert P("mover") not in tick.usage and P("mover") not in tick.guessed
+    assert tick.usage[P("dying")] == pytest.approx(0.4)  # 0.5 s in all, 0.1 s read before
+
+
+def _fake_task(root: Path, pid: int, cgroup_v1: str, flags: int, ppid: int = 1) -> None:
+    (root / str(pid)).mkdir(exist_ok=True)
+    (root / str(pid) / "cgroup").write_text(f"4:memory:/m\n2:cpuacct:{cgroup_v1}\n0::/\n")
+    (root / str(pid) / "stat").write_text(
+        f"{pid} (t) S {ppid} 0 0 0 0 {flags} 0 0 0 0 1 1 0 0 20 0 1 0 500 0 0\n"
+    )
+
+
+def test_live_cgroup_on_v1_needs_a_task_that_is_not_exiting(tmp_path: Path) -> None:
+    _fake_task(tmp_path, 10, "/", 0x400100)
+    _fake_task(tmp_path, 11, "/", 0x400100 | PF_EXITING)
+    _fake_task(tmp_path, 12, "/x.service", 0x400100)
+    root = str(tmp_path)
+    assert live_cgroup(root, 10, "v1") == "/"  # a live task really in the root
+    assert live_cgroup(root, 11, "v1") is None  # exiting: v1 prints "/" whatever it was in
+    assert live_cgroup(root, 12, "v1") == "/x.service"
+    assert live_cgroup(root, 99, "v1") is None  # gone
+    assert live_cgroup(root, 11, "v2") == "/"  # v2's line stays true for a zombie
+
+
+def test_listener_learns_a_shells_cgroup_from_its_childrens_exits(tmp_path: Path) -> None:
+    """A shell moves itself into a cgroup and runs work there; on v1 none of the exits shows
+    that cgroup, but the shell, read while alive as their parent, does."""
+    listener = TaskstatsListener(proc_root=str(tmp_path), hierarchy="v1")
+    _fake_task(tmp_path, 100, "/job.service", 0x400100)  # the shell, alive
+    _fake_task(tmp_path, 200, "/", 0x400100)  # a root-cgroup parent, alive
+
+    def ended(pid: int, ppid: int, comm: str) -> None:
+        _fake_task(tmp_path, pid, "/", 0x400100 | PF_EXITING, ppid)  # v1: exiting shows "/"
+        listener._handle(RawStats(16, pid, ppid, pid, comm, 0, 0.1), None)
+
+    ended(101, 100, "work")
+    ended(102, 100, "work")
+    _fake_task(tmp_path, 100, "/", 0x400100 | PF_EXITING)  # now the shell itself ends
+    ended(100, 200, "sh")
+    ended(201, 200, "cron-job")
+    ended(301, 300, "orphan")  # parent unknown to /proc: no guess
+    got = {e.pid: (e.cgroup, e.likely_cgroup) for e in listener.drain()}
+    assert got == {
+        101: (None, "/job.service"),
+        102: (None, "/job.service"),
+        100: (None, "/job.service"),  # learned while alive, not its parent's "/"
+        201: (None, "/"),
+        301: (None, None),
+    }
+
+
 def test_exits_rescaled_to_the_reapers_exact_cutime(tmp_path: Path) -> None:
     proc = FakeProc(tmp_path)
     tracker = ProcessTracker(str(tmp_path), clock_ticks=HZ)
@@ -151,6 +260,26 @@ def test_exits_rescaled_to_the_reapers_exact_cutime(tmp_path: Path) -> None:
     exits = [TaskExit(60 + i, 50, "cc1", 0.1, None, None) for i in range(15)]  # 1.5 s estimated
     tick = tracker.tick([50], exits, now_boottime=105.0)
     assert tick.guessed[P("cc1")] == pytest.approx(3.0)
+
+
+def test_a_lagging_reap_is_not_scaled_onto_a_long_lifetime(tmp_path: Path) -> None:
+    """The reaper's cutime also grows by a child whose record came a tick earlier (a lazy
+    wait); only the exits' time after the last reading may absorb that, never the 4.9 s a
+    long-lived process had already been counted for."""
+    proc = FakeProc(tmp_path)
+    tracker = ProcessTracker(str(tmp_path), clock_ticks=HZ)
+    proc.set(50, "bash", 1, 10, 500, children_ticks=0)
+    proc.set(70, "server", 50, 490, 600)
+    tracker.tick([50, 70], now_boottime=100.0)
+    proc.gone(70)
+    # server: 5.0 s in all (0.1 s since the reading); cc: 0.2 s, estimated 0.1 s; plus 1.0 s
+    # of a child reaped now whose exit was counted last tick
+    proc.set(50, "bash", 1, 10, 500, children_ticks=500 + 20 + 100)
+    exits = [TaskExit(70, 50, "server", 5.0, None, None), TaskExit(71, 50, "cc", 0.1, None, None)]
+    tick = tracker.tick([50], exits, now_boottime=105.0)
+    # what the lag adds is bounded by 4x the estimates of what ran since the last tick
+    assert tick.usage[P("server")] == pytest.approx(0.4)
+    assert tick.guessed[P("cc")] == pytest.approx(0.4)
 
 
 def test_parse_taskstats_layouts() -> None:
@@ -164,8 +293,10 @@ def test_parse_taskstats_layouts() -> None:
     got = parse_taskstats(bytes(v16))
     assert (got.pid, got.ppid, got.tgid, got.comm, got.btime) == (77, 5, 77, "dash", 1_700_000_000)
     assert got.cpu_seconds == 2.5  # sum_exec_runtime beats the tick samples here
-    struct.pack_into("=Q", v16, 72, 1000)
+    struct.pack_into("=Q", v16, 72, 1_496_000_000)
     assert parse_taskstats(bytes(v16)).cpu_seconds == 1.5  # stale runtime: tick samples win
+    struct.pack_into("=Q", v16, 72, 1_000_000_000)  # ... but by one tick at most
+    assert parse_taskstats(bytes(v16)).cpu_seconds == pytest.approx(1.01)
     v15 = bytearray(520)
     struct.pack_into("=H", v15, 0, 15)
     struct.pack_into("=Q", v15, 120, 3_000_000_000)
@@ -215,6 +346,46 @@ def listener():
         yield listener
     finally:
         listener.stop()
+
+
+THREADED = """
+import sys, threading, time
+def burn():
+    while True:
+        pass
+for _ in range(3):
+    threading.Thread(target=burn, daemon=True).start()
+end = time.process_time() + 0.4
+while time.process_time() < end:
+    pass
+sys.exit(0)  # the main thread ends the group while the others still run
+"""
+
+
+def _records_until_sentinel(listener: TaskstatsListener) -> list[TaskExit]:
+    """Every exit record up to a sentinel process started now: the listener handles records
+    in the order the kernel sent them, and each is sent before its task can be reaped."""
+    sentinel = subprocess.Popen(["/bin/true"])
+    sentinel.wait()
+    got: list[TaskExit] = []
+    deadline = time.monotonic() + 10
+    while not any(e.pid == sentinel.pid for e in got) and time.monotonic() < deadline:
+        got.extend(listener.drain())
+        time.sleep(0.01)
+    return got
+
+
+def test_a_multi_threaded_exit_is_one_record(listener) -> None:
+    """The main thread's exit_group ends it before the other threads: only the group's
+    record is the process; the leader's own (Linux >= 5.19 flags which one is last) is not."""
+    listener.drain()
+    proc = subprocess.Popen([os.sys.executable, "-S", "-c", THREADED])
+    _, status, rusage = os.wait4(proc.pid, 0)
+    assert status == 0
+    records = [e for e in _records_until_sentinel(listener) if e.pid == proc.pid]
+    kernel = rusage.ru_utime + rusage.ru_stime
+    assert len(records) == 1, records
+    assert records[0].cpu_seconds == pytest.approx(kernel, rel=0.1, abs=0.02)
 
 
 def test_shell_loop_of_2000_processes_in_root_cgroup(listener, tmp_path: Path) -> None:

@@ -5,6 +5,11 @@ Each process is read from `/proc/PID/stat` (utime + stime, clock ticks) and cach
 `Consumer("process", comm)`. A process that exits between ticks is finished off with its
 taskstats exit record: only the part after its last `/proc` reading is added (final total minus
 last reading), so no CPU time is counted twice.
+
+A process that lived and died between two ticks belongs to the root cgroup for certain only
+where /proc showed its cgroup at exit (v2). Otherwise (always on v1, where an exiting task
+shows ``/``) its record's likely cgroup, else its parents', is a guess, and guessed time is
+capped by the collector.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from carbond.consumers import Consumer
-from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype
-from carbond.workloads.taskstats import TaskExit
+from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype, read_head
+from carbond.workloads.taskstats import PF_EXITING, TaskExit
+
+# ac_btime and /proc/stat's btime are whole seconds: a start this long before the last tick
+# surely came before it.
+START_SLACK_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -163,8 +172,9 @@ class ProcessTracker:
             else:
                 usage.setdefault(Consumer("process", stat.comm), 0.0)
 
-        if not first:
-            self._finish_exits(exits, live, usage, guessed, root_cgroup)
+        self._forget_moved_out(live)
+        if not first and last_boot is not None:
+            self._finish_exits(exits, live, usage, guessed, root_cgroup, last_boot)
 
         tick = self._tick
         for pid, stat in live.items():
@@ -181,6 +191,37 @@ class ProcessTracker:
     def close(self) -> None:
         """Close the /proc files held open between ticks."""
         self._files.close()
+
+    def _forget_moved_out(self, live: dict[int, ProcStat]) -> None:
+        """Forget root processes that left the root cgroup alive (moved to another cgroup, as
+        a shell does before exec'ing a container's or a service's work): whatever they run
+        from now on, their exit included, is that cgroup's. One that is exiting or gone keeps
+        its entry for its exit record (an exiting task leaves cgroup.procs, still in its
+        cgroup)."""
+        for pid in [p for p, s in self._seen.items() if s.tick == self._tick - 1]:
+            if pid in live:
+                continue
+            data = read_head(f"{self.proc_root}/{pid}/stat", 4096)
+            if data is None:
+                continue
+            stat = parse_stat(pid, data.decode("utf-8", "replace"), self.clock_ticks)
+            if stat is None or stat.starttime != self._seen[pid].stat.starttime:
+                continue  # the pid was reused: the process we knew has ended
+            try:
+                flags = int(data.rpartition(b")")[2].split()[6])
+            except (IndexError, ValueError):
+                continue
+            if not flags & PF_EXITING:
+                del self._seen[pid]
+
+    def _lived_elsewhere(self, exit_: TaskExit, last_boot: float) -> bool:
+        """Whether an exit that was not among the root's pids at the last tick had started
+        before it: it was then in another cgroup, so no part of its lifetime is the root's
+        (a process moved into the root since, as a cleanup evicting leftovers does, would
+        otherwise bring its whole lifetime along)."""
+        if exit_.start_epoch is None or self.boot_epoch is None:
+            return False
+        return exit_.start_epoch - self.boot_epoch < last_boot - START_SLACK_SECONDS
 
     def _same_process(self, seen: ProcStat, exit_: TaskExit) -> bool:
         if exit_.start_epoch is None or self.boot_epoch is None:
@@ -207,15 +248,24 @@ class ProcessTracker:
         scaled = {e.pid: e.cpu_seconds for e in exits}
         for reaper, pids in groups.items():
             exact = live[reaper].children_seconds - self._seen[reaper].stat.children_seconds
-            # A tracked exit brings its own reaped children's time into the reaper's growth,
-            # including what it reaped before the last tick: that was never this batch's work.
-            exact -= sum(self._seen[p].stat.children_seconds for p in pids
-                         if p in self._seen and self._same_process(self._seen[p].stat, batch[p]))
-            estimate = sum(batch[p].cpu_seconds for p in pids)
+            # Only what ran after the last reading is uncertain. A tracked exit brings its
+            # lifetime and all it reaped into the reaper's growth: the part read before the
+            # last tick was never this batch's work, and scaling it too would hand a lagging
+            # reap (a child whose record came a tick earlier) to a long-lived process.
+            before: dict[int, ProcStat] = {}
+            for p in pids:
+                seen = self._seen.get(p)
+                if seen is not None and self._same_process(seen.stat, batch[p]):
+                    before[p] = seen.stat
+                    exact -= seen.stat.cpu_seconds + seen.stat.children_seconds
+            rest = {p: batch[p].cpu_seconds - (before[p].cpu_seconds if p in before else 0.0)
+                    for p in pids}
+            estimate = sum(max(0.0, r) for r in rest.values())
             if exact > 0 and estimate > 0:
                 factor = min(4.0, max(0.5, exact / estimate))  # bounded: reaping can lag exits
                 for p in pids:
-                    scaled[p] = batch[p].cpu_seconds * factor
+                    done = before[p].cpu_seconds if p in before else 0.0
+                    scaled[p] = done + max(0.0, rest[p]) * factor
         return scaled
 
     def _finish_exits(
@@ -225,6 +275,7 @@ class ProcessTracker:
         usage: dict[Consumer, float],
         guessed: dict[Consumer, float],
         root_cgroup: str,
+        last_boot: float,
     ) -> None:
         unknown: dict[int, TaskExit] = {}
         root_pids = set(live) | set(self._seen)  # before finishing: dead parents count too
@@ -242,7 +293,9 @@ class ProcessTracker:
                 key = Consumer("process", seen.stat.comm)
                 usage[key] = usage.get(key, 0.0) + grew
                 del self._seen[exit_.pid]
-            elif seen is None or alive is None or alive.starttime != seen.stat.starttime:
+            elif (
+                seen is None or alive is None or alive.starttime != seen.stat.starttime
+            ) and not self._lived_elsewhere(exit_, last_boot):
                 unknown[exit_.pid] = exit_  # lived and died between two ticks
 
         verdict: dict[int, bool] = {}
@@ -255,6 +308,8 @@ class ProcessTracker:
                 return pid in root_pids
             if exit_.cgroup is not None:
                 result = exit_.cgroup == root_cgroup
+            elif exit_.likely_cgroup is not None:
+                result = exit_.likely_cgroup == root_cgroup
             else:
                 result = depth < 64 and in_root(exit_.ppid, depth + 1)
             verdict[pid] = result
