@@ -82,7 +82,8 @@ def build_cpu_usage(config: Config, namer: CgroupNamer) -> CpuUsageCollector | N
             listener = None
     log.info("cgroups: %s at %s; per-process consumers %s", root.mode, root.path,
              "on" if processes else "off")
-    return CpuUsageCollector(CgroupReader(root, namer), tracker, listener)
+    return CpuUsageCollector(CgroupReader(root, namer), tracker, listener,
+                             proc_root=config.proc_root)
 
 
 def build_feed(config: Config) -> tuple[IntensityFeed, ZoneChoice]:

@@ -27,9 +27,10 @@ from typing import Any
 from carbond.errors import ConfigError
 from carbond.ledger import Usage, aggregate
 from carbond.periods import local_date, local_midnight
+from carbond.report_html import DayUsage, PageInfo, render_html
 
 GROUPS = ("consumer", "kind", "day", "project")
-FORMATS = ("table", "csv", "json")
+FORMATS = ("table", "csv", "json", "html")
 KEY_COLUMNS = {"consumer": ("consumer", "kind"), "kind": ("kind",), "day": ("day",),
                "project": ("project",)}
 JOULES_PER_KWH = 3.6e6
@@ -382,7 +383,27 @@ def render_table(report: Report, zone: tzinfo) -> str:
     return "\n".join([title, fmt(lines[0]), rule, *body, rule, fmt(lines[-1])]) + "\n"
 
 
-def render(report: Report, fmt: str, zone: tzinfo) -> str:
+def period_days(report: Report, daily: Report | None, zone: tzinfo) -> list[DayUsage]:
+    """Every day of the report's period in order, zeros included, with `daily`'s figures (a
+    `--by day` report over the same period). A day `daily` has outside the period (an hourly
+    row across the first midnight in a zone with a half-hour offset) is kept, so the days add
+    up to the report's total."""
+    found = {row.key[0]: row.usage for row in daily.rows} if daily is not None else {}
+    days = {day: found.get(day, Usage()) for day, _, _ in _days(report.since, report.until,
+                                                                 zone)}
+    for day, usage in found.items():
+        days.setdefault(day, usage)
+    return [DayUsage(day, days[day]) for day in sorted(days)]
+
+
+def render(report: Report, fmt: str, zone: tzinfo, daily: Report | None = None,
+           info: PageInfo | None = None) -> str:
+    """`daily` and `info` are for html only: the period by day, and what the page says about
+    where the figures come from."""
+    if fmt == "html":
+        days = period_days(report, report if report.by == "day" else daily, zone)
+        return render_html(report, days, zone, info or PageInfo(host=report.origin),
+                           KEY_COLUMNS[report.by])
     if fmt == "json":
         return render_json(report, zone)
     if fmt == "csv":

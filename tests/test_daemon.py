@@ -285,3 +285,33 @@ def test_a_cgroup_read_that_blocks_misses_its_deadline_alone(tmp_path):
         before, "carbond_consumer_energy_joules_total", consumer="other")
     assert other == pytest.approx(10.0)
     assert "cgroups did not answer" in daemon.process.stderr.read()
+
+
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(tmp_path):
+    """Issue 14: SIGHUP killed the daemon (status 129)."""
+    powercap.FakePowercap(str(tmp_path / "powercap")).add("intel-rapl:0", "package-0")
+    config = tmp_path / "carbond.yaml"
+    config.write_text("intensity: {providers: [{constant: {grams_per_kwh: 100}}]}\n")
+
+    def intensity(samples) -> float:
+        return total(samples, "carbond_grid_intensity_grams_per_kwh")
+
+    with carbond_run("--config", str(config), "--powercap-root", str(tmp_path / "powercap"),
+                     "--interval", "1s") as daemon:
+        assert intensity(daemon.wait_ticks(1)) == 100.0
+        config.write_text("attribution: {processes: on}\n"
+                          "intensity: {providers: [{constant: {grams_per_kwh: 200}}]}\n"
+                          "budgets: [{name: b, limit: 1kg}]\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        reloaded = daemon.wait_ticks(2)
+        config.write_text("intervall: 5s\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        kept = daemon.wait_ticks(2)
+        assert daemon.process.poll() is None
+    log = daemon.process.stderr.read()
+    assert intensity(reloaded) == 200.0
+    assert total(reloaded, "carbond_budget_limit_grams", budget="b") == 1000.0
+    assert "processes changed: takes effect after a restart" in log
+    assert intensity(kept) == 200.0
+    assert "not reloaded, the old one stays in force" in log and "intervall" in log
+    assert "Traceback" not in log

@@ -4,10 +4,12 @@ Paths are relative to the cgroup root, without a leading slash (``""`` is the ro
 way `/proc/PID/cgroup` shows them minus the first ``/``. User rules from ``attribution.rules`` are
 tried first; then the built-in rules, most specific first: a container beats the pod it runs in,
 a pod or Slurm job beats the unit or slice around it, a user slice beats the units inside it.
+A `carbond exec` run (``…/carbond.exec/<encoded project>/<run>``) beats everything around it.
 """
 
 from __future__ import annotations
 
+import os
 import pwd
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,6 +41,38 @@ _SLURM_JOB = re.compile(r"^job_(?P<id>\d+)$")
 _USER_SLICE = re.compile(r"^user-(?P<uid>\d+)\.slice$")
 _UNIT = re.compile(r"^.+\.(?:service|scope)$")
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+EXEC_PARENT = "carbond.exec"
+"""The directory `carbond exec` makes its run cgroups in: EXEC_PARENT/<project>/<run>."""
+PROJECT_DIR_MAX_BYTES = 255  # NAME_MAX: one path component
+_SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def encode_project(name: str) -> str:
+    """A project name as one cgroup directory name: every byte outside [A-Za-z0-9_.-], and a
+    leading '.', percent-encoded, so no name can make a path component, '.', '..', a newline
+    (which would break /proc/PID/cgroup) or a non-ASCII byte. ValueError if empty or longer
+    than one path component allows."""
+    raw = os.fsencode(name)
+    if not raw:
+        raise ValueError("must not be empty")
+    text = "".join(
+        chr(byte) if byte in _SAFE_BYTES and not (index == 0 and byte == ord(".")) else
+        f"%{byte:02X}"
+        for index, byte in enumerate(raw)
+    )
+    if len(text) > PROJECT_DIR_MAX_BYTES:
+        raise ValueError(f"too long: {len(text)} bytes once encoded, at most "
+                         f"{PROJECT_DIR_MAX_BYTES}")
+    return text
+
+
+def decode_project(directory: str) -> str:
+    """`encode_project` reversed; total: anything else (made by hand) decodes to itself, and
+    bytes that are not UTF-8 come back as os.fsdecode gives them."""
+    raw = _ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), os.fsencode(directory))
+    return os.fsdecode(raw)
 
 
 @dataclass(frozen=True)
@@ -115,7 +149,19 @@ def _container(parts: list[str]) -> Consumer | None:
     return None
 
 
+def _project(parts: list[str]) -> Consumer | None:
+    """The deepest `carbond exec` run: EXEC_PARENT/<project>[/<run>[/…]]."""
+    for index in range(len(parts) - 2, -1, -1):
+        if parts[index] == EXEC_PARENT:
+            name = decode_project(parts[index + 1])
+            return Consumer("project", name) if name else None
+    return None
+
+
 def _builtin(parts: list[str]) -> Consumer:
+    project = _project(parts)
+    if project is not None:
+        return project
     container = _container(parts)
     if container is not None:
         return container
