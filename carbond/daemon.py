@@ -332,6 +332,8 @@ class Daemon:
             consumer_grams_total=tuple(self._series.emissions()),
             consumer_embodied_grams_total=tuple(self._series.embodied()),
             exited_tasks_total=counters.exited_tasks,
+            exit_records_lost_total=int(counters.plus_carried(
+                "exit_overruns", {"": self._exit_overruns()}).get("", 0)),
             host_grams_total=counters.host_grams,
             intensity=intensity,
             zone=self.feed.zone if self.feed else "",
@@ -346,6 +348,11 @@ class Daemon:
                                     .get("", 0)),
         )
 
+    def _exit_overruns(self) -> int:
+        """Times the kernel dropped exit records (their CPU time stays with the root)."""
+        exits = self.cpu_usage.exits if self.cpu_usage else None
+        return int(getattr(exits, "overruns", 0))
+
     def _counters_state(self, snap: Snapshot) -> dict[str, Any]:
         """What the next start needs to continue every counter from its exported value."""
         return {
@@ -357,6 +364,7 @@ class Daemon:
                 "meter_errors": snap.meter_errors_total,
                 "fetch_errors": snap.intensity_fetch_errors_total,
                 "ledger_errors": {"": snap.ledger_errors_total},
+                "exit_overruns": {"": snap.exit_records_lost_total},
             },
         }
 

@@ -32,7 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encode
 from prometheus_client.exposition import generate_latest as generate_text
 
 from carbond import __version__
-from carbond.consumers import Consumer
+from carbond.consumers import Consumer, name_text
 from carbond.snapshot import Snapshot
 from carbond.web import HttpServer, Request, Response, accepts_gzip, listen
 from carbond.webconfig import WebConfigWatcher
@@ -49,27 +49,8 @@ GZIP_LEVEL = 6
 
 
 def label_text(value: str) -> str:
-    """Text that encodes as UTF-8, the same for the same input, visibly marking bad bytes.
-
-    os.fsdecode turns a byte that is not UTF-8 into a lone surrogate (U+DC80..U+DCFF), which
-    cannot be encoded and used to break the whole scrape. Such a byte becomes the four
-    characters `\\xff`; any other lone surrogate becomes `\\udXXX`. Never U+FFFD, which would
-    merge distinct names.
-    """
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "".join(_escape_surrogate(ch) for ch in value)
-    return value
-
-
-def _escape_surrogate(ch: str) -> str:
-    code = ord(ch)
-    if 0xDC80 <= code <= 0xDCFF:
-        return f"\\x{code - 0xDC00:02x}"
-    if 0xD800 <= code <= 0xDFFF:
-        return f"\\u{code:04x}"
-    return ch
+    """Every label value goes through here: a scrape never breaks on a name (see name_text)."""
+    return name_text(value)
 
 
 def _labels(values: Iterable[str]) -> list[str]:

@@ -198,7 +198,7 @@ def cgroup_of(text: str) -> str | None:
 def pid_cgroup(pid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | None:
     """The cgroup path of a pid; None when the pid is gone."""
     data = read_head(os.path.join(proc_root, str(pid), "cgroup"), CGROUP_FILE_BYTES)
-    return cgroup_of(data.decode("utf-8", "replace")) if data is not None else None
+    return cgroup_of(data.decode("utf-8", "surrogateescape")) if data is not None else None
 
 
 def below_root(path: str, rel: str) -> str:
@@ -257,7 +257,7 @@ class PidConsumers:
         self._named.clear()
 
     def _name(self, data: bytes) -> Consumer | None:
-        path = cgroup_of(data.decode("utf-8", "replace"))
+        path = cgroup_of(data.decode("utf-8", "surrogateescape"))
         if path is None:
             return OTHER
         below = below_root(path, self._rel)
@@ -269,7 +269,7 @@ class PidConsumers:
         comm = read_head(f"{self._proc_root}/{pid}/comm", 64)
         if comm is None:
             return OTHER
-        name = comm.decode("utf-8", "replace").rstrip("\n")
+        name = comm.decode("utf-8", "backslashreplace").rstrip("\n")
         return Consumer("process", name) if name else self._namer("")
 
     def retain(self, pids: Collection[int]) -> None:

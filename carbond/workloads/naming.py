@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from carbond.consumers import Consumer
+from carbond.consumers import Consumer, name_text
 from carbond.errors import ConfigError
 
 ROOT_CONSUMER = Consumer("cgroup", "/")
@@ -205,6 +205,7 @@ class CgroupNamer:
         self._cache: dict[str, Consumer] = {}
 
     def __call__(self, path: str) -> Consumer:
+        path = name_text(path)  # any byte sequence: one stable, visible name
         consumer = self._cache.get(path)
         if consumer is None:
             if len(self._cache) >= self.max_cached:

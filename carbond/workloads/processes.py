@@ -130,7 +130,7 @@ class ProcessTracker:
             if last is not None and last.raw == data:
                 stat: ProcStat | None = last.stat
             else:
-                stat = parse_stat(pid, data.decode("utf-8", "replace"), self.clock_ticks)
+                stat = parse_stat(pid, data.decode("utf-8", "backslashreplace"), self.clock_ticks)
                 if stat is None:
                     continue
             live[pid] = stat
@@ -204,7 +204,7 @@ class ProcessTracker:
             data = read_head(f"{self.proc_root}/{pid}/stat", 4096)
             if data is None:
                 continue
-            stat = parse_stat(pid, data.decode("utf-8", "replace"), self.clock_ticks)
+            stat = parse_stat(pid, data.decode("utf-8", "backslashreplace"), self.clock_ticks)
             if stat is None or stat.starttime != self._seen[pid].stat.starttime:
                 continue  # the pid was reused: the process we knew has ended
             try:

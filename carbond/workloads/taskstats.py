@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
 import struct
 import threading
 from dataclasses import dataclass
+
+from carbond.consumers import name_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ def parse_taskstats(raw: bytes) -> RawStats | None:
     (virtual_ns,) = struct.unpack_from("=Q", raw, lay["run_virtual"])
     (utime_us, stime_us) = struct.unpack_from("=QQ", raw, lay["utime"])
     pid, ppid, btime = struct.unpack_from("=III", raw, lay["pid"])
-    comm = raw[lay["comm"] : lay["comm"] + 32].split(b"\0", 1)[0].decode("utf-8", "replace")
+    comm = name_text(raw[lay["comm"] : lay["comm"] + 32].split(b"\0", 1)[0])
     tgid = None
     if version >= 12 and len(raw) >= lay["tgid"] + 4:
         tgid = struct.unpack_from("=I", raw, lay["tgid"])[0] or None
@@ -182,7 +187,7 @@ def cgroup_of(proc_root: str, pid: int, hierarchy: str) -> str | None:
     for a live task: see `live_cgroup`.
     """
     try:
-        with open(f"{proc_root}/{pid}/cgroup") as f:
+        with open(f"{proc_root}/{pid}/cgroup", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
@@ -266,6 +271,8 @@ class TaskstatsListener:
         self.max_learned = max_learned
         self._learned: dict[int, str] = {}  # pid -> its cgroup while it was alive (own thread)
         self.reason: str | None = None
+        self.overruns = 0  # receive-buffer overruns: the kernel dropped exit records
+        self.failed_datagrams = 0
         self._pending: list[TaskExit] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -340,12 +347,18 @@ class TaskstatsListener:
                         break
                     except OSError as exc:
                         if exc.errno == errno.ENOBUFS:
-                            continue  # the kernel dropped records: their time stays in root
+                            self.overruns += 1  # records dropped: their time stays in root
+                            continue
                         raise
-                    for task, group_seconds in exits_from_datagram(data):
-                        self._handle(task, group_seconds)
+                    try:
+                        for task, group_seconds in exits_from_datagram(data):
+                            self._handle(task, group_seconds)
+                    except Exception:  # one bad record must not end the listener
+                        self.failed_datagrams += 1
+                        log.exception("taskstats: a datagram could not be handled")
         except Exception as exc:
             self.reason = f"taskstats stopped: {exc}"
+            log.error("%s: exit records are no longer read", self.reason)
         finally:
             sock.close()
             with contextlib.suppress(Exception):
