@@ -4,9 +4,11 @@ tree at constant power, compared with the kernel's own counters."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -52,14 +54,15 @@ def churn() -> Iterator[None]:
     loop = ("while :; do i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; /bin/true; "
             "sleep 0.02; done")
     procs = [subprocess.Popen(["/bin/sh", "-c", f"while :; do /bin/sh -c {shlex.quote(loop)} "
-                               "& sleep 0.5; kill $!; done"]) for _ in range(2)]
+                               "& sleep 0.5; kill $!; done"], start_new_session=True)
+             for _ in range(2)]
     try:
         yield
     finally:
-        for proc in procs:
-            proc.kill()
+        for proc in procs:  # each loop and all it started, and nothing of anyone else's
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        subprocess.run(["pkill", "-f", "i -lt 3000"], check=False)
 
 
 def hierarchy_args(tree: TestTree) -> list[str]:

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from carbond.workloads.cgroups import V2, CgroupRoot
+from carbond.workloads.cgroups import V2, CgroupRoot, read_counter
 from carbond.workloads.naming import EXEC_PARENT, encode_project
 
 log = logging.getLogger(__name__)
@@ -229,20 +229,8 @@ class RunCgroup:
 
     def cpu_seconds(self) -> float | None:
         """The run's cumulative CPU seconds (its descendants included); None if unreadable."""
-        try:
-            with open(os.path.join(self.path, self.root.usage_file), "rb") as handle:
-                data = handle.read(96)
-        except OSError:
-            return None
-        try:
-            if self.root.hierarchy == V2:
-                line = data.split(b"\n", 1)[0]
-                if not line.startswith(b"usage_usec "):
-                    return None
-                return int(line[11:]) / 1e6
-            return int(data) / 1e9
-        except ValueError:
-            return None
+        return read_counter(os.path.join(self.path, self.root.usage_file),
+                            self.root.hierarchy == V2)
 
     def pids(self) -> list[int]:
         """Tasks still in the run's cgroup or below it."""

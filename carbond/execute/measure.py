@@ -33,8 +33,8 @@ from carbond.idle import IdleBaseline
 from carbond.meters.base import Meter
 from carbond.meters.nvml import NvmlMeter
 from carbond.meters.rapl import RaplMeter
-from carbond.workloads.cgroups import V1, V2, CgroupRoot
-from carbond.workloads.cpu import host_cpuacct_root, irq_time_apart
+from carbond.workloads.cgroups import V1, V2, CgroupRoot, read_counter
+from carbond.workloads.cpu import host_cpuacct_root, irq_seconds, irq_time_apart
 from carbond.workloads.gpu import GpuUsageTracker, PidConsumers, consumer_weights
 from carbond.workloads.kernfiles import mount_fstype
 
@@ -42,38 +42,6 @@ log = logging.getLogger(__name__)
 
 IDLE_STATE_FILE = "idle-baseline.json"  # the daemon's (daemon.IDLE_STATE_FILE), read only
 COMPONENTS = ("cpu", "dram", "gpu")
-
-
-def _read_bytes(path: str, size: int = 256) -> bytes | None:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(size)
-    except OSError:
-        return None
-
-
-def _counter_seconds(path: str, v2: bool) -> float | None:
-    data = _read_bytes(path, 96)
-    if data is None:
-        return None
-    try:
-        if v2:
-            line = data.split(b"\n", 1)[0]
-            return int(line[11:]) / 1e6 if line.startswith(b"usage_usec ") else None
-        return int(data) / 1e9
-    except ValueError:
-        return None
-
-
-def _irq_seconds(stat_file: str) -> float | None:
-    data = _read_bytes(stat_file)
-    if data is None:
-        return None
-    try:
-        fields = data.split(b"\n", 1)[0].split()
-        return (int(fields[6]) + int(fields[7])) / os.sysconf("SC_CLK_TCK")
-    except (IndexError, ValueError):
-        return None
 
 
 def _is_kernel_root(root: CgroupRoot) -> bool:
@@ -99,13 +67,13 @@ class HostCpu:
         path = os.path.join(root.path, root.usage_file)
         cpuacct = host_cpuacct_root(proc_root) if (not exact and system_wide) else None
         if cpuacct:
-            self._read = lambda: _counter_seconds(f"{cpuacct}/cpuacct.usage", False)
+            self._read = lambda: read_counter(f"{cpuacct}/cpuacct.usage", False)
             exact = True
         else:
-            self._read = lambda: _counter_seconds(path, root.hierarchy == V2)
+            self._read = lambda: read_counter(path, root.hierarchy == V2)
         stat_file = os.path.join(proc_root, "stat")
         self._irq = system_wide and exact and irq_time_apart(proc_root)
-        self._irq_read = lambda: _irq_seconds(stat_file) if self._irq else 0.0
+        self._irq_read = lambda: irq_seconds(stat_file) if self._irq else 0.0
 
     def read(self) -> float | None:
         value = self._read()

@@ -112,7 +112,7 @@ def _parse_counter(data: bytes, v2: bool) -> float | None:
         return None
 
 
-def _read_counter(path: str, v2: bool) -> float | None:
+def read_counter(path: str, v2: bool) -> float | None:
     """One cgroup's cumulative CPU seconds; None when it vanished mid-walk."""
     data = read_head(path, 96)
     return None if data is None else _parse_counter(data, v2)
@@ -150,7 +150,7 @@ def read_usage_tree(
         for sub in names:
             walk(directory + "/" + sub, f"{rel}/{sub}" if rel else sub)
         if read is None:
-            value = _read_counter(directory + "/" + name, v2)
+            value = read_counter(directory + "/" + name, v2)
         else:
             data = read(rel, directory + "/" + name)
             value = None if data is None else _parse_counter(data, v2)

@@ -124,7 +124,7 @@ def irq_time_apart(proc_root: str = "/proc", boot_dir: str = "/boot") -> bool:
         return True
 
 
-def _irq_seconds(stat_file: str) -> float | None:
+def irq_seconds(stat_file: str) -> float | None:
     """/proc/stat's irq + softirq time, all CPUs, in seconds."""
     data = read_head(stat_file, 256)
     if data is None:
@@ -212,7 +212,7 @@ class CpuUsageCollector:
         if irq_apart is None:
             irq_apart = system_wide and irq_time_apart(proc_root)
         if irq_apart and (self.exact or self._host is not None):
-            self._irq = _Delta(lambda: _irq_seconds(os.path.join(proc_root, "stat")))
+            self._irq = _Delta(lambda: irq_seconds(os.path.join(proc_root, "stat")))
 
     def _root_own(self, cg_usage: dict[Consumer, float], sampled: float) -> tuple[float, bool]:
         """(the root's own CPU seconds this tick, whether that count is exact)."""
