@@ -23,8 +23,10 @@ class FakeZone:
         target = os.path.join(self.path, "energy_uj")
         if os.path.isdir(target):
             return
-        with open(target, "w") as handle:
+        temporary = target + ".new"  # replaced whole: a reader never sees half a number
+        with open(temporary, "w") as handle:
             handle.write(f"{self.energy_uj}\n")
+        os.replace(temporary, target)
 
     def set_uj(self, value: int) -> None:
         self.energy_uj = value

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -429,26 +428,6 @@ def test_processes_that_outlive_the_command_keep_its_cgroup(exec_root: str,
 # ---- energy, with and without a daemon ------------------------------------------------------
 
 
-class SteadyPower(ConstantPower):
-    """ConstantPower whose counter files are replaced atomically (write, then rename), so a
-    reader in another process never sees a half-written file (a failed read, whose energy
-    then lands in the next tick with that tick's shares). Two processes reading the same
-    zones at different moments then differ only by where their ticks fall."""
-
-    def __init__(self, root: str, package_watts: float = 40.0, dram_watts: float = 5.0) -> None:
-        super().__init__(root, package_watts, dram_watts)
-        for zone in (self.package, self.dram):
-            zone._write = types.MethodType(_write_atomically, zone)  # type: ignore[method-assign]
-
-
-def _write_atomically(zone: Any) -> None:
-    target = os.path.join(zone.path, "energy_uj")
-    temporary = target + ".new"
-    with open(temporary, "w") as handle:
-        handle.write(f"{zone.energy_uj}\n")
-    os.replace(temporary, target)
-
-
 def report_projects(state: Path) -> dict[str, dict[str, Any]]:
     result = subprocess.run(
         [sys.executable, "-m", "carbond", "report", "--by", "project", "--format", "json",
@@ -466,7 +445,7 @@ def test_done_when_demo_with_a_daemon_lands_in_its_ledger(exec_root: str,
     config.write_text("ledger: {flush: 1s}\n")
     common = ["--config", str(config), "--powercap-root", str(tmp_path / "powercap"),
               "--state-dir", str(state), "--cgroup-root", exec_root, "--interval", "1s"]
-    with SteadyPower(str(tmp_path / "powercap")), carbond_run(*common) as daemon:
+    with ConstantPower(str(tmp_path / "powercap")), carbond_run(*common) as daemon:
         result = carbond_exec(
             "--json", "--project", proj("demo"), *common, "--listen", f"127.0.0.1:{daemon.port}",
             "--", "sh", "-c", f"{BUSY.format(n=DONE_WHEN_LOOP)}; exit 3")
@@ -493,7 +472,7 @@ def test_on_its_own_exec_agrees_with_a_daemon_watching_the_same_run(exec_root: s
     burners = Burners()
     try:
         burners.start(1.0)
-        with SteadyPower(str(tmp_path / "powercap")), carbond_run(
+        with ConstantPower(str(tmp_path / "powercap")), carbond_run(
                 *common, "--state-dir", str(state)) as daemon:
             result = carbond_exec(
                 "--json", "--project", proj("alone"), *common, *no_daemon(), "--state-dir",
