@@ -16,8 +16,8 @@ from carbond.snapshot import Snapshot
 
 
 def notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Send one datagram (several `KEY=value` lines); False when not under systemd or the
-    socket is gone: notification is best effort and never stops the daemon."""
+    """Send one datagram (several `KEY=value` lines); False when not under systemd, the
+    socket is gone or its queue is full: notification is best effort and never blocks a tick."""
     address = (environ if environ is not None else os.environ).get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -25,7 +25,7 @@ def notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
+            sock.sendto(message.encode(), socket.MSG_DONTWAIT, address)
     except OSError:
         return False
     return True

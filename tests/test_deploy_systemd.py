@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +29,11 @@ from hypothesis import strategies as st
 
 from carbond.carbon.model import Intensity
 from carbond.cardinality import SeriesSample
+from carbond.config import Config
 from carbond.consumers import Consumer
+from carbond.daemon import Daemon
 from carbond.energy import DeviceSeries
+from carbond.meters.base import DeviceEnergy, DeviceReport, MeterReading
 from carbond.snapshot import Snapshot
 from carbond.systemd import notify, status_line, watchdog_seconds
 from tests.helpers import carbond_run, free_port, scrape, total
@@ -125,6 +129,15 @@ def test_notify_reaches_path_and_abstract_sockets(abstract):
     assert not notify("READY=1", {"NOTIFY_SOCKET": "/nonexistent/notify"})
 
 
+def test_a_full_notify_queue_drops_the_message_instead_of_blocking_the_tick():
+    with notify_socket() as (sock, address):
+        sent = [notify(f"WATCHDOG=1\nSTATUS={i}", {"NOTIFY_SOCKET": address})
+                for i in range(200)]  # nobody reads: the queue fills within a few dozen
+        assert sent[0] and not sent[-1]
+        received = drain(sock)
+    assert received == [f"WATCHDOG=1\nSTATUS={i}" for i in range(len(received))]
+
+
 # ---- the real daemon ----------------------------------------------------------------------------
 
 
@@ -163,6 +176,88 @@ def test_daemon_notifies_ready_after_a_tick_then_watchdog_status_and_stopping(tm
     assert all(STATUS.match(p["STATUS"]) for p in watchdogs)
     # Last: STOPPING=1.
     assert parsed[-1].get("STOPPING") == "1"
+
+
+class RaisingMeter:
+    """A meter (the `Meter` interface) over a constant 100 W package; from its `fail_from`-th
+    read on, for `failures` reads, either `read()` raises (isolated: down alone) or `up()`
+    does, which the tick itself calls, so that tick raises."""
+
+    name = "flaky"
+    errors_total = 0
+
+    def __init__(self, fail_from: int, failures: int, where: str) -> None:
+        self.reads = 0
+        self.fail_from, self.failures, self.where = fail_from, failures, where
+        self.failing = False
+
+    def read(self) -> MeterReading:
+        self.reads += 1
+        self.failing = self.fail_from <= self.reads < self.fail_from + self.failures
+        if self.failing and self.where == "read":
+            raise RuntimeError("meter bug in read")
+        return MeterReading([DeviceEnergy("package-0", "cpu", "rapl", 100.0 * self.reads)])
+
+    def up(self) -> bool:
+        if self.failing and self.where == "up":
+            raise RuntimeError("meter bug in up")
+        return True
+
+    def report(self) -> list[DeviceReport]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def run_daemon_until(meter: RaisingMeter, reads: int, tmp_path: Path,
+                     monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, list[dict[str, str]]]:
+    """The real Daemon.run loop at 0.1 s ticks with our meter, until it has been read
+    `reads` times; returns the daemon and every notification, in order."""
+    config = Config(interval_seconds=0.1, state_dir=str(tmp_path / "state"))
+    with notify_socket() as (sock, address):
+        monkeypatch.setenv("NOTIFY_SOCKET", address)
+        daemon = Daemon(config, [meter])
+        stop = threading.Event()
+        loop = threading.Thread(target=daemon.run, args=(stop,), name="test-daemon-loop")
+        loop.start()
+        messages: list[str] = []
+        try:
+            deadline = time.monotonic() + 30
+            while meter.reads < reads and time.monotonic() < deadline:
+                messages += drain(sock)  # the kernel queues only a few datagrams
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            loop.join(timeout=10)
+            daemon.close()
+        assert not loop.is_alive()
+        assert meter.reads >= reads, f"only {meter.reads} reads in 30 s"
+        return daemon, [fields(m) for m in messages + drain(sock)]
+
+
+def test_a_tick_that_raises_stops_watchdog_pings_and_is_counted(tmp_path, monkeypatch):
+    meter = RaisingMeter(fail_from=5, failures=3, where="up")
+    daemon, parsed = run_daemon_until(meter, 12, tmp_path, monkeypatch)
+    assert parsed[0].get("READY") == "1" and parsed[-1].get("STOPPING") == "1"
+    loop = ["W" if p.get("WATCHDOG") == "1" else "F" for p in parsed[1:-1]]
+    failed = [p for p in parsed[1:-1] if "WATCHDOG" not in p]
+    # Three failing ticks in a row: no WATCHDOG=1 for any of them, pings before and after.
+    assert re.fullmatch(r"W+FFFW+", "".join(loop)), loop
+    assert all(p["STATUS"].startswith("tick failed (RuntimeError)") for p in failed), failed
+    snapshot = daemon.latest()
+    assert snapshot.tick_failures_total == 3
+    assert snapshot.meters_up == {"flaky": True}  # a good tick followed and published
+
+
+def test_a_meter_whose_read_raises_is_down_alone_and_pings_continue(tmp_path, monkeypatch):
+    meter = RaisingMeter(fail_from=5, failures=1_000, where="read")
+    daemon, parsed = run_daemon_until(meter, 10, tmp_path, monkeypatch)
+    loop = parsed[1:-1]
+    assert loop and all(p.get("WATCHDOG") == "1" for p in loop), loop
+    snapshot = daemon.latest()
+    assert snapshot.tick_failures_total == 0
+    assert snapshot.meters_up == {"flaky": False}
 
 
 # ---- the unit -------------------------------------------------------------------------------
