@@ -22,7 +22,7 @@ from carbond.carbon import (
     format_forecast,
     resolve_zone,
 )
-from carbond.carbon.model import FetchError
+from carbond.carbon.intensity import FetchError
 from carbond.check import run_check
 from carbond.daemon import Daemon, install_signal_handlers, prepare_state_dir, tune_malloc
 from carbond.errors import ConfigError

@@ -31,7 +31,7 @@ from carbond.attribution import (
 )
 from carbond.budgets import BudgetTracker
 from carbond.carbon import IntensityFeed, grams
-from carbond.carbon.model import Intensity
+from carbond.carbon.intensity import Intensity
 from carbond.cardinality import ConsumerSeries
 from carbond.config import Config
 from carbond.consumers import Consumer

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from carbond.carbon.model import Intensity
+from carbond.carbon.intensity import Intensity
 from carbond.cardinality import SeriesSample
 from carbond.consumers import Consumer
 from carbond.energy import DeviceSeries

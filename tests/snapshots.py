@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from carbond.carbon.model import Intensity
+from carbond.carbon.intensity import Intensity
 from carbond.cardinality import SeriesSample
 from carbond.consumers import IDLE, OTHER, Consumer
 from carbond.energy import DeviceSeries

@@ -20,7 +20,7 @@ from carbond.carbon.forecast import (
     lowest_window,
 )
 from carbond.carbon.http import HttpClient
-from carbond.carbon.model import FetchError, ForecastPoint, ForecastUnsupported, Intensity
+from carbond.carbon.intensity import FetchError, ForecastPoint, ForecastUnsupported, Intensity
 from carbond.carbon.providers import build_providers
 from tests.fakes.intensity_server import (
     EM_TOKEN,

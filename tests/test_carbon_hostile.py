@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carbond.carbon.http import MAX_REDIRECTS, HttpClient, decode_json, redirect_refusal
-from carbond.carbon.model import MAX_GRAMS_PER_KWH, FetchError, ForecastPoint, Intensity
+from carbond.carbon.intensity import MAX_GRAMS_PER_KWH, FetchError, ForecastPoint, Intensity
 from carbond.carbon.providers import (
     ElectricityMapsProvider,
     Secret,

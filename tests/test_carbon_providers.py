@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from carbond.carbon.http import HttpClient, decode_json, parse_retry_after
-from carbond.carbon.model import FetchError, ForecastUnsupported
+from carbond.carbon.intensity import FetchError, ForecastUnsupported
 from carbond.carbon.providers import (
     ElectricityMapsProvider,
     Secret,
@@ -374,7 +374,7 @@ def test_secret_repr_and_pickle():
 
 
 def test_nan_value_in_object_is_rejected():
-    from carbond.carbon.model import check_grams_per_kwh
+    from carbond.carbon.intensity import check_grams_per_kwh
 
     for bad in (math.nan, math.inf, -1.0, 3000.5, "100", None, True):
         with pytest.raises(FetchError):

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from carbond.carbon.emissions import JOULES_PER_KWH, grams, grams_by_consumer, kwh
-from carbond.carbon.model import Intensity, lbs_per_mwh_to_grams_per_kwh
+from carbond.carbon.intensity import Intensity, lbs_per_mwh_to_grams_per_kwh
 from carbond.carbon.providers import (
     ConstantProvider,
     ElectricityMapsProvider,

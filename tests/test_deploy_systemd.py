@@ -27,7 +27,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from carbond.carbon.model import Intensity
+from carbond.carbon.intensity import Intensity
 from carbond.cardinality import SeriesSample
 from carbond.config import Config
 from carbond.consumers import Consumer

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carbond.carbon.model import ForecastPoint
+from carbond.carbon.intensity import ForecastPoint
 from carbond.consumers import Consumer
 from carbond.execute.cgroup import process_starttime, remove_tree, run_leaf
 from carbond.execute.plan import mean_intensity, plan_greenest

@@ -6,7 +6,7 @@ tick thread, and each tick reads `feed.current()` and converts energy with `gram
 
 from carbond.carbon.emissions import grams, grams_by_consumer, kwh
 from carbond.carbon.forecast import Forecast, fetch_forecast, format_current, format_forecast
-from carbond.carbon.model import FetchError, ForecastPoint, ForecastUnsupported, Intensity
+from carbond.carbon.intensity import FetchError, ForecastPoint, ForecastUnsupported, Intensity
 from carbond.carbon.providers import (
     PROVIDER_OPTIONS,
     Provider,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 
-from carbond.carbon.model import FetchError, ForecastPoint, ForecastUnsupported, Intensity
+from carbond.carbon.intensity import FetchError, ForecastPoint, ForecastUnsupported, Intensity
 from carbond.carbon.providers import Provider
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from carbond import __version__
-from carbond.carbon.model import FetchError
+from carbond.carbon.intensity import FetchError
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a forecast is ~100 kB; anything far larger is not an answer

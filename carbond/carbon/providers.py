@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from carbond.carbon.http import HttpClient, with_query
-from carbond.carbon.model import (
+from carbond.carbon.intensity import (
     FetchError,
     ForecastPoint,
     ForecastUnsupported,

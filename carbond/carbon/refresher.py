@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from carbond.carbon.model import (
+from carbond.carbon.intensity import (
     FUTURE_TOLERANCE_SECONDS,
     FetchError,
     Intensity,

@@ -32,7 +32,7 @@ from carbond import __version__
 from carbond.builders import build_feed
 from carbond.carbon import ForecastUnsupported, IntensityFeed, fetch_forecast
 from carbond.carbon.forecast import format_age
-from carbond.carbon.model import FetchError
+from carbond.carbon.intensity import FetchError
 from carbond.carbon.static import split_cloud_zone
 from carbond.carbon.zone import ZoneChoice
 from carbond.config import Config

@@ -24,7 +24,7 @@ from carbond.attribution import GpuWeights, Policy, TickInput, attribute
 from carbond.builders import build_meters
 from carbond.carbon import IntensityFeed, grams
 from carbond.carbon.http import DEFAULT_TIMEOUT_SECONDS
-from carbond.carbon.model import Intensity
+from carbond.carbon.intensity import Intensity
 from carbond.config import Config
 from carbond.consumers import OTHER, Consumer
 from carbond.energy import DeviceTotals

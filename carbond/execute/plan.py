@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from carbond.carbon.model import ForecastPoint
+from carbond.carbon.intensity import ForecastPoint
 
 RELATIVE_TIE = 1e-9  # means this close are equal: the earlier start wins (no needless wait)
 
