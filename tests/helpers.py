@@ -12,11 +12,23 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0,
+             interval: float = 0.05) -> bool:
+    """Poll until `condition()` holds or `timeout` passes: synchronisation without guessing
+    how long a loaded machine takes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
 
 
 def free_port() -> int:

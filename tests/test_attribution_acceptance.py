@@ -22,6 +22,7 @@ from carbond.workloads.cgroups import CgroupReader, cgroup_root
 from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.naming import CgroupNamer
 from tests.cgroup_helpers import TestTree
+from tests.helpers import wait_for
 from tests.powercap import INTEL_DRAM_RANGE_UJ, FakePowercap
 
 PACKAGE_WATTS, DRAM_WATTS, IDLE_WATTS = 45.0, 6.0, 12.0
@@ -37,7 +38,7 @@ def test_two_units_three_to_one(tree: TestTree, tmp_path) -> None:
     for rel, duty in (("system.slice/a.service", 0.3), ("system.slice/b.service", 0.1)):
         tree.make(rel)
         tree.burners.start(duty, tree.procs(rel))
-    time.sleep(0.5)
+    assert wait_for(lambda: all(tree.usage_seconds(f"system.slice/{n}.service") > 0 for n in "ab"))
 
     collector = CpuUsageCollector(CgroupReader(cgroup_root(tree.root), CgroupNamer()))
     series = ConsumerSeries(max_consumers=10)

@@ -20,6 +20,7 @@ from carbond.workloads.cgroups import (
 )
 from carbond.workloads.naming import CgroupNamer
 from tests.cgroup_helpers import TestTree, random_id, random_uid
+from tests.helpers import wait_for
 
 HIERARCHIES = ["v2", "v1"]
 
@@ -59,7 +60,7 @@ def test_shares_match_kernel_accounting(tree: TestTree) -> None:
     for rel, _, duty in layout.values():
         tree.make(rel)
         tree.burners.start(duty, tree.procs(rel))
-    time.sleep(0.5)  # interpreters started
+    assert wait_for(lambda: all(tree.usage_seconds(rel) > 0 for rel, _, _ in layout.values()))
     reader = reader_for(tree)
     before = {k: tree.usage_seconds(rel) for k, (rel, _, _) in layout.items()}
     assert reader.tick().baseline
@@ -90,7 +91,7 @@ def test_cgroup_created_and_removed_between_ticks_keeps_its_time(tree: TestTree)
     reader.tick()
     tree.make(rel)
     proc = tree.burners.start(0.3, tree.procs(rel))
-    time.sleep(1.5)
+    assert wait_for(lambda: tree.usage_seconds(rel) >= 0.3, timeout=30)
     tree.burners.kill(proc)
     kernel = tree.usage_seconds(rel)
     tree.remove(rel)
@@ -107,11 +108,11 @@ def test_cgroup_removed_after_its_last_reading(tree: TestTree) -> None:
     rel = f"{pod}/crio-{ident}.scope"
     tree.make(rel)
     proc = tree.burners.start(0.3, tree.procs(rel))
-    time.sleep(0.5)
+    assert wait_for(lambda: tree.usage_seconds(rel) > 0)
     reader = reader_for(tree)
     reader.tick()
     seen = tree.usage_seconds(rel)
-    time.sleep(1.0)
+    assert wait_for(lambda: tree.usage_seconds(rel) >= seen + 0.2, timeout=30)
     tree.burners.kill(proc)
     final = tree.usage_seconds(rel)
     tree.remove(pod)  # the whole pod goes: the container still names the time
@@ -135,13 +136,13 @@ def test_cached_listings_and_open_counters_follow_the_tree(tree: TestTree) -> No
     rel, unit = "system.slice/b.service", Consumer("unit", "b.service")
     tree.make(rel)
     proc = tree.burners.start(0.5, tree.procs(rel))
-    time.sleep(1.0)
+    assert wait_for(lambda: tree.usage_seconds(rel) >= 0.2, timeout=30)
     tree.burners.kill(proc)
     assert reader.tick().usage[unit] > 0.05  # b's counter file is now held open
     tree.remove(rel)
     tree.make(rel)
     proc = tree.burners.start(0.3, tree.procs(rel))
-    time.sleep(1.0)
+    assert wait_for(lambda: tree.usage_seconds(rel) >= 0.2, timeout=30)
     tree.burners.kill(proc)
     kernel = tree.usage_seconds(rel)
     tick = reader.tick()

@@ -22,8 +22,9 @@ import pytest
 from carbond.errors import ConfigError
 from carbond.exporter import MetricsServer
 from carbond.webconfig import WebConfigWatcher, load_web_config
+from tests.helpers import wait_for
 from tests.snapshots import make_snapshot
-from tests.web_helpers import Published, read_until_closed, real_prometheus, serving, wait_for
+from tests.web_helpers import Published, read_until_closed, real_prometheus, serving
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl CLI")
 

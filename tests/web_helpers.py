@@ -20,6 +20,7 @@ import pytest
 
 from carbond.exporter import MetricsServer
 from carbond.snapshot import Snapshot
+from tests.helpers import wait_for
 from tests.snapshots import make_snapshot
 
 
@@ -86,16 +87,6 @@ def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
             break
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0,
-             interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 @contextlib.contextmanager
