@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from importlib import resources
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from carbond.carbon.emissions import JOULES_PER_KWH, grams, grams_by_consumer, kwh
+from carbond.carbon.emissions import grams
 from carbond.carbon.intensity import Intensity, lbs_per_mwh_to_grams_per_kwh
 from carbond.carbon.providers import (
     ConstantProvider,
@@ -73,18 +72,6 @@ def test_static_provider_value_is_fresh_and_labelled_by_country():
 def test_grams_one_kwh():
     assert grams(3.6e6, 123.0, 1.0) == pytest.approx(123.0)
     assert grams(3.6e6, 123.0, 1.5) == pytest.approx(184.5)
-    assert kwh(JOULES_PER_KWH) == 1.0
-
-
-@given(
-    joules=st.lists(st.floats(min_value=0, max_value=1e9), min_size=1, max_size=20),
-    intensity=st.floats(min_value=0, max_value=3000),
-    pue=st.floats(min_value=1.0, max_value=3.0),
-)
-def test_consumer_grams_sum_to_host_grams(joules, intensity, pue):
-    by_consumer = grams_by_consumer({f"c{i}": j for i, j in enumerate(joules)}, intensity, pue)
-    host = grams(sum(joules), intensity, pue)
-    assert math.isclose(sum(by_consumer.values()), host, rel_tol=1e-9, abs_tol=1e-9)
 
 
 @given(st.floats(min_value=0, max_value=10_000))

@@ -4,7 +4,7 @@ The daemon builds providers from config (`build_providers`), runs an `IntensityF
 tick thread, and each tick reads `feed.current()` and converts energy with `grams()`.
 """
 
-from carbond.carbon.emissions import grams, grams_by_consumer, kwh
+from carbond.carbon.emissions import grams
 from carbond.carbon.forecast import Forecast, fetch_forecast, format_current, format_forecast
 from carbond.carbon.intensity import FetchError, ForecastPoint, ForecastUnsupported, Intensity
 from carbond.carbon.providers import (
@@ -47,8 +47,6 @@ __all__ = [
     "format_current",
     "format_forecast",
     "grams",
-    "grams_by_consumer",
-    "kwh",
     "provider_specs_from_config",
     "resolve_zone",
     "validate_zone",

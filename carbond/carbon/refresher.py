@@ -59,7 +59,6 @@ class _ProviderState:
     scheduled_at: float = 0.0  # when next_attempt_at was set; a clock stepped back re-arms it
     failures: int = 0  # consecutive, for backoff
     errors: int = 0  # total, for carbond_intensity_fetch_errors_total
-    last_error: str | None = None  # reason word only, for `carbond check`
 
 
 class IntensityFeed:
@@ -128,27 +127,10 @@ class IntensityFeed:
             log.info("intensity provider %s answers for zone %s with the figure of %s",
                      value.provider, self.zone, value.zone)
 
-    def age_seconds(self, now: float | None = None) -> float | None:
-        """Age of the figure in use; 0 for local figures (constant, static), whose observed_at
-        is always now."""
-        now = self.clock() if now is None else now
-        value = self.current()
-        return None if value is None else value.age_seconds(now)
-
     def fetch_errors(self) -> dict[str, int]:
         """Rejected or failed fetches per provider name, cumulative since start."""
         with self._lock:
             return {s.provider.name: s.errors for s in self._states}
-
-    def last_errors(self) -> dict[str, str | None]:
-        """The last failure reason per provider (a word like timeout, http_500), for check."""
-        with self._lock:
-            return {s.provider.name: s.last_error for s in self._states}
-
-    def values(self) -> dict[str, Intensity | None]:
-        """The last good value per provider, fresh or not."""
-        with self._lock:
-            return {s.provider.name: s.value for s in self._states}
 
     @property
     def providers(self) -> list[Provider]:
@@ -208,7 +190,6 @@ class IntensityFeed:
         with self._lock:
             state.value = value
             state.failures = 0
-            state.last_error = None
             state.next_attempt_at = started + self.refresh_seconds
             state.scheduled_at = started
         log.debug("intensity %s %s: %.1f g/kWh", provider.name, value.zone, value.grams_per_kwh)
@@ -219,7 +200,6 @@ class IntensityFeed:
         with self._lock:
             state.failures += 1
             state.errors += 1
-            state.last_error = exc.reason
             # Never wait longer after a failure than a healthy refresh would.
             delay = backoff_seconds(
                 state.failures,
