@@ -9,6 +9,7 @@ import math
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -34,6 +35,7 @@ from carbond.carbon.providers import (
 )
 from carbond.carbon.refresher import IntensityFeed
 from tests.fakes.intensity_server import EM_TOKEN, FakeIntensityServer
+from tests.helpers import wait_for
 
 NOW = 1_717_000_000.0
 DEADLINE_SECONDS = 1.0  # the provider timeout these tests configure: the whole fetch's budget
@@ -258,6 +260,22 @@ def test_a_dripping_server_cannot_hold_a_fetch(server, mode):
     assert "em_latest" in server.routes_hit()
     # The deadline bounds connect + headers + body together, with a generous margin.
     assert DEADLINE_SECONDS * 0.9 <= outcome["seconds"] < DEADLINE_SECONDS * 3
+
+
+def test_the_fake_server_keeps_a_client_leaving_mid_answer_off_stderr(server, capfd):
+    """A client that resets the connection while the fake hangs makes the handler's write
+    fail: recorded on the server for tests, never a traceback in the test output."""
+    server.modes["em_latest"] = "timeout"
+    server.hang_seconds = 0.3
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /v3/carbon-intensity/latest?zone=DE HTTP/1.1\r\nHost: x\r\n"
+                     b"auth-token: " + EM_TOKEN.encode() + b"\r\n\r\n")
+        assert wait_for(lambda: "em_latest" in server.routes_hit(), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    assert wait_for(lambda: server.handler_errors, timeout=10)
+    assert all(isinstance(e, ConnectionError) for e in server.handler_errors)
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_carbond_intensity_round_is_bounded_by_the_deadline(server, tmp_path):

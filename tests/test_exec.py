@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,7 +43,7 @@ from carbond.workloads.naming import (
 )
 from tests.burners import Burners
 from tests.cgroup_helpers import CPUACCT, UNIFIED, available
-from tests.fakes.intensity_server import FakeIntensityServer, iso
+from tests.fakes.intensity_server import FakeIntensityServer, QuietHTTPServer, iso
 from tests.fakes.nvml import FakeGpu, FakeProcess, Scenario, samples_for
 from tests.helpers import carbond_run, free_port
 from tests.powercap import ConstantPower
@@ -594,7 +594,7 @@ class FakeDaemon:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,23 @@ MODES = (
 # "drip": the whole answer, status line first, one byte every `drip_seconds`.
 # "drip_body": status and headers at once, then a chunked body one byte every `drip_seconds`.
 # "endless_chunked": a chunked body that never ends, as fast as the client reads.
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """socketserver prints a traceback for every handler that raises, typically a client
+    leaving mid-answer (which the hostile tests do on purpose). Keep them, unprinted, for
+    tests to look at."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.handler_errors: list[BaseException] = []
+        super().__init__(*args, **kwargs)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if error is not None:
+            self.handler_errors.append(error)
 
 
 @dataclass
@@ -76,7 +94,7 @@ class FakeIntensityServer:
 
     def __post_init__(self) -> None:
         self._release = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: QuietHTTPServer | None = None
         self._scheme = "http"
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -98,12 +116,11 @@ class FakeIntensityServer:
                 pass
 
         self._release.clear()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self._scheme = "http"
         if tls is not None:
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
             self._scheme = "https"
-        self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
         )
@@ -117,6 +134,11 @@ class FakeIntensityServer:
             self._server.server_close()
         if self._thread is not None:
             self._thread.join(5)
+
+    @property
+    def handler_errors(self) -> list[BaseException]:
+        """What the handlers raised (a client gone mid-answer), kept off stderr."""
+        return self._server.handler_errors if self._server is not None else []
 
     @property
     def url(self) -> str:
