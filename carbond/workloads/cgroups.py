@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 from carbond.consumers import Consumer
 from carbond.errors import ConfigError
-from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype, read_head
+from carbond.workloads.kernfiles import (
+    OpenFiles,
+    descriptor_budget,
+    mount_fstype,
+    mount_of,
+    read_head,
+    read_mountinfo,
+)
 
 V1, V2, HYBRID = "v1", "v2", "hybrid"
 
@@ -52,24 +59,11 @@ class CgroupRoot:
 def _mount_rel(path: str, proc_root: str) -> str:
     """Path of `path` inside its cgroup mount (``/`` for a mount point), from mountinfo."""
     real = os.path.realpath(path)
-    best = ""
-    try:
-        with open(os.path.join(proc_root, "self", "mountinfo")) as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if fields[sep + 1] not in ("cgroup", "cgroup2"):
-                    continue
-                mount = fields[4]
-                if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) > len(
-                    best
-                ):
-                    best = mount
-    except (OSError, ValueError):
+    cgroup_mounts = [m for m in read_mountinfo(proc_root) if m.fstype in ("cgroup", "cgroup2")]
+    mount = mount_of(real, cgroup_mounts)
+    if mount is None:
         return "/"
-    if not best:
-        return "/"
-    return "/" + real[len(best) :].strip("/")
+    return "/" + real[len(mount.mount_point) :].strip("/")
 
 
 def cgroup_root(path: str, proc_root: str = "/proc", key: str = "cgroup_root") -> CgroupRoot:

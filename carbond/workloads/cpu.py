@@ -38,7 +38,7 @@ from typing import Protocol
 
 from carbond.consumers import Consumer
 from carbond.workloads.cgroups import V1, CgroupReader
-from carbond.workloads.kernfiles import mount_fstype, read_head
+from carbond.workloads.kernfiles import mount_fstype, read_head, read_mountinfo
 from carbond.workloads.naming import ROOT_CONSUMER
 from carbond.workloads.processes import ProcessTracker, read_pids
 from carbond.workloads.taskstats import TaskExit
@@ -82,23 +82,12 @@ def split_root(root_own: float, certain: float, guessed: float, exact: bool) -> 
 def host_cpuacct_root(proc_root: str = "/proc") -> str | None:
     """The host's v1 cpuacct hierarchy root, if mounted (only a true root has
     `release_agent`: a cgroup-namespaced mount shows a sub-tree as ``/``)."""
-    try:
-        with open(os.path.join(proc_root, "self", "mountinfo")) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        try:
-            sep = fields.index("-")
-            fstype, options = fields[sep + 1], fields[sep + 3]
-        except (ValueError, IndexError):
+    for mount in read_mountinfo(proc_root):
+        if mount.fstype != "cgroup" or mount.root != "/" or "cpuacct" not in mount.super_options:
             continue
-        if fstype != "cgroup" or fields[3] != "/" or "cpuacct" not in options.split(","):
-            continue
-        mount = fields[4]
-        if os.path.isfile(f"{mount}/cpuacct.usage") and os.path.isfile(f"{mount}/release_agent"):
-            return mount
+        point = mount.mount_point
+        if os.path.isfile(f"{point}/cpuacct.usage") and os.path.isfile(f"{point}/release_agent"):
+            return point
     return None
 
 

@@ -1,4 +1,5 @@
-"""Small kernel files read every tick (cpu.stat, /proc/PID/stat), kept open between ticks.
+"""Small kernel files read every tick (cpu.stat, /proc/PID/stat), kept open between ticks, and
+the one parser of /proc/PID/mountinfo.
 
 Opening a file costs a path lookup and two more system calls; cgroup and /proc files are
 seq_files that regenerate their content on every read at offset 0, so an open descriptor read
@@ -11,26 +12,99 @@ tree that is not mounted as one (the tests' fake trees) is read by path every ti
 from __future__ import annotations
 
 import os
+import re
 import resource
-from collections.abc import Collection, Hashable
+from collections.abc import Collection, Hashable, Iterable
+from dataclasses import dataclass
+
+_OCTAL_ESCAPE = re.compile(rb"\\([0-3][0-7]{2})")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/PID/mountinfo, its path fields unescaped."""
+
+    mount_id: int
+    parent_id: int
+    device: str  # "major:minor"
+    root: str  # the directory of its file system mounted here ("/": the whole of it)
+    mount_point: str
+    options: tuple[str, ...]  # per-mount: rw, nosuid, relatime ...
+    tags: tuple[str, ...]  # the optional fields: shared:N, master:N, unbindable ...
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]  # per file system: for cgroup v1, its controllers
+
+
+def _unescape(field: str) -> str:
+    """The kernel writes space, tab, newline and backslash in mountinfo as \\ooo (\\040)."""
+    if "\\" not in field:
+        return field
+    raw = field.encode("utf-8", "surrogateescape")
+    raw = _OCTAL_ESCAPE.sub(lambda found: bytes([int(found[1], 8)]), raw)
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Every well-formed line of a mountinfo text, in order (a line that is not is skipped).
+
+    Fields are separated by single spaces (an empty mount source stays a field); a variable
+    number of optional fields ends at a lone "-", after which come type, source, options.
+    """
+    mounts = []
+    for line in text.split("\n"):
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)
+            if len(fields) < sep + 4:
+                continue
+            mounts.append(
+                Mount(
+                    int(fields[0]),
+                    int(fields[1]),
+                    fields[2],
+                    _unescape(fields[3]),
+                    _unescape(fields[4]),
+                    tuple(fields[5].split(",")),
+                    tuple(fields[6:sep]),
+                    _unescape(fields[sep + 1]),
+                    _unescape(fields[sep + 2]),
+                    tuple(_unescape(o) for o in fields[sep + 3].split(",")),
+                )
+            )
+        except ValueError:
+            continue
+    return mounts
+
+
+def read_mountinfo(proc_root: str = "/proc") -> list[Mount]:
+    """Our own mount table; empty when it can't be read (every caller then knows nothing)."""
+    try:
+        with open(
+            os.path.join(proc_root, "self", "mountinfo"), encoding="utf-8", errors="surrogateescape"
+        ) as f:
+            return parse_mountinfo(f.read())
+    except OSError:
+        return []
+
+
+def mount_of(path: str, mounts: Iterable[Mount]) -> Mount | None:
+    """The mount `path` (absolute, links resolved) lies on: the deepest mount point above it,
+    and of mounts on the same point the last listed, which hides the ones before it."""
+    best: Mount | None = None
+    for mount in mounts:
+        point = mount.mount_point
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and (
+            best is None or len(point) >= len(best.mount_point)
+        ):
+            best = mount
+    return best
 
 
 def mount_fstype(path: str, proc_root: str = "/proc") -> str | None:
     """File-system type of the mount holding `path`, from mountinfo (None when unknown)."""
-    real = os.path.realpath(path)
-    best, fstype = "", None
-    try:
-        with open(os.path.join(proc_root, "self", "mountinfo")) as f:
-            for line in f:
-                fields = line.split()
-                mount = fields[4]
-                if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(
-                    mount
-                ) >= len(best):
-                    best, fstype = mount, fields[fields.index("-") + 1]
-    except (OSError, ValueError, IndexError):
-        return None
-    return fstype
+    mount = mount_of(os.path.realpath(path), read_mountinfo(proc_root))
+    return mount.fstype if mount is not None else None
 
 
 def descriptor_budget(share: int = 4, reserve: int = 256) -> int:
