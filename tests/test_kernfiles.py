@@ -1,5 +1,5 @@
-"""The one mountinfo parser (workloads/kernfiles.py), and what its callers make of it over
-fake /proc trees."""
+"""The one mountinfo parser and the one /proc/PID/cgroup parser (workloads/kernfiles.py), and
+what their callers make of them over fake /proc trees."""
 
 from __future__ import annotations
 
@@ -7,13 +7,19 @@ from pathlib import Path
 
 from carbond.workloads.cgroups import cgroup_root
 from carbond.workloads.cpu import host_cpuacct_root
+from carbond.workloads.gpu import cgroup_of, pid_cgroup
 from carbond.workloads.kernfiles import (
+    CgroupLine,
     Mount,
+    cgroup_line,
     mount_fstype,
     mount_of,
     parse_mountinfo,
+    parse_proc_cgroup,
     read_mountinfo,
+    read_proc_cgroup,
 )
+from carbond.workloads.taskstats import live_cgroup, task_cgroup
 
 MOUNTINFO = (
     "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
@@ -113,3 +119,69 @@ def test_the_host_cpuacct_root_is_a_whole_hierarchy_with_release_agent(tmp_path:
     write_mountinfo(proc, f"1 0 0:1 /docker/x {ns} rw - cgroup cgroup rw,cpuacct\n")
     assert host_cpuacct_root(str(proc)) is None
     assert host_cpuacct_root(str(tmp_path / "none")) is None
+
+
+HYBRID = (
+    "12:pids:/user.slice\n"
+    "4:cpu,cpuacct:/docker/abc\n"
+    "1:name=systemd:/system.slice/docker.service\n"
+    "0::/system.slice/docker.service\n"
+)
+
+
+def test_proc_cgroup_lines() -> None:
+    lines = parse_proc_cgroup(HYBRID)
+    assert lines[1] == CgroupLine(4, ("cpu", "cpuacct"), "/docker/abc", False)
+    assert lines[2].controllers == ("name=systemd",)
+    assert lines[3] == CgroupLine(0, (), "/system.slice/docker.service", False)
+    assert lines[3].unified and not lines[1].unified
+    assert cgroup_line(lines).path == "/system.slice/docker.service"
+    assert cgroup_line(lines, "cpuacct").path == "/docker/abc"
+    assert cgroup_line(lines, "cpu").path == "/docker/abc"
+    assert cgroup_line(lines, "memory") is None
+    assert cgroup_line(parse_proc_cgroup("4:cpu,cpuacct:/a\n")) is None  # pure v1
+
+
+def test_proc_cgroup_a_removed_v2_cgroup_keeps_its_path() -> None:
+    line = cgroup_line(parse_proc_cgroup("2:cpuacct:/\n0::/zz-probe (deleted)\n"))
+    assert line == CgroupLine(0, (), "/zz-probe", True)
+    # only the v2 line is ever marked by the kernel: a v1 path is taken as written
+    v1 = cgroup_line(parse_proc_cgroup("2:cpuacct:/x (deleted)\n"), "cpuacct")
+    assert (v1.path, v1.deleted) == ("/x (deleted)", False)
+
+
+def test_proc_cgroup_hostile_paths() -> None:
+    text = "0::/a:b/c\u2028d\x85e\n"  # ':' in a name; line separators other than \n
+    assert parse_proc_cgroup(text) == [CgroupLine(0, (), "/a:b/c\u2028d\x85e", False)]
+    assert parse_proc_cgroup("\nnot a line\nx:cpu:/a\n0::/ok\n") == [
+        CgroupLine(0, (), "/ok", False)
+    ]
+
+
+def write_cgroup(proc: Path, pid: int, text: str) -> None:
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "cgroup").write_bytes(text.encode("utf-8", "surrogateescape"))
+
+
+def test_callers_agree_on_one_file(tmp_path: Path) -> None:
+    """GPU naming and exit placement read the same text the same way, a removed cgroup and a
+    missing file included."""
+    proc = str(tmp_path)
+    write_cgroup(tmp_path, 1, HYBRID)
+    write_cgroup(tmp_path, 2, "2:cpuacct:/\n0::/gone.scope (deleted)\n")
+    write_cgroup(tmp_path, 3, "4:cpu,cpuacct:/a\n")
+    write_cgroup(tmp_path, 4, "0::/b\udcff\n")  # a byte that is not UTF-8
+    assert read_proc_cgroup(1, proc) == HYBRID
+    assert read_proc_cgroup(9, proc) is None
+    assert task_cgroup(proc, 1, "v2") == "/system.slice/docker.service"
+    assert task_cgroup(proc, 1, "v1") == "/docker/abc"
+    assert task_cgroup(proc, 2, "v2") == pid_cgroup(2, proc) == "/gone.scope"
+    assert live_cgroup(proc, 2, "v2") == "/gone.scope"
+    assert task_cgroup(proc, 3, "v1") == pid_cgroup(3, proc) == "/a"
+    assert task_cgroup(proc, 3, "v2") is None
+    assert task_cgroup(proc, 4, "v2") == pid_cgroup(4, proc) == "/b\udcff"
+    for pid in (1, 2, 3, 4):
+        assert cgroup_of(read_proc_cgroup(pid, proc) or "") == pid_cgroup(pid, proc)
+    assert task_cgroup(proc, 9, "v2") is None
+    assert task_cgroup(proc, 9, "v1") is None
+    assert pid_cgroup(9, proc) is None

@@ -28,12 +28,20 @@ from carbond.meters.nvml import (
     describe,
     error_code,
 )
-from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype, read_head
+from carbond.workloads.kernfiles import (
+    PROC_CGROUP_BYTES,
+    OpenFiles,
+    cgroup_line,
+    descriptor_budget,
+    mount_fstype,
+    parse_proc_cgroup,
+    read_head,
+    read_proc_cgroup,
+)
 
 log = logging.getLogger(__name__)
 
 NO_GPU_INSTANCE = 0xFFFFFFFF  # NVML's "not a MIG process" instance id
-CGROUP_FILE_BYTES = 65536  # /proc/PID/cgroup: one line per hierarchy, paths up to PATH_MAX
 
 
 class GpuHandles(Protocol):
@@ -173,32 +181,24 @@ def memory_weights(processes: list[tuple[int, int | None, int]]) -> dict[int, fl
 
 
 def cgroup_of(text: str) -> str | None:
-    """The cgroup path in a /proc/PID/cgroup text, as the kernel writes it ("/a/b").
+    """The cgroup path in a /proc/PID/cgroup text, as the kernel writes it ("/a/b"); a removed
+    cgroup's too (a zombie's GPU memory still names who used it).
 
     cgroup v2's "0::" line wins unless it is the root and a v1 cpuacct line names a deeper
     cgroup (hybrid hosts where a runtime only uses v1).
     """
-    unified: str | None = None
-    cpuacct: str | None = None
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
-        path = path.removesuffix(" (deleted)")
-        if hierarchy == "0" and controllers == "":
-            unified = path
-        elif "cpuacct" in controllers.split(","):
-            cpuacct = path
-    if unified is not None and (unified != "/" or cpuacct in (None, "/")):
-        return unified
-    return cpuacct if cpuacct is not None else unified
+    lines = parse_proc_cgroup(text)
+    unified = cgroup_line(lines)
+    cpuacct = cgroup_line(lines, "cpuacct")
+    if unified is not None and (unified.path != "/" or cpuacct is None or cpuacct.path == "/"):
+        return unified.path
+    return cpuacct.path if cpuacct is not None else None
 
 
 def pid_cgroup(pid: int, proc_root: str | os.PathLike[str] = "/proc") -> str | None:
     """The cgroup path of a pid; None when the pid is gone."""
-    data = read_head(os.path.join(proc_root, str(pid), "cgroup"), CGROUP_FILE_BYTES)
-    return cgroup_of(data.decode("utf-8", "surrogateescape")) if data is not None else None
+    text = read_proc_cgroup(pid, os.fspath(proc_root))
+    return cgroup_of(text) if text is not None else None
 
 
 def below_root(path: str, rel: str) -> str:
@@ -239,7 +239,7 @@ class PidConsumers:
         self._named: dict[bytes, Consumer | None] = {}  # None: a task of our root cgroup
 
     def __call__(self, pid: int) -> Consumer:
-        data = self._files.read(pid, f"{self._proc_root}/{pid}/cgroup", CGROUP_FILE_BYTES)
+        data = self._files.read(pid, f"{self._proc_root}/{pid}/cgroup", PROC_CGROUP_BYTES)
         if data is None:
             return OTHER
         if data in self._named:

@@ -1,5 +1,5 @@
 """Small kernel files read every tick (cpu.stat, /proc/PID/stat), kept open between ticks, and
-the one parser of /proc/PID/mountinfo.
+the one parser each of /proc/PID/mountinfo and /proc/PID/cgroup.
 
 Opening a file costs a path lookup and two more system calls; cgroup and /proc files are
 seq_files that regenerate their content on every read at offset 0, so an open descriptor read
@@ -16,6 +16,8 @@ import re
 import resource
 from collections.abc import Collection, Hashable, Iterable
 from dataclasses import dataclass
+
+PROC_CGROUP_BYTES = 65536  # /proc/PID/cgroup: one line per hierarchy, paths up to PATH_MAX
 
 _OCTAL_ESCAPE = re.compile(rb"\\([0-3][0-7]{2})")
 
@@ -105,6 +107,64 @@ def mount_fstype(path: str, proc_root: str = "/proc") -> str | None:
     """File-system type of the mount holding `path`, from mountinfo (None when unknown)."""
     mount = mount_of(os.path.realpath(path), read_mountinfo(proc_root))
     return mount.fstype if mount is not None else None
+
+
+@dataclass(frozen=True)
+class CgroupLine:
+    """One line of /proc/PID/cgroup: a hierarchy and the task's cgroup in it."""
+
+    hierarchy_id: int  # 0 with no controllers: the v2 (unified) hierarchy
+    controllers: tuple[str, ...]  # v1: "cpu", "cpuacct", "name=systemd" ...
+    path: str  # as the kernel writes it, "/a/b", without " (deleted)"
+    deleted: bool  # v2 only: the cgroup was removed (its task is a zombie by now)
+
+    @property
+    def unified(self) -> bool:
+        return self.hierarchy_id == 0 and not self.controllers
+
+
+DELETED_SUFFIX = " (deleted)"
+
+
+def parse_proc_cgroup(text: str) -> list[CgroupLine]:
+    """Every line of a /proc/PID/cgroup text; "id:controllers:path", the path may hold ':'.
+
+    The kernel marks a removed cgroup by appending " (deleted)" on the v2 line only
+    (proc_cgroup_show); it is taken off the path there and kept as `deleted`, so the path
+    names the cgroup the task was in. A live v2 cgroup really named "x (deleted)" can't be told
+    from a removed "x"; a v1 path is always taken as written.
+    """
+    lines = []
+    for line in text.split("\n"):  # not splitlines(): a cgroup name may hold \x85, \u2028 ...
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        try:
+            hierarchy_id = int(hierarchy)
+        except ValueError:
+            continue
+        names = tuple(controllers.split(",")) if controllers else ()
+        deleted = hierarchy_id == 0 and not names and path.endswith(DELETED_SUFFIX)
+        if deleted:
+            path = path[: -len(DELETED_SUFFIX)]
+        lines.append(CgroupLine(hierarchy_id, names, path, deleted))
+    return lines
+
+
+def cgroup_line(lines: Iterable[CgroupLine], controller: str | None = None) -> CgroupLine | None:
+    """The v2 line (`controller` None), else the v1 line of the hierarchy holding
+    `controller`; None when the task is in no such hierarchy."""
+    for line in lines:
+        if line.unified if controller is None else controller in line.controllers:
+            return line
+    return None
+
+
+def read_proc_cgroup(pid: int, proc_root: str = "/proc") -> str | None:
+    """/proc/PID/cgroup's text; None when the pid is gone."""
+    data = read_head(os.path.join(proc_root, str(pid), "cgroup"), PROC_CGROUP_BYTES)
+    return data.decode("utf-8", "surrogateescape") if data is not None else None
 
 
 def descriptor_budget(share: int = 4, reserve: int = 256) -> int:

@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 
 from carbond.consumers import name_text
+from carbond.workloads.kernfiles import cgroup_line, parse_proc_cgroup, read_proc_cgroup
 
 log = logging.getLogger(__name__)
 
@@ -177,29 +178,22 @@ def exits_from_datagram(data: bytes) -> list[tuple[RawStats, float | None]]:
     return out
 
 
-def cgroup_of(proc_root: str, pid: int, hierarchy: str) -> str | None:
+def task_cgroup(proc_root: str, pid: int, hierarchy: str) -> str | None:
     """The pid's cgroup path in our hierarchy (v2 `0::` line or the v1 cpuacct line).
 
     Only the walked hierarchy's own line counts: on a hybrid host the `0::` line and the v1
     lines are independent memberships (writing a pid to cpuacct's cgroup.procs moves it there
-    only), so neither says anything about the other. On v1 the kernel prints ``/`` for every
-    task that is exiting (proc_cgroup_show, PF_EXITING), so there ``/`` is only meaningful
-    for a live task: see `live_cgroup`.
+    only), so neither says anything about the other. On v2 a zombie's line stays true, also
+    once its cgroup is removed (the path is given without the kernel's " (deleted)": it is
+    still where the task ran). On v1 the kernel prints ``/`` for every task that is exiting
+    (proc_cgroup_show, PF_EXITING), so there ``/`` is only meaningful for a live task: see
+    `live_cgroup`.
     """
-    try:
-        with open(f"{proc_root}/{pid}/cgroup", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
+    text = read_proc_cgroup(pid, proc_root) if hierarchy in ("v1", "v2") else None
+    if text is None:
         return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if hierarchy == "v2" and parts[0] == "0" and parts[1] == "":
-            return parts[2]
-        if hierarchy == "v1" and "cpuacct" in parts[1].split(","):
-            return parts[2]
-    return None
+    line = cgroup_line(parse_proc_cgroup(text), None if hierarchy == "v2" else "cpuacct")
+    return line.path if line is not None else None
 
 
 PF_EXITING = 0x4  # task->flags, field 9 of /proc/PID/stat
@@ -218,12 +212,12 @@ def is_exiting(proc_root: str, pid: int) -> bool | None:
 def live_cgroup(proc_root: str, pid: int, hierarchy: str) -> str | None:
     """The pid's cgroup where /proc shows it truly; None where it can't tell.
 
-    On v2 that is any answer (a zombie still shows its cgroup, "(deleted)" once removed). On
+    On v2 that is any answer (a zombie still shows its cgroup, also once it is removed). On
     v1 a path other than ``/`` is real, and ``/`` is real only if the task is not exiting:
     the flags are read after the path and PF_EXITING is never cleared, so a task seen not
     exiting was not exiting when its path was printed.
     """
-    path = cgroup_of(proc_root, pid, hierarchy)
+    path = task_cgroup(proc_root, pid, hierarchy)
     if path is None or hierarchy != "v1" or path != "/":
         return path
     return "/" if is_exiting(proc_root, pid) is False else None
@@ -378,7 +372,8 @@ class TaskstatsListener:
             # its time twice, and a tracked process's whole lifetime once more.
             return
         # v1 shows "/" for every exiting task; on v2 the zombie still shows its cgroup
-        cgroup = None if self.hierarchy == "v1" else cgroup_of(self.proc_root, tgid, self.hierarchy)
+        on_v1 = self.hierarchy == "v1"
+        cgroup = None if on_v1 else task_cgroup(self.proc_root, tgid, self.hierarchy)
         learned = self._learned.pop(tgid, None)
         likely = None
         if cgroup is None:
