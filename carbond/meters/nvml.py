@@ -35,15 +35,6 @@ STATUS_ERROR = "error"
 METHOD_COUNTER = "energy counter"
 METHOD_POWER = "power integration"
 
-# NVML return codes (stable across driver versions; duplicated so the module imports without NVML).
-NVML_ERROR_NOT_SUPPORTED = 3
-NVML_ERROR_NO_PERMISSION = 4
-NVML_ERROR_NOT_FOUND = 6
-NVML_ERROR_DRIVER_NOT_LOADED = 9
-NVML_ERROR_LIBRARY_NOT_FOUND = 12
-NVML_ERROR_FUNCTION_NOT_FOUND = 13
-NVML_ERROR_GPU_IS_LOST = 15
-
 
 def load_pynvml() -> ModuleType | None:
     """The pynvml module, or None when nvidia-ml-py is not installed."""
@@ -60,14 +51,15 @@ def error_code(exc: BaseException) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def status_for(exc: BaseException) -> str:
-    """Map an NVML failure to the per-GPU status shown by `carbond check`."""
+def status_for(exc: BaseException, nvml: ModuleType) -> str:
+    """Map an NVML failure to the per-GPU status shown by `carbond check`. The codes are those
+    of `nvml`, the pynvml module that raised it (carbond imports without nvidia-ml-py)."""
     code = error_code(exc)
-    if code == NVML_ERROR_GPU_IS_LOST:
+    if code == nvml.NVML_ERROR_GPU_IS_LOST:
         return STATUS_LOST
-    if code in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND):
+    if code in (nvml.NVML_ERROR_NOT_SUPPORTED, nvml.NVML_ERROR_FUNCTION_NOT_FOUND):
         return STATUS_NOT_SUPPORTED
-    if code == NVML_ERROR_NO_PERMISSION:
+    if code == nvml.NVML_ERROR_NO_PERMISSION:
         return STATUS_NO_PERMISSION
     return STATUS_ERROR
 
@@ -197,8 +189,8 @@ class NvmlMeter:
         try:
             nvml.nvmlInit()
         except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, OSError …
-            self._reason = self._init_failure(exc)
-            self._init_retryable = error_code(exc) != NVML_ERROR_LIBRARY_NOT_FOUND
+            self._reason = self._init_failure(exc, nvml)
+            self._init_retryable = error_code(exc) != nvml.NVML_ERROR_LIBRARY_NOT_FOUND
             log.info("nvml meter down: %s", self._reason)
             return
         self._initialised = True
@@ -222,13 +214,13 @@ class NvmlMeter:
             self._acquire(gpu, now)
 
     @staticmethod
-    def _init_failure(exc: BaseException) -> str:
+    def _init_failure(exc: BaseException, nvml: ModuleType) -> str:
         code = error_code(exc)
-        if code == NVML_ERROR_LIBRARY_NOT_FOUND:
+        if code == nvml.NVML_ERROR_LIBRARY_NOT_FOUND:
             return "NVML library libnvidia-ml.so.1 not found (no NVIDIA driver installed)"
-        if code == NVML_ERROR_DRIVER_NOT_LOADED:
+        if code == nvml.NVML_ERROR_DRIVER_NOT_LOADED:
             return "NVIDIA driver not loaded"
-        if code == NVML_ERROR_NO_PERMISSION:
+        if code == nvml.NVML_ERROR_NO_PERMISSION:
             return "no permission to open the NVIDIA device files"
         return f"nvmlInit failed: {describe(exc)}"
 
@@ -242,7 +234,7 @@ class NvmlMeter:
                 try:
                     handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
                 except Exception as exc:
-                    if error_code(exc) == NVML_ERROR_GPU_IS_LOST:
+                    if error_code(exc) == nvml.NVML_ERROR_GPU_IS_LOST:
                         raise
             if handle is None:
                 handle = nvml.nvmlDeviceGetHandleByIndex(gpu.index)
@@ -265,7 +257,7 @@ class NvmlMeter:
         try:
             raw = int(nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
         except Exception as exc:
-            if status_for(exc) not in (STATUS_NOT_SUPPORTED, STATUS_NO_PERMISSION):
+            if status_for(exc, nvml) not in (STATUS_NOT_SUPPORTED, STATUS_NO_PERMISSION):
                 self._mark_down(gpu, exc, "energy counter")
                 return
             energy_exc: BaseException = exc
@@ -277,7 +269,7 @@ class NvmlMeter:
             milliwatts = int(nvml.nvmlDeviceGetPowerUsage(gpu.handle))
         except Exception as exc:
             # "no permission" on the counter is the actionable one to report
-            worst = energy_exc if status_for(energy_exc) == STATUS_NO_PERMISSION else exc
+            worst = energy_exc if status_for(energy_exc, nvml) == STATUS_NO_PERMISSION else exc
             self._mark_down(gpu, worst, "", reason=f"energy counter: {describe(energy_exc)}; "
                                                    f"power: {describe(exc)}")
             return
@@ -317,7 +309,7 @@ class NvmlMeter:
 
     def _mark_down(self, gpu: _Gpu, exc: BaseException, what: str,
                    reason: str | None = None) -> None:
-        status = status_for(exc)
+        status = status_for(exc, self._api)
         reason = reason or f"{what}: {describe(exc)}"
         if (gpu.status, gpu.reason) != (status, reason):
             log.warning("%s (%s) down: %s", gpu.device, gpu.uuid or "uuid unknown", reason)
@@ -410,7 +402,7 @@ class NvmlMeter:
         try:
             raw = int(nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
         except Exception as exc:
-            if status_for(exc) == STATUS_NOT_SUPPORTED:
+            if status_for(exc, nvml) == STATUS_NOT_SUPPORTED:
                 # The counter went away (driver change): carry on by power integration.
                 self._choose_method(gpu, self._clock())
                 return False

@@ -21,13 +21,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from carbond.consumers import OTHER, Consumer
-from carbond.meters.nvml import (
-    NVML_ERROR_FUNCTION_NOT_FOUND,
-    NVML_ERROR_NOT_FOUND,
-    NVML_ERROR_NOT_SUPPORTED,
-    describe,
-    error_code,
-)
+from carbond.meters.nvml import describe, error_code
 from carbond.workloads.kernfiles import (
     PROC_CGROUP_BYTES,
     OpenFiles,
@@ -118,7 +112,9 @@ class GpuUsageTracker:
         except Exception as exc:
             # NotFound: no samples newer than last_seen. pynvml also raises with code 0 (success)
             # when the size query finds nothing. NotSupported: MIG mode, vGPU, old GPUs.
-            if error_code(exc) in (0, NVML_ERROR_NOT_FOUND, NVML_ERROR_NOT_SUPPORTED):
+            if error_code(exc) in (
+                nvml.NVML_SUCCESS, nvml.NVML_ERROR_NOT_FOUND, nvml.NVML_ERROR_NOT_SUPPORTED
+            ):
                 return {}
             raise
         weights: dict[int, float] = {}
@@ -165,7 +161,7 @@ class GpuUsageTracker:
                 return list(getattr(nvml, f"nvmlDeviceGet{kind}RunningProcesses")(handle))
             except Exception as exc:
                 if not (isinstance(exc, mismatch)
-                        or error_code(exc) == NVML_ERROR_FUNCTION_NOT_FOUND):
+                        or error_code(exc) == nvml.NVML_ERROR_FUNCTION_NOT_FOUND):
                     raise
                 log.info("NVML library has no _v3 process queries; using _v2")
                 self._use_v2 = True
