@@ -17,8 +17,8 @@ from carbond.daemon import Daemon, Reconfiguration
 from carbond.errors import ConfigError
 from carbond.ledger import Ledger, LedgerError
 from carbond.meters.base import Meter
-from carbond.meters.model import ModelMeter
 from carbond.meters.nvml import NvmlMeter
+from carbond.meters.power_model import ModelMeter
 from carbond.meters.rapl import RaplMeter
 from carbond.workloads.cgroups import CgroupReader, CgroupRoot, detect_cgroup_root
 from carbond.workloads.cpu import CpuUsageCollector
