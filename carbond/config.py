@@ -7,7 +7,6 @@ so a config file written today keeps working when they land.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -19,7 +18,7 @@ import yaml
 
 from carbond.carbon.providers import PROVIDER_OPTIONS, provider_specs_from_config
 from carbond.carbon.zone import validate_zone
-from carbond.errors import ConfigError
+from carbond.errors import ConfigError, did_you_mean
 from carbond.periods import PERIODS, get_zone
 from carbond.units import parse_grams, parse_seconds
 from carbond.workloads.naming import Rule, compile_rules
@@ -166,19 +165,10 @@ def _rules(value: Any, key: str) -> tuple[Rule, ...]:
 
 
 def _providers(value: Any, key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
-    """Names and option keys; option values and credential files are checked when the
-    providers are built (`build_providers`), still before anything runs."""
-    specs = provider_specs_from_config(value, key)
-    for index, (name, options) in enumerate(specs):
-        known = PROVIDER_OPTIONS.get(name)
-        if known is None:
-            raise ConfigError(f"{key}[{index}]", _unknown(name, PROVIDER_OPTIONS, "provider"))
-        if options is not None and not isinstance(options, dict):
-            raise ConfigError(f"{key}[{index}].{name}", f"expected a mapping, got {_show(options)}")
-        for option in options or {}:
-            if option not in known:
-                raise ConfigError(f"{key}[{index}].{name}.{option}", _unknown(option, known))
-    return tuple(specs)
+    """Names, option names and option values, by the providers' one validation (the same
+    that `build_providers` runs); credential files are read when the providers are built,
+    still before anything runs."""
+    return tuple(provider_specs_from_config(value, key))
 
 
 def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
@@ -206,7 +196,7 @@ def _check_match(match: dict[str, str], key: str) -> None:
                           f"matches consumers of kind project, not kind {match['kind']!r}")
 
 
-def _ledger(value: Any, key: str) -> dict[str, float]:
+def _ledger(value: Any, key: str) -> tuple[float, float]:
     ledger = _section(value, key, LEDGER_SCHEMA)
     if ledger.get("flush", 0.0) > MAX_FLUSH_SECONDS:
         raise ConfigError(f"{key}.flush", f"must be at most 1h (a crash loses one flush "
@@ -214,14 +204,15 @@ def _ledger(value: Any, key: str) -> dict[str, float]:
     if ledger.get("retention", MIN_RETENTION_SECONDS) < MIN_RETENTION_SECONDS:
         raise ConfigError(f"{key}.retention", f"must be at least 1h (rows are hourly), got "
                           f"{ledger['retention']:g}s")
-    return ledger
+    return (ledger.get("flush", Config.ledger_flush_seconds),
+            ledger.get("retention", Config.ledger_retention_seconds))
 
 
-def _embodied(value: Any, key: str) -> dict[str, float]:
+def _embodied(value: Any, key: str) -> tuple[float, float]:
     embodied = _section(value, key, EMBODIED_SCHEMA)
     if "kgco2e" not in embodied:
         raise ConfigError(f"{key}.kgco2e", "is required (the host's embodied kg CO2e)")
-    return embodied
+    return embodied["kgco2e"], embodied.get("lifetime", Config.embodied_lifetime_seconds)
 
 
 # ---- structure ------------------------------------------------------------------------------
@@ -238,9 +229,7 @@ def _list(value: Any, key: str) -> list[Any]:
 
 
 def _unknown(name: str, known: Mapping[str, Any], what: str = "key") -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown {what} '{name}'{hint}"
+    return f"unknown {what} {name!r}{did_you_mean(name, known)}"
 
 
 def _section(value: Any, key: str, schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -274,43 +263,67 @@ LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
     "embodied": EMBODIED_SCHEMA,
 }
 
-SCHEMA: dict[str, Any] = {
-    "listen": _listen,
-    "interval": _interval,
-    "state_dir": _string,
-    "cgroup_root": _optional_string,
-    "proc_root": _string,
-    "web_config_file": _optional_string,
-    "log_level": _choice("debug", "info", "warning", "error"),
-    "meters": {
-        "rapl": {"enabled": _switch, "root": _string},
-        "nvml": {"enabled": _switch},
-        "model": {
-            "enabled": _switch,
-            "cpu_watts_min": _number(0.0),
-            "cpu_watts_max": _number(0.0),
-            "memory_watts_per_gb": _number(0.0),
-        },
-    },
-    "attribution": {
-        "idle": _choice("separate", "proportional"),
-        "idle_watts": {"cpu": _auto_or_watts, "gpu": _auto_or_watts},
-        "max_consumers": _positive_int,
-        "processes": _switch,
-        "rules": _rules,
-    },
-    "intensity": {
-        "zone": _zone,
-        "refresh": _duration,
-        "max_age": _duration,
-        "providers": _providers,
-    },
-    "pue": _number(1.0),
-    "embodied": _embodied,
-    "ledger": _ledger,
-    "budgets_timezone": _timezone,
-    "budgets": _budgets,
-}
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: where it sits in the YAML, the `Config` field(s) it sets (a
+    validator returning a tuple fills several) and its validator. Defaults live on `Config`."""
+
+    path: tuple[str, ...]
+    fields: tuple[str, ...]
+    check: Any  # a Validator, or a nested schema validated by `_section`
+
+
+def _key(path: str, fields: str, check: Any) -> Key:
+    return Key(tuple(path.split(".")), tuple(fields.split()), check)
+
+
+# Every top-level and nested key, once: SCHEMA and `_build` are derived from this table.
+KEYS: tuple[Key, ...] = (
+    _key("listen", "listen_host listen_port", _listen),
+    _key("interval", "interval_seconds", _interval),
+    _key("state_dir", "state_dir", _string),
+    _key("cgroup_root", "cgroup_root", _optional_string),
+    _key("proc_root", "proc_root", _string),
+    _key("web_config_file", "web_config_file", _optional_string),
+    _key("log_level", "log_level", _choice("debug", "info", "warning", "error")),
+    _key("meters.rapl.enabled", "rapl_enabled", _switch),
+    _key("meters.rapl.root", "powercap_root", _string),
+    _key("meters.nvml.enabled", "nvml_enabled", _switch),
+    _key("meters.model.enabled", "model_enabled", _switch),
+    _key("meters.model.cpu_watts_min", "model_cpu_watts_min", _number(0.0)),
+    _key("meters.model.cpu_watts_max", "model_cpu_watts_max", _number(0.0)),
+    _key("meters.model.memory_watts_per_gb", "model_memory_watts_per_gb", _number(0.0)),
+    _key("attribution.idle", "idle_policy", _choice("separate", "proportional")),
+    _key("attribution.idle_watts.cpu", "idle_watts_cpu", _auto_or_watts),
+    _key("attribution.idle_watts.gpu", "idle_watts_gpu", _auto_or_watts),
+    _key("attribution.max_consumers", "max_consumers", _positive_int),
+    _key("attribution.processes", "processes", _switch),
+    _key("attribution.rules", "rules", _rules),
+    _key("intensity.zone", "zone", _zone),
+    _key("intensity.refresh", "intensity_refresh_seconds", _duration),
+    _key("intensity.max_age", "intensity_max_age_seconds", _duration),
+    _key("intensity.providers", "providers", _providers),
+    _key("pue", "pue", _number(1.0)),
+    _key("embodied", "embodied_kgco2e embodied_lifetime_seconds", _embodied),
+    _key("ledger", "ledger_flush_seconds ledger_retention_seconds", _ledger),
+    _key("budgets_timezone", "budgets_timezone", _timezone),
+    _key("budgets", "budgets", _budgets),
+)
+
+
+def _schema(keys: tuple[Key, ...]) -> dict[str, Any]:
+    schema: dict[str, Any] = {}
+    for key in keys:
+        level = schema
+        for name in key.path[:-1]:
+            level = level.setdefault(name, {})
+        level[key.path[-1]] = key.check
+    return schema
+
+
+SCHEMA: dict[str, Any] = _schema(KEYS)
+
 
 def key_paths() -> list[str]:
     """Every configuration key as a dotted path (lists as `[]`): what docs/configuration.md
@@ -400,58 +413,27 @@ class Config:
     source: str | None = None  # the file read, for `carbond check`
 
 
-def _get(tree: Mapping[str, Any], *path: str, default: Any) -> Any:
+_ABSENT = object()
+
+
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     for name in path:
         if not isinstance(tree, Mapping) or name not in tree:
-            return default
+            return _ABSENT
         tree = tree[name]
     return tree
 
 
 def _build(tree: Mapping[str, Any], source: str | None) -> Config:
-    base = Config()
-    listen = tree.get("listen", (base.listen_host, base.listen_port))
-    model = _get(tree, "meters", "model", default={})
-    config = Config(
-        listen_host=listen[0],
-        listen_port=listen[1],
-        interval_seconds=tree.get("interval", base.interval_seconds),
-        state_dir=tree.get("state_dir", base.state_dir),
-        cgroup_root=tree.get("cgroup_root", base.cgroup_root),
-        proc_root=tree.get("proc_root", base.proc_root),
-        web_config_file=tree.get("web_config_file", base.web_config_file),
-        log_level=tree.get("log_level", base.log_level),
-        rapl_enabled=_get(tree, "meters", "rapl", "enabled", default=base.rapl_enabled),
-        powercap_root=_get(tree, "meters", "rapl", "root", default=base.powercap_root),
-        nvml_enabled=_get(tree, "meters", "nvml", "enabled", default=base.nvml_enabled),
-        model_enabled=model.get("enabled", base.model_enabled),
-        model_cpu_watts_min=model.get("cpu_watts_min", base.model_cpu_watts_min),
-        model_cpu_watts_max=model.get("cpu_watts_max", base.model_cpu_watts_max),
-        model_memory_watts_per_gb=model.get("memory_watts_per_gb",
-                                            base.model_memory_watts_per_gb),
-        idle_policy=_get(tree, "attribution", "idle", default=base.idle_policy),
-        idle_watts_cpu=_get(tree, "attribution", "idle_watts", "cpu", default=None),
-        idle_watts_gpu=_get(tree, "attribution", "idle_watts", "gpu", default=None),
-        max_consumers=_get(tree, "attribution", "max_consumers", default=base.max_consumers),
-        processes=_get(tree, "attribution", "processes", default=base.processes),
-        rules=_get(tree, "attribution", "rules", default=base.rules),
-        zone=_get(tree, "intensity", "zone", default=base.zone),
-        intensity_refresh_seconds=_get(tree, "intensity", "refresh",
-                                       default=base.intensity_refresh_seconds),
-        intensity_max_age_seconds=_get(tree, "intensity", "max_age",
-                                       default=base.intensity_max_age_seconds),
-        providers=_get(tree, "intensity", "providers", default=base.providers),
-        pue=tree.get("pue", base.pue),
-        embodied_kgco2e=_get(tree, "embodied", "kgco2e", default=base.embodied_kgco2e),
-        embodied_lifetime_seconds=_get(tree, "embodied", "lifetime",
-                                       default=base.embodied_lifetime_seconds),
-        ledger_flush_seconds=_get(tree, "ledger", "flush", default=base.ledger_flush_seconds),
-        ledger_retention_seconds=_get(tree, "ledger", "retention",
-                                      default=base.ledger_retention_seconds),
-        budgets_timezone=tree.get("budgets_timezone", base.budgets_timezone),
-        budgets=tree.get("budgets", base.budgets),
-        source=source,
-    )
+    """A validated tree to a Config: each key present sets its field(s), the rest keep the
+    dataclass defaults."""
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        value = _get(tree, key.path)
+        if value is not _ABSENT:
+            values.update(zip(key.fields, value if len(key.fields) > 1 else (value,),
+                              strict=True))
+    config = Config(**values, source=source)
     if config.model_cpu_watts_max < config.model_cpu_watts_min:
         raise ConfigError(
             "meters.model.cpu_watts_max",
