@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from carbond.workloads.cgroups import V2, CgroupRoot, read_counter
+from carbond.workloads.kernfiles import cgroup_line, parse_proc_cgroup, read_proc_cgroup
 from carbond.workloads.naming import EXEC_PARENT, encode_project
 
 log = logging.getLogger(__name__)
@@ -123,14 +124,9 @@ def clean_stale(parent: str, proc_root: str = "/proc") -> list[str]:
 
 
 def _own_cgroup_v2(proc_root: str) -> str | None:
-    try:
-        with open(f"{proc_root}/self/cgroup", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("0::"):
-                    return line[3:].rstrip("\n").removesuffix(" (deleted)")
-    except OSError:
-        return None
-    return None
+    text = read_proc_cgroup("self", proc_root)
+    line = cgroup_line(parse_proc_cgroup(text)) if text is not None else None
+    return line.path if line is not None else None
 
 
 def delegated_parent(root: CgroupRoot, proc_root: str = "/proc") -> str | None:

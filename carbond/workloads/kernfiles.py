@@ -161,8 +161,8 @@ def cgroup_line(lines: Iterable[CgroupLine], controller: str | None = None) -> C
     return None
 
 
-def read_proc_cgroup(pid: int, proc_root: str = "/proc") -> str | None:
-    """/proc/PID/cgroup's text; None when the pid is gone."""
+def read_proc_cgroup(pid: int | str, proc_root: str = "/proc") -> str | None:
+    """/proc/PID/cgroup's text (`pid` may be "self"); None when the pid is gone."""
     data = read_head(os.path.join(proc_root, str(pid), "cgroup"), PROC_CGROUP_BYTES)
     return data.decode("utf-8", "surrogateescape") if data is not None else None
 
