@@ -84,18 +84,22 @@ class Attribution:
         return any(d.source == MODEL_SOURCE for d in self.counted)
 
 
+def model_stands_in(measured: frozenset[str], model: str) -> frozenset[str]:
+    """The components the power model counts for, given what the hardware's counters cover:
+    none with `off`; with `on` each one no counter measures; with `auto` CPU and DRAM only
+    where no counter measures the CPU."""
+    if model == MODEL_OFF or (model == MODEL_AUTO and "cpu" in measured):
+        return frozenset()
+    return frozenset(MODELLED) - measured
+
+
 def counted_devices(
     devices: Sequence[DeviceDelta], measured: frozenset[str], model: str
 ) -> tuple[DeviceDelta, ...]:
     """The deltas that are host energy: every hardware delta, and the model's only for the
     components it stands in for. The hardware's view is `measured` (what its counters cover,
     also in a tick where one read failed: that energy arrives with the next read)."""
-    if model == MODEL_OFF:
-        standing_in: set[str] = set()
-    elif model == MODEL_ON:
-        standing_in = set(MODELLED) - measured
-    else:
-        standing_in = set() if "cpu" in measured else set(MODELLED) - measured
+    standing_in = model_stands_in(measured, model)
     return tuple(
         d for d in devices
         if d.source != MODEL_SOURCE or (d.component in standing_in and d.component in MODELLED)

@@ -22,12 +22,14 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from carbond.attribution import (
+    MODEL_SOURCE,
     Attribution,
     ConsumerEnergy,
     GpuWeights,
     Policy,
     TickInput,
     attribute,
+    model_stands_in,
 )
 from carbond.budgets import BudgetTracker
 from carbond.carbon import IntensityFeed, grams
@@ -241,7 +243,14 @@ class Daemon:
         seconds, self._last_tick = started - self._last_tick, started
         deltas: list[DeviceDelta] = []
         complete = True  # every device read: a partial tick would teach the baseline a low
+        measured = frozenset().union(*(meter.components() for meter in self._rapl))
+        model_needed = bool(model_stands_in(measured, self._policy.model))
         for meter in self.meters:
+            # Counters that measure all the model could stand in for: it is not read (a
+            # meter's components only grow, and a reload builds new meters, so it never
+            # resumes with a reading that spans the rest).
+            if meter.name == MODEL_SOURCE and not model_needed:
+                continue
             reading = self._read(meter)
             if reading is None:
                 complete = False
@@ -255,7 +264,6 @@ class Daemon:
         cpu = self._collect("cgroups", self.cpu_usage.tick if self.cpu_usage else None)
         if cpu:
             self._counters.exited_tasks += cpu.exited_tasks
-        measured = frozenset().union(*(meter.components() for meter in self._rapl))
         result = attribute(
             TickInput(seconds, deltas, cpu.usage if cpu else None,
                       self._collect("gpu", self._gpu_weights if self._gpu_usage else None) or {},
@@ -291,9 +299,9 @@ class Daemon:
     ) -> tuple[dict[Consumer, float], float]:
         if intensity is None:
             return {}, 0.0
-        per_consumer = {
-            consumer: grams(math.fsum(parts.values()), intensity.grams_per_kwh, self.config.pue)
-            for consumer, parts in energy.items()
+        per_consumer = {  # only consumers that used energy: most cgroups idle most ticks
+            consumer: grams(joules, intensity.grams_per_kwh, self.config.pue)
+            for consumer, parts in energy.items() if (joules := math.fsum(parts.values())) > 0
         }
         return per_consumer, math.fsum(per_consumer.values())
 

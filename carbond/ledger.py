@@ -537,14 +537,18 @@ class Ledger:
         hours = self._hours
         touched = set(consumers) | set(grams) | set(embodied_grams)
         for key in touched:
+            parts = [(c, j) for c, j in consumers.get(key, {}).items() if _positive(j)]
+            consumer_grams = grams.get(key, 0.0)
+            consumer_grams = consumer_grams if _positive(consumer_grams) else 0.0
+            embodied = embodied_grams.get(key, 0.0)
+            embodied = embodied if _positive(embodied) else 0.0
+            if not parts and not consumer_grams and not embodied:
+                continue  # an idle cgroup: nothing to book, no row to write
             consumer = self._consumer(key)
-            parts = consumers.get(key, {})
             energy_total = totals.consumer_joules.setdefault(consumer, {})
             joules_by_index = []
             joules_sum = 0.0
-            for component, joules in parts.items():
-                if not _positive(joules):
-                    continue
+            for component, joules in parts:
                 energy_total[component] = energy_total.get(component, 0.0) + joules
                 index = _COMPONENT_INDEX.get(component)
                 if index is None:
@@ -553,10 +557,6 @@ class Ledger:
                     continue
                 joules_by_index.append((index, joules))
                 joules_sum += joules
-            consumer_grams = grams.get(key, 0.0)
-            consumer_grams = consumer_grams if _positive(consumer_grams) else 0.0
-            embodied = embodied_grams.get(key, 0.0)
-            embodied = embodied if _positive(embodied) else 0.0
             totals.consumer_grams[consumer] = (
                 totals.consumer_grams.get(consumer, 0.0) + consumer_grams)
             totals.consumer_embodied_grams[consumer] = (
@@ -604,6 +604,9 @@ class Ledger:
 
     def put_state(self, key: str, value: Any) -> None:
         """Keep a JSON-serialisable value (counters, learned baselines) across restarts."""
+        with self._lock:
+            if self._totals.state.get(key) == value:
+                return  # the daemon puts its counters every tick; most ticks change none
         text = json.dumps(value, allow_nan=False)
         with self._lock:
             self._totals.state[key] = json.loads(text)

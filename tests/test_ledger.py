@@ -131,9 +131,21 @@ def test_hourly_rows_sum_to_the_totals(ticks):
             stored = next((v for c, v in totals.consumer_joules.items()
                            if c.kind == consumer.kind), {})
             assert stored.get("cpu", 0.0) == pytest.approx(joules, rel=1e-9, abs=1e-6)
-            row = next(v for c, v in sums.items() if c.kind == consumer.kind)
+            # a consumer that never used anything books no row at all
+            row = next((v for c, v in sums.items() if c.kind == consumer.kind), (0.0, 0.0, 0.0))
             assert row[0] == pytest.approx(joules, rel=1e-9, abs=1e-6)
             assert row[2] == pytest.approx(joules / 1e3, rel=1e-9, abs=1e-9)
+
+
+def test_an_idle_consumer_books_no_row(tmp_path):
+    """An idle cgroup gets 0 J every tick: nothing to book, so no hourly row, no total."""
+    with Ledger.open(str(tmp_path), clock=Clock(T0 + 2 * HOUR)) as ledger:
+        ledger.record(T0, 5.0, {A: {"cpu": 10.0}, B: {"cpu": 0.0, "dram": 0.0}},
+                      {A: 0.001, B: 0.0}, {B: 0.0}, {}, 100.0, "static")
+        ledger.flush()
+        totals = ledger.restore()
+    assert set(totals.consumer_joules) == {A}
+    assert set(hourly_sums(str(tmp_path))) == {A}
 
 
 def test_a_tick_across_an_hour_is_split_by_time(tmp_path):
