@@ -11,8 +11,9 @@ with pread on descriptors kept open, as carbond does. CPU per tick is the growth
 whole-process CPU clock from after one scrape to before the next (one tick, plus its idle
 threads); per scrape, the growth across the request. All figures are medians.
 
-Scenarios (--scenario, repeatable; default: cgroups procs consumers idle5s gpu):
+Scenarios (--scenario, repeatable; default: cgroups large procs consumers idle5s gpu):
   cgroups    --procs N sleeping processes over --cgroups M cgroups (default 1,000 in 100)
+  large      10,000 sleeping processes in 1,000 cgroups (a big Kubernetes or Slurm node)
   procs      --procs N sleeping processes in the root of the walked tree (process mode on)
   consumers  --consumers 500 cgroups, each with a process using a little CPU every tick, so
              each is a consumer with energy and its own series (max_consumers = that number)
@@ -498,7 +499,7 @@ def main() -> int:
         epilog=__doc__.split("\n\n", 2)[2],
     )
     parser.add_argument("--scenario", action="append",
-                        choices=["cgroups", "procs", "consumers", "idle5s", "gpu"])
+                        choices=["cgroups", "large", "procs", "consumers", "idle5s", "gpu"])
     parser.add_argument("--matrix", action="store_true", help="cgroups for every N x M")
     parser.add_argument("--seconds", type=parse_seconds, default=60.0,
                         help="measured time per scenario (default 60s)")
@@ -521,8 +522,8 @@ def main() -> int:
     if args.soak:
         run_soak(args, args.soak)
         return 0
-    scenarios = args.scenario or ([] if args.matrix else ["cgroups", "procs", "consumers",
-                                                          "idle5s", "gpu"])
+    scenarios = args.scenario or ([] if args.matrix else ["cgroups", "large", "procs",
+                                                          "consumers", "idle5s", "gpu"])
     runs: list[Callable[[], Result]] = []
     if args.matrix:
         for procs in (100, 1000, 5000):
@@ -531,6 +532,7 @@ def main() -> int:
     for name in scenarios:
         runs.append({
             "cgroups": lambda: run_cgroups(args, args.procs, args.cgroups),
+            "large": lambda: run_cgroups(args, 10_000, 1_000),
             "procs": lambda: run_procs(args),
             "consumers": lambda: run_consumers(args),
             "idle5s": lambda: run_idle5s(args),
