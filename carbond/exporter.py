@@ -3,8 +3,10 @@
 Scrapes never measure anything. The snapshot changes once per tick, so every body (each
 exposition format, each JSON document, plain and gzipped) is encoded once per snapshot and then
 served from memory; only prometheus_client's small process collector (`process_*`) is rendered
-on every scrape, so those values are current. The HTTP side is carbond.web; TLS and basic auth
-come from carbond.webconfig.
+on every scrape, so those values are current. Prometheus scrapes about once per tick, so nearly
+every scrape encodes: carbond.exposition does that, byte for byte as prometheus_client's encoders
+would, several times faster. The HTTP side is carbond.web; TLS and basic auth come from
+carbond.webconfig.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from prometheus_client.exposition import generate_latest as generate_text
 
 from carbond import __version__
 from carbond.consumers import Consumer, name_text
+from carbond.exposition import agrees_with_prometheus_client, fast_encoder
 from carbond.snapshot import Snapshot
 from carbond.web import HttpServer, Request, Response, accepts_gzip, listen
 from carbond.webconfig import WebConfigWatcher
@@ -49,7 +52,13 @@ GZIP_LEVEL = 6
 
 
 def label_text(value: str) -> str:
-    """Every label value goes through here: a scrape never breaks on a name (see name_text)."""
+    """Every label value goes through here: a scrape never breaks on a name (see name_text).
+
+    An ASCII str is already what name_text would return; checking that first (O(1) in
+    CPython) saves a UTF-8 encode per label value, thousands per snapshot.
+    """
+    if value.__class__ is str and value.isascii():
+        return value
     return name_text(value)
 
 
@@ -459,6 +468,12 @@ class MetricsApp:
         self._static = static
         self._cache = BodyCache()
         self._landing = LANDING_PAGE.format(version=html.escape(__version__)).encode()
+        # The snapshot's body goes through carbond.exposition unless this prometheus_client
+        # writes something it does not (a release that changed a format).
+        self._fast = agrees_with_prometheus_client()
+        if not self._fast:
+            log.warning("this prometheus_client formats differently from carbond.exposition; "
+                        "/metrics is encoded by prometheus_client alone")
 
     def __call__(self, request: Request) -> Response:
         path = request.path
@@ -479,9 +494,11 @@ class MetricsApp:
         except Exception:  # a version prometheus_client cannot parse
             encoder, content_type = generate_text, CONTENT_TYPE_PLAIN_0_0_4
         families = _Families((_FixedSnapshot(snap), self._static))
+        # Same bytes as `encoder`, several times faster; the live tail keeps `encoder`.
+        snapshot_encoder = fast_encoder(encoder) if self._fast else encoder
 
         def encode() -> bytes:
-            return _without_eof(encoder(families))
+            return _without_eof(snapshot_encoder(families))
 
         cached = self._cache.get(snap, "metrics " + content_type, encode)
         live = encoder(self._live)
