@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0,
+def wait_for(condition: Callable[[], object], timeout: float = 15.0,
              interval: float = 0.05) -> bool:
     """Poll until `condition()` holds or `timeout` passes: synchronisation without guessing
     how long a loaded machine takes."""
@@ -28,7 +28,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 15.0,
         if condition():
             return True
         time.sleep(interval)
-    return condition()
+    return bool(condition())
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from tests.deploy_helpers import (
     variables,
 )
 from tests.fakes.nvml import FakeGpu, FakeProcess, Scenario
-from tests.helpers import carbond_run, free_port
+from tests.helpers import carbond_run, free_port, wait_for
 from tests.powercap import INTEL_DRAM_RANGE_UJ, ConstantPower, FakePowercap, FakeZone
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc needed for fake NVML")
@@ -135,8 +135,8 @@ def prometheus(tmp_path: Path, targets: list[str]) -> Iterator[Prometheus]:
              f"--web.listen-address=127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT)
     try:
         server = Prometheus(f"http://127.0.0.1:{port}")
-        wait_for(lambda: ready(server), "Prometheus to start",
-                 lambda: process.poll() is not None)
+        waited(lambda: ready(server) or process.poll() is not None, "Prometheus to start")
+        assert process.poll() is None, "Prometheus exited"
         yield server
     finally:
         process.send_signal(signal.SIGKILL)
@@ -151,16 +151,8 @@ def ready(server: Prometheus) -> bool:
         return False
 
 
-def wait_for(check: Any, what: str, dead: Any = None, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if dead is not None and dead():
-            raise AssertionError(f"gave up waiting for {what}: the process exited")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+def waited(check: Callable[[], Any], what: str, timeout: float = 60.0) -> None:
+    assert wait_for(check, timeout, 0.2), f"timed out waiting for {what}"
 
 
 @contextlib.contextmanager
@@ -218,20 +210,20 @@ def fleet(tmp_path: Path, fake_lib: Path) -> Iterator[tuple[Prometheus, str, str
 
 def test_fleet_dashboards_rules_and_budget_alert(tmp_path, fake_lib):
     with fleet(tmp_path, fake_lib) as (prom, a, b):
-        wait_for(lambda: len(prom.query('up{job="carbond"} == 1')) == 2, "both targets up")
+        waited(lambda: len(prom.query('up{job="carbond"} == 1')) == 2, "both targets up")
         # The alert on the tiny budget fires live: an ALERTS series, firing.
-        wait_for(lambda: prom.query('ALERTS{alertname="CarbondBudgetExceeded", '
+        waited(lambda: prom.query('ALERTS{alertname="CarbondBudgetExceeded", '
                                     'alertstate="firing"}'), "CarbondBudgetExceeded to fire")
         # Host A's package counter has wrapped, and there are 20 s of scrapes to average.
-        wait_for(lambda: prom.query(f'carbond_counter_wraps_total{{instance="{a}"}} > 0'),
+        waited(lambda: prom.query(f'carbond_counter_wraps_total{{instance="{a}"}} > 0'),
                  "host A's RAPL counter to wrap")
-        wait_for(lambda: prom.query("count_over_time(job:carbond_host_power_watts:sum[20s]) "
+        waited(lambda: prom.query("count_over_time(job:carbond_host_power_watts:sum[20s]) "
                                     ">= 15"), "15 evaluations of the recording rules")
         # ... and 30 s in which all five devices had power: a mean over the daemons' first
         # ticks (a GPU's first reading is its baseline) would not be the hardware's. 30 s, not
         # less: the fake hardware is a thread of this busy test process, and a second's lag
         # at one end of the window would be 6 % of 15 s.
-        wait_for(lambda: prom.query(
+        waited(lambda: prom.query(
             'count_over_time((count(carbond_host_power_watts{component!="platform"} > 0) >= 5)'
             "[30s:1s]) >= 30"), "30 s with power on every device", timeout=90)
         now = time.time()

@@ -26,7 +26,7 @@ from carbond.ledger import Ledger
 from carbond.periods import get_zone
 from carbond.report import parse_instant
 from tests.cgroup_helpers import TestTree
-from tests.helpers import carbond_run, free_port, total
+from tests.helpers import carbond_run, free_port, total, wait_for
 from tests.test_pipeline import ConstantPower
 
 KWH = 3.6e6
@@ -263,16 +263,6 @@ def prometheus_for(tmp_path: Path) -> Iterator:
             process.wait()
 
 
-def wait_for(check, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def iso(instant: float) -> str:
     return datetime.fromtimestamp(instant, timezone.utc).isoformat()
 
@@ -291,7 +281,8 @@ def test_prometheus_report_matches_the_counters(tree: TestTree, tmp_path, promet
         "--interval", "100ms",
     ) as daemon:
         prometheus = prometheus_for(daemon.port)
-        wait_for(lambda: prometheus.query('up{job="carbond"} == 1'), "the first scrape")
+        assert wait_for(lambda: prometheus.query('up{job="carbond"} == 1'), 60, 0.2), \
+            "timed out waiting for the first scrape"
         daemon.wait_ticks(10)
 
         def scrape() -> tuple[float, dict]:
@@ -302,8 +293,9 @@ def test_prometheus_report_matches_the_counters(tree: TestTree, tmp_path, promet
         since, first = scrape()
         daemon.wait_ticks(300, timeout=120)  # about 30 s of counters
         until, last = scrape()
-        wait_for(lambda: prometheus.query(f'timestamp(up{{job="carbond"}}) > {until + 1.5}'),
-                 "a scrape after the window")
+        assert wait_for(lambda: prometheus.query(
+            f'timestamp(up{{job="carbond"}}) > {until + 1.5}'), 60, 0.2), \
+            "timed out waiting for a scrape after the window"
         results = {by: report("--prometheus", prometheus.url, "--since", iso(since),
                               "--until", iso(until), "--by", by, "--format", "json")
                    for by in ("consumer", "kind", "day")}
