@@ -24,9 +24,8 @@ import time
 from typing import Any
 
 from carbond.attribution import GpuWeights, Policy, TickInput, attribute, gpu_basis
-from carbond.consumers import Consumer
-from carbond.energy import DeviceDelta
 from carbond.meters.nvml import NvmlMeter, load_pynvml
+from carbond.types import Consumer, DeviceDelta
 from carbond.workloads.gpu import (
     GpuUsageTracker,
     consumer_weights,

@@ -20,11 +20,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from carbond.budgets import BudgetTracker
 from carbond.config import Budget
-from carbond.consumers import Consumer
-from carbond.ledger import LEDGER_FILE, Ledger
-from carbond.periods import SECONDS_PER_HOUR, floor_hour
+from carbond.ledger.budgets import BudgetTracker
+from carbond.ledger.ledger import LEDGER_FILE, Ledger
+from carbond.ledger.periods import SECONDS_PER_HOUR, floor_hour
+from carbond.types import Consumer
 
 KINDS = ("unit", "container", "job", "user", "project")
 

@@ -57,7 +57,7 @@ from benchmarks._host import (
     read_file,
     rss_mib,
 )
-from carbond.units import parse_seconds
+from carbond.config.units import parse_seconds
 from carbond.workloads.processes import read_pids
 from tests import powercap
 from tests.fakes.intensity_server import EM_TOKEN, FakeIntensityServer

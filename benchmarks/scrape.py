@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from prometheus_client import PlatformCollector, ProcessCollector
 
-from carbond.exporter import MetricsApp, MetricsServer
-from carbond.web import Request
+from carbond.exporter.app import MetricsApp, MetricsServer
+from carbond.web.server import Request
 from tests.snapshots import make_snapshot
 from tests.web_helpers import Published
 

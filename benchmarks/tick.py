@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from prometheus_client import generate_latest
 
-from carbond.builders import build_meters
+from carbond.commands.build import build_meters
 from carbond.config import Config
 from carbond.daemon import Daemon
-from carbond.exporter import MetricsServer
+from carbond.exporter.app import MetricsServer
 from tests import powercap
 
 

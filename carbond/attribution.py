@@ -18,8 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from carbond.consumers import IDLE, OTHER, Consumer
-from carbond.energy import DeviceDelta
+from carbond.types import IDLE, OTHER, Consumer, DeviceDelta
 
 SEPARATE, PROPORTIONAL = "separate", "proportional"
 POLICIES = (SEPARATE, PROPORTIONAL)

@@ -31,23 +31,22 @@ from carbond.attribution import (
     attribute,
     model_stands_in,
 )
-from carbond.budgets import BudgetTracker
 from carbond.carbon import IntensityFeed, grams
+from carbond.carbon.embodied import embodied_grams_per_second, share_embodied
 from carbond.carbon.intensity import Intensity
-from carbond.cardinality import ConsumerSeries
 from carbond.config import Config
-from carbond.consumers import Consumer
-from carbond.deadline import DeadlineWorker, Missed
-from carbond.embodied import embodied_grams_per_second, share_embodied
-from carbond.energy import DeviceDelta, DeviceTotals, Histogram, series
-from carbond.errors import ConfigError
-from carbond.idle import IdleBaseline
-from carbond.ledger import Ledger
+from carbond.exporter.series import ConsumerSeries
+from carbond.exporter.snapshot import BudgetSample, GpuLabel, Snapshot
+from carbond.ledger.budgets import BudgetTracker
+from carbond.ledger.ledger import Ledger
 from carbond.meters.base import Meter, MeterReading
 from carbond.meters.nvml import NvmlMeter
 from carbond.meters.rapl import RaplMeter
-from carbond.snapshot import BudgetSample, GpuLabel, Snapshot
-from carbond.systemd import notify, status_line, watchdog_seconds
+from carbond.pipeline.deadline import DeadlineWorker, Missed
+from carbond.pipeline.idle import IdleBaseline
+from carbond.pipeline.totals import DeviceDelta, DeviceTotals, Histogram, series
+from carbond.runtime.systemd import notify, status_line, watchdog_seconds
+from carbond.types import ConfigError, Consumer
 from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.gpu import GpuUsageTracker, PidConsumers, consumer_weights
 from carbond.workloads.naming import CgroupNamer

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from carbond.carbon.intensity import Intensity
-from carbond.cardinality import SeriesSample
-from carbond.consumers import IDLE, OTHER, Consumer
-from carbond.energy import DeviceSeries
-from carbond.snapshot import BudgetSample, GpuLabel, Snapshot
+from carbond.exporter.series import SeriesSample
+from carbond.exporter.snapshot import BudgetSample, GpuLabel, Snapshot
+from carbond.pipeline.totals import DeviceSeries
+from carbond.types import IDLE, OTHER, Consumer
 
 COMPONENTS = ("cpu", "dram", "gpu")
 HOSTILE = Consumer("unit", "bad\udcff.service")  # os.fsdecode of b"bad\xff.service"

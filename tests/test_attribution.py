@@ -17,8 +17,7 @@ from carbond.attribution import (
     follow_split,
     split_energy,
 )
-from carbond.consumers import IDLE, OTHER, Consumer
-from carbond.energy import DeviceDelta
+from carbond.types import IDLE, OTHER, Consumer, DeviceDelta
 
 A, B, C = Consumer("unit", "a.service"), Consumer("unit", "b.service"), Consumer("user", "ada")
 

@@ -14,10 +14,10 @@ import time
 import pytest
 
 from carbond.attribution import Policy, TickInput, attribute
-from carbond.cardinality import ConsumerSeries
-from carbond.consumers import IDLE, Consumer
-from carbond.energy import DeviceTotals
+from carbond.exporter.series import ConsumerSeries
 from carbond.meters.rapl import RaplMeter
+from carbond.pipeline.totals import DeviceTotals
+from carbond.types import IDLE, Consumer
 from carbond.workloads.cgroups import CgroupReader, cgroup_root
 from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.naming import CgroupNamer

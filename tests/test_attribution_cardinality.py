@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from carbond.cardinality import ConsumerSeries
-from carbond.consumers import IDLE, OTHER, Consumer
+from carbond.exporter.series import ConsumerSeries
+from carbond.types import IDLE, OTHER, Consumer
 
 
 class Clock:

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carbond.budgets import BudgetTracker, matches, projected_grams, window_grams
+from carbond.carbon.embodied import SECONDS_PER_YEAR, embodied_grams_per_second, share_embodied
 from carbond.config import Budget
-from carbond.consumers import IDLE, Consumer
-from carbond.embodied import SECONDS_PER_YEAR, embodied_grams_per_second, share_embodied
-from carbond.ledger import Ledger
-from carbond.periods import PERIODS, get_zone, hour_fraction, period_bounds
+from carbond.ledger.budgets import BudgetTracker, matches, projected_grams, window_grams
+from carbond.ledger.ledger import Ledger
+from carbond.ledger.periods import PERIODS, get_zone, hour_fraction, period_bounds
+from carbond.types import IDLE, Consumer
 
 HOUR, DAY = 3600, 86400
 UTC = get_zone("UTC")

@@ -10,18 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from carbond.carbon.forecast import (
-    Forecast,
-    aggregate,
-    fetch_forecast,
-    format_age,
-    format_current,
-    format_forecast,
-    lowest_window,
-)
+from carbond.carbon.forecast import Forecast, aggregate, fetch_forecast, lowest_window
 from carbond.carbon.http import HttpClient
 from carbond.carbon.intensity import FetchError, ForecastPoint, ForecastUnsupported, Intensity
 from carbond.carbon.providers import build_providers
+from carbond.commands.intensity import format_age, format_current, format_forecast
 from tests.fakes.intensity_server import (
     EM_TOKEN,
     WT_PASSWORD,

@@ -21,7 +21,7 @@ from carbond.carbon.providers import (
     provider_specs_from_config,
 )
 from carbond.carbon.static import load_tables, resolve_static
-from carbond.errors import ConfigError
+from carbond.types import ConfigError
 
 TABLES = load_tables()
 

@@ -15,7 +15,7 @@ from carbond.carbon.zone import (
     system_time_zone,
     validate_zone,
 )
-from carbond.errors import ConfigError
+from carbond.types import ConfigError
 
 ZONE_TAB = """\
 # tzdb timezone descriptions (test copy)

@@ -9,8 +9,7 @@ import time
 import pytest
 
 from carbond.attribution import split_energy
-from carbond.consumers import IDLE, Consumer
-from carbond.errors import ConfigError
+from carbond.types import IDLE, ConfigError, Consumer
 from carbond.workloads.cgroups import (
     CgroupReader,
     cgroup_root,

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from carbond import config
-from carbond.errors import ConfigError
+from carbond.types import ConfigError
 
 FULL = """
 listen: "127.0.0.1:9999"

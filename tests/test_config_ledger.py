@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from carbond import config
-from carbond.embodied import SECONDS_PER_YEAR
-from carbond.errors import ConfigError
+from carbond.carbon.embodied import SECONDS_PER_YEAR
+from carbond.types import ConfigError
 
 DESIGN_EXAMPLE = """
 embodied: {kgco2e: 1500, lifetime: 4y}

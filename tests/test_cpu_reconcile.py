@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from carbond.consumers import Consumer
+from carbond.types import Consumer
 from carbond.workloads.cgroups import CgroupReader, cgroup_root
 from carbond.workloads.cpu import (
     ROOT_SAMPLING_TOLERANCE,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from carbond.deadline import DeadlineWorker, Missed
+from carbond.pipeline.deadline import DeadlineWorker, Missed
 
 
 def test_answers_and_errors_reach_the_caller():

@@ -28,14 +28,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from carbond.carbon.intensity import Intensity
-from carbond.cardinality import SeriesSample
 from carbond.config import Config
-from carbond.consumers import Consumer
 from carbond.daemon import Daemon
-from carbond.energy import DeviceSeries
+from carbond.exporter.series import SeriesSample
+from carbond.exporter.snapshot import Snapshot
 from carbond.meters.base import DeviceEnergy, DeviceReport, MeterReading
-from carbond.snapshot import Snapshot
-from carbond.systemd import notify, status_line, watchdog_seconds
+from carbond.pipeline.totals import DeviceSeries
+from carbond.runtime.systemd import notify, status_line, watchdog_seconds
+from carbond.types import Consumer
 from tests.helpers import carbond_run, free_port, scrape, total
 from tests.powercap import ConstantPower, FakePowercap
 

@@ -32,9 +32,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carbond.carbon.intensity import ForecastPoint
-from carbond.consumers import Consumer
-from carbond.execute.cgroup import process_starttime, remove_tree, run_leaf
-from carbond.execute.plan import mean_intensity, plan_greenest
+from carbond.commands.exec.cgroup import process_starttime, remove_tree, run_leaf
+from carbond.commands.exec.plan import mean_intensity, plan_greenest
+from carbond.types import Consumer
 from carbond.workloads.naming import (
     EXEC_PARENT,
     consumer_for_cgroup,

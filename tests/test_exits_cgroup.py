@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from carbond.consumers import Consumer
+from carbond.types import Consumer
 from carbond.workloads.cgroups import CgroupReader, cgroup_root, read_usage_tree
 from carbond.workloads.cpu import CpuUsage, CpuUsageCollector
 from carbond.workloads.naming import CgroupNamer

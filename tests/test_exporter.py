@@ -18,10 +18,10 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from carbond.cardinality import SeriesSample
-from carbond.consumers import Consumer
-from carbond.exporter import budgets_document, consumers_document, label_text
-from carbond.snapshot import BudgetSample
+from carbond.exporter.app import budgets_document, consumers_document
+from carbond.exporter.series import SeriesSample
+from carbond.exporter.snapshot import BudgetSample
+from carbond.types import Consumer, name_text
 from tests.snapshots import HOSTILE, make_snapshot
 from tests.web_helpers import get, serving
 
@@ -193,10 +193,10 @@ names = st.one_of(
 
 @given(name=names)
 def test_label_text_always_encodes_and_matches_backslashreplace(name):
-    escaped = label_text(name)
+    escaped = name_text(name)
     escaped.encode("utf-8")
-    assert label_text(name) == escaped
-    assert label_text(escaped) == escaped
+    assert name_text(name) == escaped
+    assert name_text(escaped) == escaped
     raw = os.fsencode(name) if _is_fs_name(name) else None
     if raw is not None:
         assert escaped == raw.decode("utf-8", "backslashreplace")
@@ -223,7 +223,7 @@ def test_any_consumer_name_gives_a_parseable_scrape(server, name, kind):
     )
     text = scrape_text(server)
     assert value(text, "carbond_consumer_emissions_grams_total",
-                 consumer=label_text(name), kind=label_text(kind)) == 1.5
+                 consumer=name_text(name), kind=name_text(kind)) == 1.5
     om = scrape_text(server, Accept=OPENMETRICS)
     assert any(f.name == "carbond_consumer_embodied_grams" for f in openmetrics_families(om))
 
@@ -295,7 +295,7 @@ def test_consumers_api_lists_every_consumer_with_power_energy_and_grams(server):
                                      "marginal": False}
     assert document["host"]["watts"]["total"] == pytest.approx(166.0)
     by_name = {(c["kind"], c["name"]): c for c in document["consumers"]}
-    assert set(by_name) == {(c.kind, label_text(c.name)) for c, _ in snap.consumer_grams_total}
+    assert set(by_name) == {(c.kind, name_text(c.name)) for c, _ in snap.consumer_grams_total}
     worker = by_name[("unit", "worker-0002.service")]
     assert worker["watts"] == {"cpu": 1.5, "dram": 2.5, "gpu": 3.5, "total": 7.5}
     assert worker["joules"]["cpu"] == 60.0

@@ -1,4 +1,4 @@
-"""carbond.exposition writes what prometheus_client's encoders write, byte for byte.
+"""carbond.exporter.exposition writes what prometheus_client's encoders write, byte for byte.
 
 The reference is always the encoder choose_encoder picks for an Accept header; the fast one
 must produce the same bytes, for carbond's own families without ever falling back.
@@ -24,11 +24,8 @@ from prometheus_client.samples import Exemplar, Sample, Timestamp
 
 from carbond import exporter
 from carbond.carbon.intensity import Intensity
-from carbond.cardinality import SeriesSample
-from carbond.consumers import Consumer
-from carbond.energy import DeviceSeries
-from carbond.exporter import MetricsApp, snapshot_families
-from carbond.exposition import (
+from carbond.exporter.app import MetricsApp, snapshot_families
+from carbond.exporter.exposition import (
     ALLOW_UTF8,
     DOTS,
     UNDERSCORES,
@@ -38,8 +35,11 @@ from carbond.exposition import (
     fast_encoder,
     format_of,
 )
-from carbond.snapshot import BudgetSample, GpuLabel, Snapshot
-from carbond.web import Request
+from carbond.exporter.series import SeriesSample
+from carbond.exporter.snapshot import BudgetSample, GpuLabel, Snapshot
+from carbond.pipeline.totals import DeviceSeries
+from carbond.types import Consumer
+from carbond.web.server import Request
 from tests.snapshots import HOSTILE, make_snapshot
 
 ESCAPINGS = (ALLOW_UTF8, UNDERSCORES, DOTS, VALUES)
@@ -57,7 +57,7 @@ ACCEPTS = (
     *(f"application/openmetrics-text; version=1.0.0; escaping={e}" for e in ESCAPINGS),
     *(f"text/plain; version=1.0.0; escaping={e}" for e in ESCAPINGS),
 )
-# Label values carbond can be handed: every one goes through label_text first.
+# Label values carbond can be handed: every one goes through name_text first.
 NASTY = ("", "\\", "\\n", "a\\b", 'say "hi"', '"', "two\nlines", "\n", "\r\n", "tab\tx",
          "bad\udcff.service", "\udc80", "\ud800x", "\u00e9t\u00e9 \u2603", "} # EOF",
          '{x="y"}', " ", "\x00", "trailing\\", "\U0001f525")
@@ -199,7 +199,7 @@ def test_metrics_app_uses_prometheus_client_alone_when_they_disagree(monkeypatch
     monkeypatch.setattr(exporter, "agrees_with_prometheus_client", lambda: False)
     monkeypatch.setattr(exporter, "fast_encoder", refuse)
     snap = make_snapshot(2)
-    with caplog.at_level(logging.WARNING, logger="carbond.exporter"):
+    with caplog.at_level(logging.WARNING, logger="carbond.exporter.app"):
         app = MetricsApp(lambda: snap, live=Fixed(()), static=Fixed(()))
     assert "formats differently" in caplog.text
     reply = app(Request("GET", "/metrics", "HTTP/1.1", {}))

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from carbond.files import write_atomically
+from carbond.runtime.files import write_atomically
 
 
 def test_write_atomically_leaves_no_temp_files(tmp_path):

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from carbond.cardinality import SeriesSample
-from carbond.consumers import Consumer, name_text
-from carbond.exporter import SnapshotCollector
+from carbond.exporter.app import SnapshotCollector
+from carbond.exporter.series import SeriesSample
+from carbond.types import Consumer, name_text
 from carbond.workloads.naming import CgroupNamer
 from tests.cgroup_helpers import TestTree
 from tests.helpers import carbond_run, select, total

@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from carbond.exporter import MetricsServer
-from carbond.snapshot import Snapshot
+from carbond.exporter.app import MetricsServer
+from carbond.exporter.snapshot import Snapshot
 from tests.snapshots import make_snapshot
 from tests.web_helpers import (
     Published,
@@ -148,7 +148,7 @@ def test_gzip_only_when_the_client_accepts_it(server, accept_encoding, zipped):
 
 def test_an_exception_in_rendering_is_logged_and_answered_500(caplog):
     published = Published(Snapshot(devices=("not a device",)))  # type: ignore[arg-type]
-    with serving(published) as (running, _), caplog.at_level(logging.ERROR, "carbond.web"):
+    with serving(published) as (running, _), caplog.at_level(logging.ERROR, "carbond.web.server"):
         assert get(running.port).status == 500
         assert get(running.port).status == 500  # the worker survived
         published.snapshot = make_snapshot(1)
@@ -175,7 +175,7 @@ def test_a_client_that_leaves_early_is_one_debug_line(caplog):
 
 def test_header_timeout_closes_a_slow_client(caplog):
     with serving(header_timeout_seconds=0.3) as (running, _), \
-            caplog.at_level(logging.DEBUG, "carbond.web"), \
+            caplog.at_level(logging.DEBUG, "carbond.web.server"), \
             socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
         assert read_until_closed(sock, timeout=10) == b""
@@ -198,7 +198,7 @@ def test_a_client_that_never_reads_the_reply_is_dropped(caplog, request_bytes):
     # Larger than what the kernel buffers on loopback (tcp_wmem up to 4 MiB), so the rest
     # waits in carbond until the write timeout.
     published = Published(make_snapshot(8000))
-    with caplog.at_level(logging.DEBUG, "carbond.web"), \
+    with caplog.at_level(logging.DEBUG, "carbond.web.server"), \
             serving(published, write_timeout_seconds=0.3) as (running, _):
         size = int(get(running.port, method="HEAD").header("Content-Length"))
         sock = socket.socket()

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carbond.idle import FALLBACK, FIT, FIXED, MAX_STATE_BYTES, WARMING, IdleBaseline
+from carbond.pipeline.idle import FALLBACK, FIT, FIXED, MAX_STATE_BYTES, WARMING, IdleBaseline
 
 TICK_SECONDS = 5.0
 WALL = 1_700_000_000.0

@@ -21,8 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carbond.consumers import Consumer
-from carbond.ledger import (
+from carbond.ledger.ledger import (
     LEDGER_FILE,
     SCHEMA_VERSION,
     Ledger,
@@ -31,6 +30,7 @@ from carbond.ledger import (
     aggregate,
     connect_readonly,
 )
+from carbond.types import Consumer
 
 HOUR = 3600
 H0 = 1_714_521_600  # 2024-05-01 00:00 UTC
@@ -161,7 +161,7 @@ def test_a_tick_across_an_hour_is_split_by_time(tmp_path):
 KILL_CHILD = textwrap.dedent("""
     import sys
     import time
-    from carbond.ledger import Ledger
+    from carbond.ledger.ledger import Ledger
     ledger = Ledger.open(sys.argv[1])
     every = int(sys.argv[2])
     n = 0
@@ -249,7 +249,7 @@ def test_migration_from_v1_keeps_the_data(tmp_path, caplog):
     (key, usage), = aggregate(conn, T0, T0 + HOUR, "consumer")
     conn.close()
     assert key == ("a.service", "unit") and usage.embodied_grams == 0.0
-    caplog.set_level(logging.INFO, logger="carbond.ledger")
+    caplog.set_level(logging.INFO, logger="carbond.ledger.ledger")
     with Ledger.open(str(state), clock=Clock(T0 + 60)) as ledger:
         totals = ledger.restore()
         assert totals.consumer_joules[A] == {"cpu": 500.0, "dram": 50.0}
@@ -292,7 +292,7 @@ def test_a_garbage_file_is_moved_aside_once(tmp_path, caplog):
     state = tmp_path / "state"
     state.mkdir()
     (state / LEDGER_FILE).write_bytes(b"this is not a database\n" * 500)
-    with caplog.at_level(logging.WARNING, logger="carbond.ledger"), \
+    with caplog.at_level(logging.WARNING, logger="carbond.ledger.ledger"), \
             Ledger.open(str(state), clock=Clock(T0)) as ledger:
         assert ledger.restore().consumer_grams == {}
         tick(ledger, T0)
@@ -397,7 +397,7 @@ def fill(path: Path) -> None:
 def test_a_full_disk_counts_errors_keeps_data_and_retries(tmp_path, caplog):
     with tmpfs(tmp_path / "full", "size=1m") as state:
         names = tuple(Consumer("cgroup", f"{'x' * 200}/{i}") for i in range(50))
-        with caplog.at_level(logging.WARNING, logger="carbond.ledger"), \
+        with caplog.at_level(logging.WARNING, logger="carbond.ledger.ledger"), \
                 Ledger.open(str(state), clock=Clock(T0 + 30 * HOUR)) as ledger:
             tick(ledger, T0, consumers=names)
             assert ledger.flush()
@@ -423,7 +423,7 @@ def test_a_full_disk_counts_errors_keeps_data_and_retries(tmp_path, caplog):
 def test_two_holders_on_one_directory(tmp_path):
     state = str(tmp_path / "state")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from carbond.ledger import Ledger; "
+        [sys.executable, "-c", "import sys, time; from carbond.ledger.ledger import Ledger; "
          "l = Ledger.open(sys.argv[1]); print('held', flush=True); sys.stdin.read()", state],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

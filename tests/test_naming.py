@@ -6,8 +6,7 @@ import pwd
 
 import pytest
 
-from carbond.consumers import Consumer
-from carbond.errors import ConfigError
+from carbond.types import ConfigError, Consumer
 from carbond.workloads.naming import (
     ROOT_CONSUMER,
     CgroupNamer,

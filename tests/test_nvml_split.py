@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from carbond.attribution import GpuWeights, Policy, TickInput, attribute
-from carbond.consumers import IDLE, OTHER, Consumer
-from carbond.energy import DeviceDelta
+from carbond.types import IDLE, OTHER, Consumer, DeviceDelta
 from carbond.workloads.gpu import (
     PidConsumers,
     consumer_weights,

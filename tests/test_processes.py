@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from carbond.attribution import split_energy
-from carbond.consumers import Consumer
+from carbond.types import Consumer
 from carbond.workloads.cgroups import CgroupReader, detect_cgroup_root
 from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.naming import CgroupNamer

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from carbond.consumers import Consumer
-from carbond.errors import ConfigError
-from carbond.ledger import Ledger
-from carbond.periods import get_zone
-from carbond.report import parse_instant
+from carbond.commands.report import parse_instant
+from carbond.ledger.ledger import Ledger
+from carbond.ledger.periods import get_zone
+from carbond.types import ConfigError, Consumer
 from tests.cgroup_helpers import TestTree
 from tests.helpers import carbond_run, free_port, total, wait_for
 from tests.test_pipeline import ConstantPower

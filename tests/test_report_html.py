@@ -24,11 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carbond.consumers import Consumer
-from carbond.ledger import Ledger, Usage
-from carbond.periods import SECONDS_PER_HOUR
-from carbond.report import Report, ReportRow, render
-from carbond.report_html import TOP_N, PageInfo
+from carbond.commands.report import Report, ReportRow, render
+from carbond.commands.report.html import TOP_N, PageInfo
+from carbond.ledger.ledger import Ledger, Usage
+from carbond.ledger.periods import SECONDS_PER_HOUR
+from carbond.types import Consumer
 from tests import cdp
 
 H0 = 1_714_521_600  # 2024-05-01 00:00 UTC

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carbond.top import api_url, connect_host, frame_lines, rows, table_lines
+from carbond.commands.top import api_url, connect_host, frame_lines, rows, table_lines
 from tests.cgroup_helpers import TestTree
 from tests.helpers import Carbond, carbond_run, free_port
 from tests.powercap import ConstantPower

@@ -19,9 +19,9 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from carbond.errors import ConfigError
-from carbond.exporter import MetricsServer
-from carbond.webconfig import WebConfigWatcher, load_web_config
+from carbond.exporter.app import MetricsServer
+from carbond.types import ConfigError
+from carbond.web.config import WebConfigWatcher, load_web_config
 from tests.helpers import wait_for
 from tests.snapshots import make_snapshot
 from tests.web_helpers import Published, read_until_closed, real_prometheus, serving
@@ -289,7 +289,7 @@ def test_changes_are_picked_up_and_a_broken_change_keeps_the_old(tmp_path, caplo
         assert wait_for(lambda: fetch(running.port) == 401)
         assert fetch(running.port, headers=auth("alice", PASSWORD)) == 200
 
-        with caplog.at_level(logging.ERROR, "carbond.webconfig"):
+        with caplog.at_level(logging.ERROR, "carbond.web.config"):
             write(config, "basic_auth_users: [broken\n")
             assert wait_for(lambda: fetch(running.port) == 401 and any(
                 "keeping the previous" in r.getMessage() for r in caplog.records))

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from carbond.exporter import MetricsServer
-from carbond.snapshot import Snapshot
+from carbond.exporter.app import MetricsServer
+from carbond.exporter.snapshot import Snapshot
 from tests.helpers import wait_for
 from tests.snapshots import make_snapshot
 

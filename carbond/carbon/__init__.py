@@ -5,7 +5,7 @@ tick thread, and each tick reads `feed.current()` and converts energy with `gram
 """
 
 from carbond.carbon.emissions import grams
-from carbond.carbon.forecast import Forecast, fetch_forecast, format_current, format_forecast
+from carbond.carbon.forecast import Forecast, fetch_forecast
 from carbond.carbon.intensity import FetchError, ForecastPoint, ForecastUnsupported, Intensity
 from carbond.carbon.providers import (
     PROVIDER_OPTIONS,
@@ -44,8 +44,6 @@ __all__ = [
     "cloud_vendor_hint",
     "default_zone",
     "fetch_forecast",
-    "format_current",
-    "format_forecast",
     "grams",
     "provider_specs_from_config",
     "resolve_zone",

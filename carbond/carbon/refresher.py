@@ -29,7 +29,7 @@ from carbond.carbon.intensity import (
     describe_time,
 )
 from carbond.carbon.providers import Provider
-from carbond.files import write_atomically
+from carbond.runtime.files import write_atomically
 
 log = logging.getLogger(__name__)
 

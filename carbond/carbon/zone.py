@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carbond.carbon.static import WORLD, is_valid_zone
-from carbond.errors import ConfigError
+from carbond.types import ConfigError
 
 CLOUD_VENDORS = {
     "amazon ec2": "Amazon EC2 (AWS)",

@@ -10,13 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-
-@dataclass(frozen=True)
-class DeviceEnergy:
-    device: str  # package-0, dram-0, psys, gpu-0, cpu (model)
-    component: str  # cpu, dram, gpu, platform
-    source: str  # rapl, nvml, model
-    joules: float  # cumulative since the meter started, never decreasing
+from carbond.types import DeviceEnergy
 
 
 @dataclass

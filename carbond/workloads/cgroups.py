@@ -19,8 +19,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from carbond.consumers import Consumer
-from carbond.errors import ConfigError
+from carbond.types import ConfigError, Consumer
 from carbond.workloads.kernfiles import (
     OpenFiles,
     descriptor_budget,

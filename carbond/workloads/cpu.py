@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from carbond.consumers import Consumer
+from carbond.types import Consumer
 from carbond.workloads.cgroups import V1, CgroupReader
 from carbond.workloads.kernfiles import mount_fstype, read_head, read_mountinfo
 from carbond.workloads.naming import ROOT_CONSUMER

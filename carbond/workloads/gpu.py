@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
 
-from carbond.consumers import OTHER, Consumer
 from carbond.meters.nvml import describe, error_code
+from carbond.types import OTHER, Consumer
 from carbond.workloads.kernfiles import (
     PROC_CGROUP_BYTES,
     OpenFiles,

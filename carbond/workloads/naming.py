@@ -15,8 +15,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from carbond.consumers import Consumer, name_text
-from carbond.errors import ConfigError
+from carbond.types import ConfigError, Consumer, name_text
 
 ROOT_CONSUMER = Consumer("cgroup", "/")
 """The root cgroup's own time that no process claims (kernel threads, irq, untracked tasks)."""

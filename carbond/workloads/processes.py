@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from carbond.consumers import Consumer
+from carbond.types import Consumer
 from carbond.workloads.kernfiles import OpenFiles, descriptor_budget, mount_fstype, read_head
 from carbond.workloads.taskstats import PF_EXITING, TaskExit
 

@@ -21,7 +21,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from carbond.consumers import name_text
+from carbond.types import name_text
 from carbond.workloads.kernfiles import cgroup_line, parse_proc_cgroup, read_proc_cgroup
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from carbond.carbon.providers.static import StaticProvider
 from carbond.carbon.providers.ukgrid import UKGRID_REGIONS, UKGRID_URL, UKGridProvider
 from carbond.carbon.providers.watttime import WATTTIME_URL, WattTimeProvider
 from carbond.carbon.static import Tables, is_valid_zone, load_tables
-from carbond.errors import ConfigError, did_you_mean
+from carbond.types import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from carbond.carbon.http import HttpClient
 from carbond.carbon.intensity import FetchError, ForecastPoint, ForecastUnsupported, Intensity
 from carbond.carbon.static import Tables
-from carbond.errors import ConfigError
+from carbond.types import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import traceback
 from typing import Any
 
 from carbond.attribution import gpu_basis
-from carbond.consumers import Consumer
 from carbond.meters.nvml import NvmlMeter
+from carbond.types import Consumer
 from carbond.workloads.gpu import (
     GpuUsageTracker,
     PidConsumers,

@@ -1,0 +1,1 @@
+"""The commands of `carbond`: run, check, report, top, exec, intensity."""

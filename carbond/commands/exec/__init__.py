@@ -1,0 +1,542 @@
+"""`carbond exec`: run one command in its own cgroup and say what it cost (docs/exec.md).
+
+The command runs in ``carbond.exec/<project>/<run>`` under the cgroup root carbond uses; the
+child enters that cgroup between fork and exec, so none of its CPU time is counted outside.
+SIGINT, SIGTERM and SIGHUP sent to `exec` go to the command (the terminal's own signals reach it
+directly: it is in the foreground process group); `exec` exits with the command's status, 128+N
+when a signal N killed it. With a daemon answering at `--listen` the daemon attributes the run
+(kind="project") and its counters give the summary; without one `exec` measures the run itself
+with the same meters and attribution step (`measure.py`). The cgroup is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import IO, Any
+
+from carbond import __version__
+from carbond.carbon import ForecastUnsupported, IntensityFeed, fetch_forecast
+from carbond.carbon.intensity import FetchError
+from carbond.carbon.static import split_cloud_zone
+from carbond.carbon.zone import ZoneChoice
+from carbond.commands.build import build_feed
+from carbond.commands.exec.cgroup import CgroupUnavailable, RunCgroup
+from carbond.commands.exec.measure import FeedStarter, Measurement, Pricing
+from carbond.commands.exec.plan import Plan, plan_greenest
+from carbond.commands.exec.remote import (
+    ProjectBaseline,
+    ProjectCounters,
+    daemon_client,
+    fetch_consumers,
+    project_counters,
+    wait_for_tick_after,
+)
+from carbond.commands.exec.summary import (
+    HostFacts,
+    OutputFileError,
+    RunSummary,
+    append_codecarbon_row,
+    check_output_file,
+    codecarbon_row,
+    format_summary,
+    summary_document,
+)
+from carbond.commands.intensity import format_age
+from carbond.config import Config
+from carbond.config.units import parse_seconds
+from carbond.types import ConfigError, Consumer, name_text
+from carbond.web.client import Client, ClientConfig
+from carbond.workloads.cgroups import CgroupRoot, detect_cgroup_root
+from carbond.workloads.naming import encode_project
+
+log = logging.getLogger(__name__)
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+WATCHED = (*FORWARDED, signal.SIGCHLD)
+SI_KERNEL = 0x80  # si_code of a signal the kernel sent itself (the terminal's ^C, hangup)
+TICK_SECONDS = 1.0
+DAEMON_WAIT_TICKS = 3  # after CMD ends: how many daemon intervals to wait for its next tick
+EXIT_EXEC_FAILED = 125  # exec itself could not run the command (as env, timeout, nice)
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    command: tuple[str, ...]
+    project: str
+    json: bool = False
+    output: str | None = None
+    greenest: bool = False
+    deadline_seconds: float | None = None
+    duration_seconds: float | None = None
+    client: ClientConfig | None = None  # TLS and basic auth towards the daemon
+
+
+def default_project(command: Sequence[str]) -> str:
+    """The command's basename, shortened until it fits one cgroup directory name."""
+    raw = os.fsencode(os.path.basename(command[0].rstrip("/"))) or b"exec"
+    while raw:
+        name = os.fsdecode(raw)
+        try:
+            encode_project(name)
+            return name
+        except ValueError:
+            raw = raw[:-1]
+    return "exec"
+
+
+def exit_status(wait_status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128+N for signal N."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+class _Signals:
+    """SIGINT, SIGTERM, SIGHUP and SIGCHLD blocked in every thread and taken synchronously
+    (sigtimedwait), so they are handled between ticks and carry who sent them."""
+
+    def __init__(self) -> None:
+        self.old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
+
+    def wait(self, seconds: float, which: Sequence[int] = WATCHED) -> Any:
+        return signal.sigtimedwait(which, max(0.0, seconds))
+
+    def pending_stop(self) -> int | None:
+        """A pending SIGINT/SIGTERM/SIGHUP, taken now; None when there is none."""
+        info = signal.sigtimedwait(FORWARDED, 0)
+        return info.si_signo if info is not None else None
+
+    def restore(self) -> None:
+        while signal.sigtimedwait(WATCHED, 0) is not None:  # nothing left to act on
+            pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.old_mask)
+
+
+def _say(err: IO[str], text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        err.write(text if text.endswith("\n") else text + "\n")
+        err.flush()
+
+
+# ---- carbon-aware start ----------------------------------------------------------------------
+
+
+def _local(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def describe_plan(plan: Plan, provider: str, zone: str, marginal: bool) -> str:
+    kind = "marginal " if marginal else ""
+    expected = (f"{plan.grams_per_kwh:.0f} gCO2e/kWh {kind}expected over the "
+                f"{format_age(plan.duration_seconds)} run")
+    source = f"({provider} forecast, zone {zone})"
+    if plan.wait_seconds <= 0:
+        return f"carbond exec: greenest start is now: {expected} {source}"
+    return (f"carbond exec: greenest start {_local(plan.start)} (in "
+            f"{format_age(plan.wait_seconds)}): {expected}, against "
+            f"{plan.now_grams_per_kwh:.0f} starting now: {plan.saving_percent:.0f}% less "
+            f"{source}; waiting (SIGINT or SIGTERM cancels)")
+
+
+def greenest_start(feed: IntensityFeed, zone: str, options: ExecOptions, signals: _Signals,
+                   err: IO[str]) -> tuple[Plan | None, int | None]:
+    """Plan and wait. (plan or None, None) to go on; (_, status) when a signal cancelled."""
+    assert options.deadline_seconds is not None and options.duration_seconds is not None
+    now = time.time()
+    try:
+        forecast = fetch_forecast(feed.providers, now)
+        plan = plan_greenest(forecast.points, now, options.deadline_seconds,
+                             options.duration_seconds)
+    except ForecastUnsupported as exc:
+        _say(err, f"carbond exec: no forecast ({exc}): starting now")
+        return None, None
+    except FetchError as exc:
+        _say(err, f"carbond exec: forecast failed ({exc}): starting now")
+        return None, None
+    except ValueError as exc:
+        _say(err, f"carbond exec: forecast unusable ({exc}): starting now")
+        return None, None
+    _say(err, describe_plan(plan, forecast.provider, zone, forecast.marginal))
+    deadline = time.monotonic() + (plan.start - time.time())
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return plan, None
+        info = signals.wait(remaining, FORWARDED)
+        if info is not None:
+            name = signal.Signals(info.si_signo).name
+            _say(err, f"carbond exec: {name} before the planned start: not running the command")
+            return plan, 128 + info.si_signo
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def _spawn(command: Sequence[str], cgroup: RunCgroup, old_mask: set[int],
+           err: IO[str]) -> subprocess.Popen[bytes] | int:
+    """Start CMD inside the run's cgroup: the child writes itself into cgroup.procs and
+    restores the signal mask between fork and exec. An exit status when it cannot start."""
+    procs_fd = cgroup.open_procs()
+    mask = set(old_mask)
+
+    def enter_cgroup() -> None:  # in the child: two system calls, no locks
+        os.write(procs_fd, b"0")
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    shown = name_text(command[0])
+    try:
+        return subprocess.Popen(list(command), preexec_fn=enter_cgroup, close_fds=True)
+    except FileNotFoundError:
+        _say(err, f"carbond exec: {shown}: command not found")
+        return EXIT_NOT_FOUND
+    except PermissionError:
+        _say(err, f"carbond exec: {shown}: permission denied (not executable)")
+        return EXIT_NOT_EXECUTABLE
+    except subprocess.SubprocessError:
+        _say(err, f"carbond exec: cannot move the command into its cgroup {cgroup.path}")
+        return EXIT_EXEC_FAILED
+    except OSError as exc:
+        _say(err, f"carbond exec: {shown}: cannot execute: {exc.strerror or exc}")
+        return EXIT_NOT_EXECUTABLE
+    finally:
+        os.close(procs_fd)
+
+
+def _reap(pid: int) -> int | None:
+    try:
+        done, status, _usage = os.wait4(pid, os.WNOHANG)
+    except ChildProcessError:  # reaped elsewhere: cannot know its status
+        return EXIT_EXEC_FAILED
+    return exit_status(status) if done == pid else None
+
+
+def _forward(pid: int, info: Any) -> None:
+    """A signal from the terminal (si_code SI_KERNEL) already reached CMD in the foreground
+    process group; one sent to `exec` by a process (kill) is passed on."""
+    if info.si_code == SI_KERNEL:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, info.si_signo)
+
+
+class _Supervisor:
+    """Waits for CMD, forwarding signals, ticking the measurement every second."""
+
+    def __init__(self, child: subprocess.Popen[bytes], signals: _Signals,
+                 tick: Callable[[], None]) -> None:
+        self.child = child
+        self.signals = signals
+        self.tick = tick
+
+    def wait(self) -> int:
+        next_tick = time.monotonic() + TICK_SECONDS
+        while True:
+            info = self.signals.wait(next_tick - time.monotonic())
+            if info is not None and info.si_signo in FORWARDED:
+                _forward(self.child.pid, info)
+            status = _reap(self.child.pid)
+            if status is not None:
+                self.child.returncode = status
+                return status
+            now = time.monotonic()
+            if now >= next_tick:
+                self.tick()
+                next_tick += TICK_SECONDS
+                if next_tick <= now:  # overran: skip, never pile up
+                    next_tick = now + TICK_SECONDS
+
+
+def _country_rows() -> dict[str, tuple[str, str]]:
+    """ISO2 -> (ISO3, country name) from the shipped table."""
+    text = resources.files("carbond.carbon").joinpath(
+        "data", "grid-intensity-by-country.csv").read_text(encoding="utf-8")
+    rows: dict[str, tuple[str, str]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith(("#", "iso2,")):
+            continue
+        parts = line.split(",")
+        if len(parts) >= 3:
+            rows[parts[0].strip().upper()] = (parts[1].strip(), parts[2].strip())
+    return rows
+
+
+def _cloud_country(provider: str, region: str) -> str:
+    text = resources.files("carbond.carbon").joinpath(
+        "data", "cloud-regions.csv").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        parts = line.split(",")
+        if len(parts) == 4 and parts[0].lower() == provider and parts[1].lower() == region:
+            return parts[3].strip().upper()
+    return ""
+
+
+def _first_line_value(path: str, key: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def host_facts(zone: str, proc_root: str, gpu_models: Sequence[str]) -> HostFacts:
+    """The host columns of a CodeCarbon row, from the zone and /proc."""
+    cloud = split_cloud_zone(zone)
+    iso2 = zone.split("-", 1)[0].upper() if cloud is None else _cloud_country(*cloud)
+    iso3, country = _country_rows().get(iso2, ("", ""))
+    region = zone if cloud is None and zone.upper() != iso2 else ""
+    memory = _first_line_value(os.path.join(proc_root, "meminfo"), "MemTotal")
+    try:
+        ram_gb = int(memory.split()[0]) * 1024 / 1e9
+    except (IndexError, ValueError):
+        ram_gb = 0.0
+    models = sorted(set(gpu_models))
+    return HostFacts(
+        country_name=country, country_iso_code=iso3, region=region,
+        cloud_provider=cloud[0] if cloud else "", cloud_region=cloud[1] if cloud else "",
+        os=platform.platform(), python_version=platform.python_version(),
+        version=f"carbond {__version__}", cpu_count=os.cpu_count() or 0,
+        cpu_model=_first_line_value(os.path.join(proc_root, "cpuinfo"), "model name"),
+        gpu_count=len(gpu_models), gpu_model=", ".join(models), ram_total_gb=ram_gb,
+    )
+
+
+def _daemon_figures(start: ProjectCounters, after: dict[str, Any], project: str
+                    ) -> tuple[dict[str, float], float, float | None, list[str], str] | None:
+    """The project's joules and grams since `start`, the intensity applied, its provider and
+    zone; None when the daemon does not list the project afterwards."""
+    end = project_counters(after, project)
+    if not end.present:
+        return None
+    joules = {c: max(0.0, end.joules.get(c, 0.0) - start.joules.get(c, 0.0))
+              for c in ("cpu", "dram", "gpu")}
+    grams = max(0.0, end.grams - start.grams)
+    intensity = after.get("intensity") if isinstance(after.get("intensity"), dict) else {}
+    pue = after.get("pue") if isinstance(after.get("pue"), (int, float)) else 1.0
+    kwh = math.fsum(joules.values()) / 3.6e6
+    per_kwh: float | None = grams / (kwh * pue) if kwh > 0 and pue > 0 else None
+    if per_kwh is None and isinstance(intensity.get("grams_per_kwh"), (int, float)):
+        per_kwh = float(intensity["grams_per_kwh"])
+    provider = intensity.get("provider")
+    zone = intensity.get("zone")
+    return (joules, grams, per_kwh, [provider] if isinstance(provider, str) else [],
+            zone if isinstance(zone, str) else "")
+
+
+def run_exec(config: Config, options: ExecOptions, err: IO[str] | None = None) -> int:
+    """Everything after the command line; returns the exit status."""
+    err = err or sys.stderr
+    if options.output:
+        try:
+            check_output_file(options.output)
+        except OutputFileError as exc:
+            raise ConfigError("--output", str(exc)) from None
+    feed, choice = build_feed(config)  # bad provider options stop here, before anything runs
+    try:
+        root = detect_cgroup_root(config.cgroup_root, proc_root=config.proc_root)
+    except ConfigError as exc:
+        if config.cgroup_root:  # a configured root that is not one: bad input
+            raise
+        _say(err, f"carbond exec: {exc.problem}")
+        return EXIT_EXEC_FAILED
+    signals = _Signals()  # before any thread starts: every thread inherits the mask
+    try:
+        plan: Plan | None = None
+        if options.greenest:
+            plan, cancelled = greenest_start(feed, choice.zone, options, signals, err)
+            if cancelled is not None:
+                return cancelled
+        return _run(config, options, root, feed, choice, plan, signals, err)
+    finally:
+        signals.restore()
+
+
+def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: IntensityFeed,
+         choice: ZoneChoice, plan: Plan | None, signals: _Signals, err: IO[str]) -> int:
+    run_id = str(uuid.uuid4())
+    try:
+        cgroup = RunCgroup.create(root, options.project, run_id)
+    except (CgroupUnavailable, OSError) as exc:
+        _say(err, f"carbond exec: {exc}")
+        return EXIT_EXEC_FAILED
+    notes: list[str] = []
+    removed = False
+    try:
+        client = daemon_client(config, options.client)
+        before = fetch_consumers(client)
+        run_consumer = Consumer("project", options.project)
+        measurement: Measurement | None
+        try:
+            measurement = Measurement(config, cgroup, run_consumer)
+        except Exception as exc:  # measuring is a service to the run, never a reason to fail it
+            log.debug("measurement setup failed", exc_info=True)
+            notes.append(f"exec could not measure: {type(exc).__name__}: {exc}")
+            measurement = None
+        pricing = Pricing(config.pue, zone=choice.zone)
+        started_wall, started = time.time(), time.monotonic()
+        child = _spawn(options.command, cgroup, signals.old_mask, err)
+        if isinstance(child, int):
+            if measurement is not None:
+                measurement.close()
+            return child
+        starter = FeedStarter(feed)
+        baseline = (ProjectBaseline(client, options.project, before, config.interval_seconds)
+                    if before is not None else None)
+
+        def tick() -> None:
+            nonlocal measurement
+            if measurement is None:
+                return
+            try:
+                pricing.add(measurement.tick(), starter.current())
+            except Exception as exc:
+                log.debug("measurement failed", exc_info=True)
+                notes.append(f"exec stopped measuring: {type(exc).__name__}: {exc}")
+                measurement.close()
+                measurement = None
+
+        status = _Supervisor(child, signals, tick).wait()
+        ended_wall, duration = time.time(), time.monotonic() - started
+        tick()
+        pricing.add(0.0, starter.settle())  # prices energy still waiting for the first fetch
+        starter.stop()
+        summary = RunSummary(
+            project=name_text(options.project), run_id=run_id,
+            command=[name_text(a) for a in options.command], exit_status=status,
+            started=started_wall, ended=ended_wall, duration_seconds=duration,
+            cpu_seconds=measurement.cpu_seconds if measurement else cgroup.cpu_seconds(),
+            joules=dict(measurement.joules) if measurement else {},
+            grams=pricing.grams if pricing.pending_joules == 0 else None,
+            grams_per_kwh=pricing.grams_per_kwh, providers=pricing.provider_names(),
+            zone=pricing.zone or choice.zone, pue=config.pue, measured_by="exec",
+            cgroup=cgroup.path, plan=plan, notes=notes,
+        )
+        if baseline is not None:
+            _from_daemon(summary, config, client, baseline, ended_wall, signals)
+        elif measurement is None:
+            summary.grams = None
+        gpu_models = measurement.gpu_models() if measurement else []
+        if measurement is not None:
+            measurement.close()
+        removed = cgroup.remove()
+        summary.cgroup_removed = removed
+        if not removed:
+            left = len(cgroup.pids())
+            notes.append(f"{left} process(es) of the run still run in {cgroup.path}: left in "
+                         f"place, still counted under project {summary.project}; the next "
+                         "carbond exec removes it once they are gone")
+        _report(summary, options, config, gpu_models, err)
+        return status
+    finally:
+        if not removed:
+            cgroup.remove()
+
+
+def _from_daemon(summary: RunSummary, config: Config, client: Client, baseline: ProjectBaseline,
+                 ended_wall: float, signals: _Signals) -> None:
+    """Replace exec's own figures with the daemon's, once its first tick after the end of CMD
+    is out; keep exec's (with a note) when that tick does not come in time."""
+    stopped: list[int] = []
+
+    def stop() -> bool:
+        signo = signals.pending_stop()
+        if signo is not None:
+            stopped.append(signo)
+        return bool(stopped)
+
+    wait = DAEMON_WAIT_TICKS * config.interval_seconds + 2.0
+    after = wait_for_tick_after(client, ended_wall, wait, stop)
+    where = client.base.split("://", 1)[-1]
+    if after is None:
+        baseline.stop()
+        why = "interrupted" if stopped else f"no daemon tick within {wait:g}s"
+        summary.notes.append(f"the daemon at {where} answered before the run but not after "
+                             f"it ({why}): figures measured by exec itself")
+        return
+    figures = _daemon_figures(baseline.result(after), after, baseline.project)
+    if figures is None:
+        summary.notes.append(f"the daemon at {where} does not list project {summary.project} "
+                             "(folded into 'other' past max_consumers?): figures measured by "
+                             "exec itself")
+        return
+    joules, grams, per_kwh, providers, zone = figures
+    summary.joules, summary.grams, summary.grams_per_kwh = joules, grams, per_kwh
+    summary.providers, summary.zone = providers, zone or summary.zone
+    summary.measured_by, summary.daemon = "daemon", where
+    pue = after.get("pue")
+    if isinstance(pue, (int, float)) and not isinstance(pue, bool):
+        summary.pue = float(pue)
+
+
+def _report(summary: RunSummary, options: ExecOptions, config: Config,
+            gpu_models: Sequence[str], err: IO[str]) -> None:
+    if options.json:
+        _say(err, json.dumps(summary_document(summary), separators=(",", ":")))
+    else:
+        _say(err, format_summary(summary))
+    if options.output:
+        row = codecarbon_row(summary, host_facts(summary.zone, config.proc_root, gpu_models))
+        try:
+            append_codecarbon_row(options.output, row)
+        except OutputFileError as exc:
+            _say(err, f"carbond exec: --output: {exc}")
+
+
+def exec_options(args: argparse.Namespace, client: ClientConfig | None = None) -> ExecOptions:
+    """`carbond exec`'s own flags, checked; bad input is a ConfigError naming the flag."""
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("CMD", "no command given: carbond exec [options] -- CMD [ARGS...]")
+    project = args.project if args.project is not None else default_project(command)
+    try:
+        encode_project(project)
+    except ValueError as exc:
+        raise ConfigError("--project", str(exc)) from None
+    seconds: dict[str, float | None] = {}
+    for flag in ("--deadline", "--duration"):
+        value = getattr(args, flag[2:])
+        if value is not None and not args.greenest:
+            raise ConfigError(flag, "only with --greenest")
+        try:
+            seconds[flag] = None if value is None else parse_seconds(value)
+        except ValueError as exc:
+            raise ConfigError(flag, str(exc)) from None
+    if args.greenest:
+        missing = [flag for flag, value in seconds.items() if value is None]
+        if missing:
+            raise ConfigError("--greenest", f"needs {' and '.join(missing)}")
+        if (seconds["--duration"] or 0.0) > (seconds["--deadline"] or 0.0):
+            raise ConfigError("--duration", "is longer than --deadline: the run could not "
+                              "end by the deadline")
+    return ExecOptions(tuple(command), project, args.json, args.output, args.greenest,
+                       seconds["--deadline"], seconds["--duration"], client)
+
+
+def main(cfg: Config, args: argparse.Namespace, client: ClientConfig | None) -> int:
+    """The command's own status (128+N when killed by signal N); 125 when exec cannot run
+    it, 126/127 when it is not executable / not found; 2 for bad input."""
+    options = exec_options(args, client)
+    if args.log_level is None:  # a wrapper around a user's command: quiet unless asked
+        logging.getLogger().setLevel(logging.WARNING)
+    return run_exec(cfg, options)

@@ -1,0 +1,224 @@
+"""Bounded, stable consumer series for the exporter.
+
+At most `max_consumers` consumers are exported under their own name (`idle` and `other` are
+always exported on top), series still kept for finished consumers included; the rest are
+folded into `other` by energy rank. Rank is an
+exponentially smoothed power, and a consumer outside the set only displaces the weakest member
+when it beats it by a margin, so series don't flap. Counters never go backwards: a consumer that
+is folded or finishes keeps its exported counter frozen (power 0) for `retention_seconds`, then
+the series goes; only its *new* energy goes to `other` meanwhile. Totals of recently dropped
+consumers are remembered, so a consumer that comes back continues its counter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from carbond.types import IDLE, OTHER, Consumer
+
+
+@dataclass(frozen=True)
+class SeriesSample:
+    """One exported series: carbond_consumer_energy_joules_total and _power_watts."""
+
+    consumer: Consumer
+    component: str  # cpu, dram, gpu
+    joules_total: float
+    watts: float
+
+
+@dataclass
+class _Series:
+    joules: dict[str, float] = field(default_factory=dict)
+    watts: dict[str, float] = field(default_factory=dict)
+    grams: float = 0.0
+    embodied_grams: float = 0.0
+    active: bool = True
+    last_active: float = 0.0
+
+
+class ConsumerSeries:
+    """Feed `update()` every tick with that tick's joules per consumer and component."""
+
+    def __init__(
+        self,
+        max_consumers: int = 200,
+        margin: float = 0.2,
+        margin_watts: float = 0.05,
+        retention_seconds: float = 600.0,
+        smoothing_seconds: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        remember: int | None = None,
+    ) -> None:
+        if max_consumers < 0:
+            raise ValueError("max_consumers must be >= 0")
+        self.max_consumers = max_consumers
+        self.margin = margin
+        self.margin_watts = margin_watts
+        self.retention_seconds = retention_seconds
+        self.smoothing_seconds = smoothing_seconds
+        self.clock = clock
+        self._series: dict[Consumer, _Series] = {
+            IDLE: _Series(),
+            OTHER: _Series(),
+        }
+        self._score: dict[Consumer, float] = {}
+        self._active: set[Consumer] = set()
+        self._memory: OrderedDict[Consumer, _Series] = OrderedDict()
+        self._remember = remember if remember is not None else 4 * max(max_consumers, 1)
+
+    @property
+    def active(self) -> frozenset[Consumer]:
+        """Consumers currently exported under their own name (idle/other not included)."""
+        return frozenset(self._active)
+
+    def restore(
+        self,
+        totals: Mapping[Consumer, Mapping[str, float]],
+        grams: Mapping[Consumer, float] | None = None,
+        embodied_grams: Mapping[Consumer, float] | None = None,
+        idle_seconds: Mapping[Consumer, float] | None = None,
+    ) -> None:
+        """Seed counters from the ledger after a restart, so they continue, not restart.
+
+        A consumer last active `idle_seconds[c]` ago, within the retention, is exported again
+        at once (frozen, power 0) so its series has no gap; the others wait in memory.
+        """
+        grams, embodied_grams = grams or {}, embodied_grams or {}
+        idle_seconds = idle_seconds or {}
+        now = self.clock()
+        for consumer in {*totals, *grams, *embodied_grams}:
+            series = _Series(dict(totals.get(consumer, {})), grams=grams.get(consumer, 0.0),
+                             embodied_grams=embodied_grams.get(consumer, 0.0))
+            idle = idle_seconds.get(consumer)
+            if consumer in (IDLE, OTHER):
+                self._series[consumer] = series
+            elif idle is not None and 0 <= idle < self.retention_seconds:
+                series.active, series.last_active = False, now - idle
+                self._series[consumer] = series
+            else:
+                self._memory[consumer] = series
+                self._memory.move_to_end(consumer)
+        while len(self._memory) > self._remember:
+            self._memory.popitem(last=False)
+
+    def _rank(self, live: Mapping[Consumer, float], interval: float) -> None:
+        alpha = 1.0 if interval <= 0 else 1.0 - math.exp(-interval / self.smoothing_seconds)
+        scores = {}
+        for consumer, watts in live.items():
+            old = self._score.get(consumer)
+            scores[consumer] = watts if old is None else old + alpha * (watts - old)
+        self._score = scores
+
+    def _select(self) -> None:
+        score = self._score
+        self._active &= score.keys()  # finished consumers leave the top set
+        candidates = sorted(
+            (c for c in score if c not in self._active), key=lambda c: (-score[c], c)
+        )
+        # Series kept for finished or folded consumers are exported too: they hold their
+        # slot until they expire, so the body stays bounded whatever the churn.
+        retained = sum(1 for c in self._series if c not in self._active and c not in (IDLE, OTHER))
+        free = self.max_consumers - len(self._active) - retained
+        if free > 0:
+            self._active.update(candidates[:free])
+            candidates = candidates[free:]
+        members = sorted(self._active, key=lambda c: (score[c], c))
+        for candidate, weakest in zip(candidates, members, strict=False):
+            if score[candidate] <= score[weakest] * (1 + self.margin) + self.margin_watts:
+                break
+            self._active.discard(weakest)
+            self._active.add(candidate)
+
+    def update(
+        self,
+        energy: Mapping[Consumer, Mapping[str, float]],
+        interval_seconds: float,
+        grams: Mapping[Consumer, float] | None = None,
+        embodied_grams: Mapping[Consumer, float] | None = None,
+    ) -> None:
+        """Account one tick: `energy[consumer][component]` joules over `interval_seconds`,
+        and each consumer's operational and embodied CO2e grams, which fold with its energy."""
+        now = self.clock()
+        # A consumer gets a series once it has used energy: an idle kernel thread never does.
+        energy = {
+            c: parts for c, parts in energy.items()
+            if c in self._series or any(parts.values())
+        }
+        per_second = 1.0 / interval_seconds if interval_seconds > 0 else 0.0
+        live = {
+            c: math.fsum(parts.values()) * per_second
+            for c, parts in energy.items()
+            if c not in (IDLE, OTHER)
+        }
+        self._rank(live, interval_seconds)
+        self._select()
+
+        for series in self._series.values():
+            series.watts = dict.fromkeys(series.watts, 0.0)
+        other = self._series[OTHER]
+        for consumer, parts in energy.items():
+            if consumer in (IDLE, OTHER) or consumer in self._active:
+                series = self._series.get(consumer)
+                if series is None:
+                    series = self._memory.pop(consumer, None) or _Series()
+                    series.watts = {}
+                    self._series[consumer] = series
+                series.active, series.last_active = True, now
+                target = series
+            else:
+                target = other
+            if grams:
+                target.grams += grams.get(consumer, 0.0)
+            if embodied_grams:
+                target.embodied_grams += embodied_grams.get(consumer, 0.0)
+            for component, joules in parts.items():
+                target.joules[component] = target.joules.get(component, 0.0) + joules
+                target.watts[component] = target.watts.get(component, 0.0) + joules * per_second
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        for consumer in list(self._series):
+            if consumer in (IDLE, OTHER):
+                continue
+            series = self._series[consumer]
+            if consumer in self._active:
+                continue
+            series.active = False  # folded or finished: counter frozen, power 0
+            if now - series.last_active > self.retention_seconds:
+                del self._series[consumer]
+                self._memory[consumer] = series
+                self._memory.move_to_end(consumer)
+                if len(self._memory) > self._remember:
+                    self._memory.popitem(last=False)
+
+    def samples(self) -> list[SeriesSample]:
+        """Everything to export now, stable order (idle, other, then by consumer)."""
+        out = []
+        for consumer in self._order():
+            series = self._series[consumer]
+            for component in sorted(series.joules):
+                out.append(
+                    SeriesSample(
+                        consumer,
+                        component,
+                        series.joules[component],
+                        series.watts.get(component, 0.0) if series.active else 0.0,
+                    )
+                )
+        return out
+
+    def _order(self) -> list[Consumer]:
+        return sorted(self._series, key=lambda c: (c not in (IDLE, OTHER), c))
+
+    def emissions(self) -> list[tuple[Consumer, float]]:
+        """carbond_consumer_emissions_grams_total: the same consumers as `samples()`."""
+        return [(consumer, self._series[consumer].grams) for consumer in self._order()]
+
+    def embodied(self) -> list[tuple[Consumer, float]]:
+        """carbond_consumer_embodied_grams_total: the same consumers as `samples()`."""
+        return [(c, self._series[c].embodied_grams) for c in self._order()]

@@ -1,0 +1,59 @@
+"""What one tick leaves behind for the exporter: immutable, swapped in whole.
+
+Scrapes read the latest Snapshot by reference and never trigger measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from carbond.carbon.intensity import Intensity
+from carbond.exporter.series import SeriesSample
+from carbond.pipeline.totals import DeviceSeries
+from carbond.types import Consumer
+
+
+@dataclass(frozen=True)
+class GpuLabel:
+    device: str
+    uuid: str
+    name: str
+
+
+@dataclass(frozen=True)
+class BudgetSample:
+    """One emission budget now: carbond_budget_{limit,used,projected}_grams{budget}."""
+
+    name: str
+    limit_grams: float
+    used_grams: float
+    projected_grams: float
+    period_start: float  # epoch seconds, the period's calendar start
+    period_end: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    devices: tuple[DeviceSeries, ...] = ()
+    meters_up: dict[str, bool] = field(default_factory=dict)
+    meter_errors_total: dict[str, float] = field(default_factory=dict)
+    counter_wraps_total: dict[str, int] = field(default_factory=dict)
+    tick_buckets: tuple[tuple[str, int], ...] = ()
+    tick_seconds_sum: float = 0.0
+    consumers: tuple[SeriesSample, ...] = ()
+    consumer_grams_total: tuple[tuple[Consumer, float], ...] = ()
+    exited_tasks_total: int = 0
+    host_grams_total: float = 0.0
+    intensity: Intensity | None = None
+    zone: str = ""  # the configured (or resolved) zone: the `zone` label, whoever answers
+    intensity_age_seconds: float | None = None
+    intensity_fetch_errors_total: dict[str, float] = field(default_factory=dict)
+    pue: float = 1.0
+    gpus: tuple[GpuLabel, ...] = ()
+    consumer_embodied_grams_total: tuple[tuple[Consumer, float], ...] = ()
+    budgets: tuple[BudgetSample, ...] = ()
+    counter_resets_total: dict[str, int] = field(default_factory=dict)
+    exit_records_lost_total: int = 0
+    tick_failures_total: int = 0
+    last_tick_timestamp_seconds: float = 0.0  # wall clock of the last successful tick
+    ledger_errors_total: int = 0

@@ -1,0 +1,214 @@
+"""Emission budgets: used and projected operational CO2e per calendar period.
+
+Used comes from the ledger at start (so a restart does not reset it) and then grows with each
+tick's grams, in memory. Projected = used + burn rate x time left in the period, the burn rate
+taken over the shorter of the last 24 hours and the period so far (and never over time before
+the ledger began, which would dilute it). Embodied emissions are kept out: budgets are about
+what running the workloads emits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from carbond.ledger.periods import (
+    SECONDS_PER_HOUR,
+    get_zone,
+    hour_fraction,
+    period_bounds,
+    share_within,
+    spread_over_hours,
+)
+from carbond.types import Consumer
+
+BURN_WINDOW_SECONDS = 86400.0
+
+
+class BudgetSpec(Protocol):
+    """What a budget needs from the config (`carbond.config.Budget`)."""
+
+    name: str
+    match: dict[str, str]
+    period: str
+    limit_grams: float
+
+
+class GramsSource(Protocol):
+    """What the tracker reads from the ledger at start (`carbond.ledger.ledger.Ledger`)."""
+
+    @property
+    def first_record(self) -> float | None: ...
+
+    def consumer_grams(self, since: float, until: float) -> dict[Consumer, float]: ...
+
+    def hourly_grams(self, since: float, until: float) -> dict[int, dict[Consumer, float]]: ...
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """One budget now: carbond_budget_limit_grams / _used_grams / _projected_grams."""
+
+    name: str
+    period: str
+    period_start: float
+    period_end: float
+    limit_grams: float
+    used_grams: float
+    projected_grams: float
+    burn_grams_per_second: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name, "period": self.period,
+            "period_start": self.period_start, "period_end": self.period_end,
+            "limit_grams": self.limit_grams, "used_grams": self.used_grams,
+            "projected_grams": self.projected_grams,
+            "burn_grams_per_second": self.burn_grams_per_second,
+        }
+
+
+def matches(match: Mapping[str, str], consumer: tuple[str, str]) -> bool:
+    """`kind` exactly, `consumer` as a shell glob on the name, `project` as a glob on the
+    name of a consumer of kind `project`; every given key must hold. No keys: everything."""
+    kind, name = consumer
+    if "kind" in match and kind != match["kind"]:
+        return False
+    if "consumer" in match and not fnmatch.fnmatchcase(name, match["consumer"]):
+        return False
+    return "project" not in match or (
+        kind == "project" and fnmatch.fnmatchcase(name, match["project"]))
+
+
+def burn_window_start(period_start: float, now: float, observed_since: float) -> float:
+    """Start of the burn-rate window: the shorter of the last day and the period so far,
+    never before the first measurement."""
+    return max(period_start, now - BURN_WINDOW_SECONDS, observed_since)
+
+
+def window_grams(hours: Mapping[int, float], since: float, now: float) -> float:
+    """Grams in [since, now) from hourly sums, an hour cut by `since` counted in part."""
+    return math.fsum(grams * hour_fraction(hour, since, now, now)
+                     for hour, grams in hours.items())
+
+
+def projected_grams(used_grams: float, burn_grams_per_second: float, now: float,
+                    period_end: float) -> float:
+    return used_grams + burn_grams_per_second * max(0.0, period_end - now)
+
+
+@dataclass
+class _State:
+    spec: BudgetSpec
+    start: float
+    end: float
+    used_grams: float = 0.0
+    hours: dict[int, float] = field(default_factory=dict)  # hour -> grams, the last 25 h
+
+
+class BudgetTracker:
+    """Budgets of one config, seeded from the ledger, then fed every tick.
+
+    Create it between ticks (at start, or when a reload brings new budgets); then call
+    `add()` with each tick's grams after `Ledger.record()` and `status()` whenever the values
+    are wanted (both memory only).
+    """
+
+    def __init__(
+        self,
+        budgets: Sequence[BudgetSpec],
+        timezone: str = "UTC",
+        ledger: GramsSource | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._zone = get_zone(timezone)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._matching: dict[tuple[str, str], tuple[_State, ...]] = {}
+        now = clock()
+        first = ledger.first_record if ledger is not None else None
+        self._observed_since = first if first is not None else None
+        self._states: list[_State] = []
+        used_by_period: dict[float, dict[Consumer, float]] = {}
+        hourly = (ledger.hourly_grams(now - BURN_WINDOW_SECONDS - SECONDS_PER_HOUR, now)
+                  if ledger is not None and budgets else {})
+        for spec in budgets:
+            start, end = period_bounds(spec.period, now, self._zone)
+            state = _State(spec, start, end)
+            if ledger is not None:
+                if start not in used_by_period:
+                    used_by_period[start] = ledger.consumer_grams(start, now)
+                state.used_grams = math.fsum(
+                    g for c, g in used_by_period[start].items() if matches(spec.match, c))
+                for hour, row in hourly.items():
+                    grams = math.fsum(g for c, g in row.items() if matches(spec.match, c))
+                    if grams:
+                        state.hours[hour] = grams
+            self._states.append(state)
+
+    def _roll(self, state: _State, instant: float) -> None:
+        if not state.start <= instant < state.end:
+            state.start, state.end = period_bounds(state.spec.period, instant, self._zone)
+            state.used_grams = 0.0
+
+    def add(self, wall_time: float, seconds: float,
+            grams: Mapping[tuple[str, str], float]) -> None:
+        """One tick's operational grams per consumer; the tick is (wall_time - seconds,
+        wall_time], split at a period boundary and over hours as the ledger splits it."""
+        if not math.isfinite(wall_time):
+            return
+        with self._lock:
+            if self._observed_since is None:
+                self._observed_since = wall_time - max(0.0, seconds)
+            hours = spread_over_hours(wall_time, seconds)
+            shares = {}
+            for state in self._states:
+                self._roll(state, wall_time)
+                shares[id(state)] = share_within(wall_time, seconds, state.start, state.end)
+            for key, value in grams.items():
+                if not 0.0 < value < math.inf:
+                    continue
+                states = self._matching.get(key)
+                if states is None:
+                    if len(self._matching) > 10_000:
+                        self._matching.clear()
+                    states = tuple(s for s in self._states if matches(s.spec.match, key))
+                    self._matching[key] = states
+                for state in states:
+                    state.used_grams += value * shares[id(state)]
+                    for hour, share in hours:
+                        state.hours[hour] = state.hours.get(hour, 0.0) + value * share
+            oldest = hours[-1][0] - int(BURN_WINDOW_SECONDS) - SECONDS_PER_HOUR
+            for state in self._states:
+                for old in [h for h in state.hours if h < oldest]:
+                    del state.hours[old]
+
+    def status(self, now: float | None = None) -> list[BudgetStatus]:
+        """Every budget's limit, used and projected grams, in config order."""
+        now = self._clock() if now is None else now
+        result = []
+        with self._lock:
+            observed = self._observed_since if self._observed_since is not None else now
+            for state in self._states:
+                self._roll(state, now)
+                since = burn_window_start(state.start, now, observed)
+                seconds = now - since
+                if seconds <= 0:
+                    rate = 0.0
+                elif since > now - BURN_WINDOW_SECONDS:
+                    rate = state.used_grams / seconds  # the window is the period so far
+                else:
+                    rate = window_grams(state.hours, since, now) / seconds
+                result.append(BudgetStatus(
+                    name=state.spec.name, period=state.spec.period,
+                    period_start=state.start, period_end=state.end,
+                    limit_grams=state.spec.limit_grams, used_grams=state.used_grams,
+                    projected_grams=projected_grams(state.used_grams, rate, now, state.end),
+                    burn_grams_per_second=rate,
+                ))
+        return result

@@ -1,0 +1,1 @@
+"""One tick: meters read under deadlines, device deltas, usage, then `attribution.attribute`."""

@@ -1,0 +1,1 @@
+"""How the parts run: one start/stop lifecycle, state files, systemd notification."""

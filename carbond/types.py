@@ -1,0 +1,89 @@
+"""The values every pipeline stage hands on, and the one error bad input raises.
+
+Kept apart from the stages so that attribution and the exporter import nothing of the meters,
+and commands nothing of the exporter: a consumer, a device's energy, a tick's device delta.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Consumer(NamedTuple):
+    """Who energy is attributed to: a (kind, name) pair, as in DESIGN.md's consumer table."""
+
+    kind: str  # unit, container, pod, job, vm, user, project, process, cgroup, idle, other
+    name: str  # the `consumer` label value
+
+
+IDLE = Consumer("idle", "idle")
+OTHER = Consumer("other", "other")
+
+
+@dataclass(frozen=True)
+class DeviceEnergy:
+    """A meter's cumulative reading of one device."""
+
+    device: str  # package-0, dram-0, psys, gpu-0, cpu (model)
+    component: str  # cpu, dram, gpu, platform
+    source: str  # rapl, nvml, model
+    joules: float  # cumulative since the meter started, never decreasing
+
+
+@dataclass(frozen=True)
+class DeviceDelta:
+    """One device's energy in one tick."""
+
+    component: str
+    device: str
+    source: str
+    joules: float
+
+
+def name_text(value: str | bytes) -> str:
+    """A kernel-provided name (cgroup path, comm) as text that encodes as UTF-8, the same for
+    the same input, with bad bytes marked visibly; every label value goes through here.
+
+    Bytes that are not UTF-8 become the four characters `\\xff`; so does a lone surrogate
+    U+DCxx, which is how os.fsdecode and os.scandir hand such a byte over. Any other lone
+    surrogate becomes `\\udXXX`. Never U+FFFD, which would merge distinct names. An ASCII str
+    is returned as it is (checked in O(1)), which saves a UTF-8 encode per label value.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if value.__class__ is str and value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(_escape_surrogate(ch) for ch in value)
+    return value
+
+
+def _escape_surrogate(ch: str) -> str:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return ch
+
+
+class ConfigError(Exception):
+    """Bad input, which ends a command with exit status 2 and one clear line: names the key
+    or flag and what is wrong with it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean 'interval'?)` for the closest of `choices`, else "": the tail of an
+    "unknown ..." message, so a typo reads as one line that carries its fix."""
+    close = difflib.get_close_matches(str(word), [str(choice) for choice in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
