@@ -24,7 +24,7 @@ from carbond.config import Budget
 from carbond.ledger.budgets import BudgetTracker
 from carbond.ledger.ledger import LEDGER_FILE, Ledger
 from carbond.ledger.periods import SECONDS_PER_HOUR, floor_hour
-from carbond.types import Consumer
+from carbond.types import Consumer, DeviceDelta, TickRecord
 
 KINDS = ("unit", "container", "job", "user", "project")
 
@@ -44,8 +44,9 @@ def tick(ledger: Ledger, who: list[Consumer], wall_time: float) -> None:
                   "gpu": random.uniform(0, 300)} for c in who}
     grams = {c: sum(parts.values()) / 3.6e6 * 350 for c, parts in energy.items()}
     embodied = {c: g * 0.1 for c, g in grams.items()}
-    devices = {("cpu", f"package-{i}", "rapl"): 100.0 for i in range(2)}
-    ledger.record(wall_time, 5.0, energy, grams, embodied, devices, 350.0, "electricitymaps")
+    devices = tuple(DeviceDelta("cpu", f"package-{i}", "rapl", 100.0) for i in range(2))
+    ledger.record(TickRecord(wall_time, 5.0, energy, grams, embodied, devices, 350.0,
+                             "electricitymaps"))
 
 
 def bench_flush(rounds: int, count: int) -> None:

@@ -19,9 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from prometheus_client import generate_latest
 
-from carbond.commands.build import build_meters
+from carbond.commands.build import build_daemon, build_meters
 from carbond.config import Config
-from carbond.daemon import Daemon
 from carbond.exporter.app import MetricsServer
 from tests import powercap
 
@@ -43,7 +42,9 @@ def main() -> None:
     try:
         tree = powercap.intel_two_socket(root)
         config = Config(powercap_root=root)
-        daemon = Daemon(config, build_meters(config))
+        daemon, runner = build_daemon(config, meters=build_meters(config), cpu=None, feed=None,
+                                      ledger=None)
+        runner.start()
         server = MetricsServer("127.0.0.1", 0, daemon.latest)
 
         ticks = []
@@ -55,6 +56,7 @@ def main() -> None:
             ticks.append(time.thread_time() - start)
         scrapes = cpu_seconds(lambda: generate_latest(server.registry), args.rounds)
         server.stop()
+        runner.stop()
         rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"two-socket Intel tree, {len(tree.zones)} zones, {args.rounds} rounds")
         print(f"tick   CPU median {statistics.median(ticks) * 1e3:.3f} ms")

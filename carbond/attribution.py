@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from carbond.types import IDLE, OTHER, Consumer, DeviceDelta
+from carbond.types import IDLE, OTHER, Consumer, ConsumerEnergy, DeviceDelta
 
 SEPARATE, PROPORTIONAL = "separate", "proportional"
 POLICIES = (SEPARATE, PROPORTIONAL)
@@ -30,7 +30,6 @@ ATTRIBUTED = ("cpu", "dram", "gpu")  # platform (psys) overlaps cpu + dram: expo
 MODEL_SOURCE = "model"
 BASIS_SM, BASIS_MEMORY = "sm", "memory"
 
-ConsumerEnergy = dict[Consumer, dict[str, float]]
 K = TypeVar("K")
 
 

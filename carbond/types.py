@@ -7,7 +7,8 @@ and commands nothing of the exporter: a consumer, a device's energy, a tick's de
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -87,3 +88,26 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     "unknown ..." message, so a typo reads as one line that carries its fix."""
     close = difflib.get_close_matches(str(word), [str(choice) for choice in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+ConsumerEnergy = dict[Consumer, dict[str, float]]  # joules per consumer and component
+
+
+@dataclass(frozen=True)
+class TickRecord:
+    """One accounted tick, as every sink receives it (ledger, budgets, exported series):
+    the energy per consumer and component, its operational and embodied grams, the host energy
+    per device that was counted, and the grid intensity (with its provider) it was priced at."""
+
+    wall_time: float
+    seconds: float
+    energy: Mapping[Consumer, Mapping[str, float]]
+    grams: Mapping[Consumer, float]
+    embodied_grams: Mapping[Consumer, float]
+    devices: tuple[DeviceDelta, ...] = ()
+    grams_per_kwh: float | None = None
+    provider: str | None = None
+
+    @property
+    def host_grams(self) -> float:
+        return math.fsum(self.grams.values())

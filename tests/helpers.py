@@ -12,9 +12,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from carbond.types import DeviceDelta, TickRecord
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -115,3 +118,13 @@ def carbond_run(*args: str, env: dict[str, str] | None = None) -> Iterator[Carbo
                 process.wait()
         for path in state:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def tick_record(wall_time: float, seconds: float, energy: Mapping[Any, Mapping[str, float]],
+                grams: Mapping[Any, float], embodied_grams: Mapping[Any, float],
+                devices: Mapping[tuple[str, str, str], float],
+                grams_per_kwh: float | None = None, provider: str | None = None) -> TickRecord:
+    """A TickRecord from the tuple-keyed maps tests write by hand."""
+    return TickRecord(wall_time, seconds, energy, grams, embodied_grams,
+                      tuple(DeviceDelta(c, d, s, j) for (c, d, s), j in devices.items()),
+                      grams_per_kwh, provider)

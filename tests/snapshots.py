@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from carbond.carbon.intensity import Intensity
 from carbond.exporter.series import SeriesSample
-from carbond.exporter.snapshot import BudgetSample, GpuLabel, Snapshot
-from carbond.pipeline.totals import DeviceSeries
+from carbond.exporter.snapshot import BudgetSample, DeviceSeries, GpuLabel, Snapshot
 from carbond.types import IDLE, OTHER, Consumer
 
 COMPONENTS = ("cpu", "dram", "gpu")

@@ -16,7 +16,7 @@ import pytest
 from carbond.attribution import Policy, TickInput, attribute
 from carbond.exporter.series import ConsumerSeries
 from carbond.meters.rapl import RaplMeter
-from carbond.pipeline.totals import DeviceTotals
+from carbond.pipeline.deltas import DeviceDeltas
 from carbond.types import IDLE, Consumer
 from carbond.workloads.cgroups import CgroupReader, cgroup_root
 from carbond.workloads.cpu import CpuUsageCollector
@@ -43,7 +43,7 @@ def test_two_units_three_to_one(tree: TestTree, tmp_path) -> None:
     collector = CpuUsageCollector(CgroupReader(cgroup_root(tree.root), CgroupNamer()))
     series = ConsumerSeries(max_consumers=10)
 
-    totals = DeviceTotals()
+    totals = DeviceDeltas()
     totals.deltas(meter.read().devices)
     assert collector.tick().baseline
     k0 = {n: tree.usage_seconds(f"system.slice/{n}.service") for n in "ab"}

@@ -16,6 +16,7 @@ from carbond.ledger.budgets import BudgetTracker, matches, projected_grams, wind
 from carbond.ledger.ledger import Ledger
 from carbond.ledger.periods import PERIODS, get_zone, hour_fraction, period_bounds
 from carbond.types import IDLE, Consumer
+from tests.helpers import tick_record
 
 HOUR, DAY = 3600, 86400
 UTC = get_zone("UTC")
@@ -149,8 +150,8 @@ JOB = Consumer("job", "slurm/7")
 
 
 def book(ledger: Ledger, wall_time: float, grams: dict[Consumer, float]) -> None:
-    ledger.record(wall_time, 60.0, {c: {"cpu": 1.0} for c in grams}, grams, {}, {}, 300.0,
-                  "static")
+    ledger.record(tick_record(wall_time, 60.0, {c: {"cpu": 1.0} for c in grams}, grams, {}, {},
+                              300.0, "static"))
 
 
 def test_projection_arithmetic():
@@ -223,15 +224,15 @@ def test_ticks_add_and_a_new_period_starts_from_zero(tmp_path):
         for minute in range(60):  # the tick loop: record, then add
             clock.now = start + 23 * HOUR + minute * 60
             grams = {ALICE: 0.1, BOB: 9.0}
-            ledger.record(clock.now, 60.0, {c: {"cpu": 1.0} for c in grams}, grams, {}, {},
-                          300.0, "static")
+            ledger.record(tick_record(clock.now, 60.0, {c: {"cpu": 1.0} for c in grams}, grams,
+                                      {}, {}, 300.0, "static"))
             tracker.add(clock.now, 60.0, grams)
         (a,) = tracker.status()
         assert a.used_grams == pytest.approx(3.0 + 6.0)
         assert a.used_grams > a.limit_grams and a.projected_grams >= a.used_grams
         clock.now = start + DAY + 30
-        ledger.record(clock.now, 60.0, {ALICE: {"cpu": 1.0}}, {ALICE: 0.25}, {}, {}, 300.0,
-                      "static")
+        ledger.record(tick_record(clock.now, 60.0, {ALICE: {"cpu": 1.0}}, {ALICE: 0.25}, {}, {},
+                                  300.0, "static"))
         tracker.add(clock.now, 60.0, {ALICE: 0.25})
         (a,) = tracker.status()
         # the tick began 30 s before midnight: half of it is in the new day

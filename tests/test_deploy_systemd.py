@@ -28,13 +28,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from carbond.carbon.intensity import Intensity
+from carbond.commands.build import build_daemon
 from carbond.config import Config
 from carbond.daemon import Daemon
 from carbond.exporter.series import SeriesSample
-from carbond.exporter.snapshot import Snapshot
+from carbond.exporter.snapshot import DeviceSeries, Snapshot, status_line
 from carbond.meters.base import DeviceEnergy, DeviceReport, MeterReading
-from carbond.pipeline.totals import DeviceSeries
-from carbond.runtime.systemd import notify, status_line, watchdog_seconds
+from carbond.runtime.systemd import notify, watchdog_seconds
 from carbond.types import Consumer
 from tests.helpers import carbond_run, free_port, scrape, total
 from tests.powercap import ConstantPower, FakePowercap
@@ -203,6 +203,9 @@ class RaisingMeter:
             raise RuntimeError("meter bug in up")
         return True
 
+    def components(self) -> frozenset[str]:
+        return frozenset({"cpu"})
+
     def report(self) -> list[DeviceReport]:
         return []
 
@@ -217,7 +220,8 @@ def run_daemon_until(meter: RaisingMeter, reads: int, tmp_path: Path,
     config = Config(interval_seconds=0.1, state_dir=str(tmp_path / "state"))
     with notify_socket() as (sock, address):
         monkeypatch.setenv("NOTIFY_SOCKET", address)
-        daemon = Daemon(config, [meter])
+        daemon, runner = build_daemon(config, meters=[meter], cpu=None, feed=None, ledger=None)
+        runner.start()
         stop = threading.Event()
         loop = threading.Thread(target=daemon.run, args=(stop,), name="test-daemon-loop")
         loop.start()
@@ -230,7 +234,7 @@ def run_daemon_until(meter: RaisingMeter, reads: int, tmp_path: Path,
         finally:
             stop.set()
             loop.join(timeout=10)
-            daemon.close()
+            runner.stop()
         assert not loop.is_alive()
         assert meter.reads >= reads, f"only {meter.reads} reads in 30 s"
         return daemon, [fields(m) for m in messages + drain(sock)]

@@ -36,8 +36,7 @@ from carbond.exporter.exposition import (
     format_of,
 )
 from carbond.exporter.series import SeriesSample
-from carbond.exporter.snapshot import BudgetSample, GpuLabel, Snapshot
-from carbond.pipeline.totals import DeviceSeries
+from carbond.exporter.snapshot import BudgetSample, DeviceSeries, GpuLabel, Snapshot
 from carbond.types import Consumer
 from carbond.web.server import Request
 from tests.snapshots import HOSTILE, make_snapshot

@@ -31,6 +31,7 @@ from carbond.ledger.ledger import (
     connect_readonly,
 )
 from carbond.types import Consumer
+from tests.helpers import tick_record
 
 HOUR = 3600
 H0 = 1_714_521_600  # 2024-05-01 00:00 UTC
@@ -55,8 +56,8 @@ def tick(ledger: Ledger, wall_time: float, seconds: float = 5.0, joules: float =
     energy = {c: {"cpu": joules * 0.8, "dram": joules * 0.2} for c in consumers}
     grams = {c: joules / 3.6e6 * (intensity or 0.0) for c in consumers}
     embodied = {c: joules * 1e-6 for c in consumers}
-    ledger.record(wall_time, seconds, energy, grams, embodied,
-                  {PACKAGE: joules * len(consumers)}, intensity, provider)
+    ledger.record(tick_record(wall_time, seconds, energy, grams, embodied,
+                  {PACKAGE: joules * len(consumers)}, intensity, provider))
 
 
 def hourly_sums(state_dir: str) -> dict[Consumer, list[float]]:
@@ -118,8 +119,8 @@ def test_hourly_rows_sum_to_the_totals(ticks):
         expected: dict[Consumer, float] = {}
         with Ledger.open(state, clock=Clock(T0 + 4 * HOUR)) as ledger:
             for offset, seconds, consumer, joules, flush in ticks:
-                ledger.record(T0 + offset, seconds, {consumer: {"cpu": joules}},
-                              {consumer: joules / 1e3}, {}, {}, 100.0, "static")
+                ledger.record(tick_record(T0 + offset, seconds, {consumer: {"cpu": joules}},
+                              {consumer: joules / 1e3}, {}, {}, 100.0, "static"))
                 expected[consumer] = expected.get(consumer, 0.0) + joules
                 if flush:
                     ledger.flush()
@@ -140,8 +141,8 @@ def test_hourly_rows_sum_to_the_totals(ticks):
 def test_an_idle_consumer_books_no_row(tmp_path):
     """An idle cgroup gets 0 J every tick: nothing to book, so no hourly row, no total."""
     with Ledger.open(str(tmp_path), clock=Clock(T0 + 2 * HOUR)) as ledger:
-        ledger.record(T0, 5.0, {A: {"cpu": 10.0}, B: {"cpu": 0.0, "dram": 0.0}},
-                      {A: 0.001, B: 0.0}, {B: 0.0}, {}, 100.0, "static")
+        ledger.record(tick_record(T0, 5.0, {A: {"cpu": 10.0}, B: {"cpu": 0.0, "dram": 0.0}},
+                      {A: 0.001, B: 0.0}, {B: 0.0}, {}, 100.0, "static"))
         ledger.flush()
         totals = ledger.restore()
     assert set(totals.consumer_joules) == {A}
@@ -151,7 +152,8 @@ def test_an_idle_consumer_books_no_row(tmp_path):
 def test_a_tick_across_an_hour_is_split_by_time(tmp_path):
     with Ledger.open(str(tmp_path), clock=Clock(T0 + 2 * HOUR)) as ledger:
         # 10 s tick ending 4 s past the hour: 6 s before, 4 s after
-        ledger.record(H0 + HOUR + 4, 10.0, {A: {"cpu": 100.0}}, {A: 1.0}, {}, {}, 300, "x")
+        ledger.record(tick_record(H0 + HOUR + 4, 10.0, {A: {"cpu": 100.0}}, {A: 1.0}, {}, {},
+                                  300, "x"))
     conn = connect_readonly(str(tmp_path))
     rows = dict(conn.execute("SELECT hour, cpu_joules FROM consumer_hours").fetchall())
     conn.close()
@@ -166,9 +168,9 @@ KILL_CHILD = textwrap.dedent("""
     every = int(sys.argv[2])
     n = 0
     while True:
-        ledger.record(time.time(), 1.0, {("unit", "a.service"): {"cpu": 1.0}},
+        ledger.record(tick_record(time.time(), 1.0, {("unit", "a.service"): {"cpu": 1.0}},
                       {("unit", "a.service"): 0.001}, {}, {("cpu", "package-0", "rapl"): 1.0},
-                      300.0, "static")
+                      300.0, "static"))
         n += 1
         if n % every == 0:
             ledger.flush()
@@ -254,8 +256,8 @@ def test_migration_from_v1_keeps_the_data(tmp_path, caplog):
         totals = ledger.restore()
         assert totals.consumer_joules[A] == {"cpu": 500.0, "dram": 50.0}
         assert totals.consumer_grams[A] == 2.5 and totals.consumer_embodied_grams[A] == 0.0
-        ledger.record(T0 + 30, 5.0, {A: {"cpu": 10.0}}, {A: 0.5}, {A: 0.25}, {}, 200.0,
-                      "electricitymaps")
+        ledger.record(tick_record(T0 + 30, 5.0, {A: {"cpu": 10.0}}, {A: 0.5}, {A: 0.25}, {}, 200.0,
+                      "electricitymaps"))
     assert "migrated from schema v1 to v2" in caplog.text
     conn = connect_readonly(str(state))
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -485,10 +487,11 @@ def test_any_name_or_value_never_breaks_record_or_flush(text, raw, value):
     name = raw.decode("utf-8", "surrogateescape") + text
     with tempfile.TemporaryDirectory() as state:
         with Ledger.open(state, clock=Clock(T0)) as ledger:
-            ledger.record(T0, 5.0, {("cgroup", name): {"cpu": value, "weird": 1.0}},
+            ledger.record(tick_record(T0, 5.0, {("cgroup", name): {"cpu": value, "weird": 1.0}},
                           {("cgroup", name): value}, {("cgroup", name): value},
-                          {("cpu", name, "rapl"): value}, value, name)
-            ledger.record(math.nan, 5.0, {("x", "y"): {"cpu": 1.0}}, {}, {}, {}, None, None)
+                          {("cpu", name, "rapl"): value}, value, name))
+            ledger.record(tick_record(math.nan, 5.0, {("x", "y"): {"cpu": 1.0}}, {}, {}, {},
+                                      None, None))
             assert ledger.flush()
             assert ledger.errors_total == 0
             totals = ledger.restore()
@@ -521,9 +524,11 @@ def test_retention_drops_old_rows_and_stale_consumers(tmp_path):
 def test_consumer_grams_include_pending_and_cut_hours(tmp_path):
     clock = Clock(H0 + 2 * HOUR)
     with Ledger.open(str(tmp_path), clock=clock) as ledger:
-        ledger.record(H0 + HOUR - 1, 1.0, {A: {"cpu": 1.0}}, {A: 36.0}, {}, {}, 1.0, "x")
+        ledger.record(tick_record(H0 + HOUR - 1, 1.0, {A: {"cpu": 1.0}}, {A: 36.0}, {}, {}, 1.0,
+                                  "x"))
         assert ledger.flush()
-        ledger.record(H0 + 2 * HOUR - 1, 1.0, {A: {"cpu": 1.0}}, {A: 10.0}, {}, {}, 1.0, "x")
+        ledger.record(tick_record(H0 + 2 * HOUR - 1, 1.0, {A: {"cpu": 1.0}}, {A: 10.0}, {}, {},
+                                  1.0, "x"))
         assert ledger.consumer_grams(H0, clock.now) == {A: pytest.approx(46.0)}
         # half of the first hour: its grams are taken as spread over the hour
         assert ledger.consumer_grams(H0 + HOUR / 2, H0 + HOUR) == {A: pytest.approx(18.0)}

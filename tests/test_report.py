@@ -25,7 +25,7 @@ from carbond.ledger.ledger import Ledger
 from carbond.ledger.periods import get_zone
 from carbond.types import ConfigError, Consumer
 from tests.cgroup_helpers import TestTree
-from tests.helpers import carbond_run, free_port, total, wait_for
+from tests.helpers import carbond_run, free_port, tick_record, total, wait_for
 from tests.test_pipeline import ConstantPower
 
 KWH = 3.6e6
@@ -53,7 +53,7 @@ def book(ledger: Ledger, wall_time: float, kwh: dict[Consumer, float], intensity
                   {"cpu": 0.8 * k * KWH, "dram": 0.2 * k * KWH}) for c, k in kwh.items()}
     grams = {c: k * intensity for c, k in kwh.items()}
     embodied = {c: k * 10.0 for c, k in kwh.items()}
-    ledger.record(wall_time, 60.0, energy, grams, embodied, {}, intensity, provider)
+    ledger.record(tick_record(wall_time, 60.0, energy, grams, embodied, {}, intensity, provider))
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from carbond.ledger.ledger import Ledger, Usage
 from carbond.ledger.periods import SECONDS_PER_HOUR
 from carbond.types import Consumer
 from tests import cdp
+from tests.helpers import tick_record
 
 H0 = 1_714_521_600  # 2024-05-01 00:00 UTC
 DAY = 86400
@@ -93,8 +94,8 @@ def make_example_ledger(state_dir: str, days: int = 14, seed: int = 15,
             grams = {k: sum(c.values()) / KWH * PUE * intensity for k, c in energy.items()}
             embodied = {k: EMBODIED_GRAMS_PER_HOUR * sum(c.values()) / host
                         for k, c in energy.items()}
-            ledger.record(start + 1800, 60.0, energy, grams, embodied, {}, intensity,
-                          provider)
+            ledger.record(tick_record(start + 1800, 60.0, energy, grams, embodied, {}, intensity,
+                          provider))
 
 
 def carbond(*args: str) -> subprocess.CompletedProcess[str]:

@@ -7,21 +7,29 @@ this host (no cgroup hierarchy, no taskstats) is logged and left out.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from carbond.carbon import IntensityFeed, build_providers, resolve_zone
 from carbond.carbon.zone import ZoneChoice
-from carbond.config import Config, load
-from carbond.daemon import Daemon, Reconfiguration
+from carbond.config import BUDGETS, FEED, METERS, NAMER, Config, fields_on_reload, load
+from carbond.daemon import Daemon, Reconfiguration, policy_of
+from carbond.exporter.publisher import COUNTERS_STATE, Publisher
+from carbond.ledger.budgets import BudgetTracker
 from carbond.ledger.ledger import Ledger, LedgerError
 from carbond.meters.base import Meter
 from carbond.meters.nvml import NvmlMeter
 from carbond.meters.power_model import ModelMeter
 from carbond.meters.rapl import RaplMeter
+from carbond.pipeline.idle import IdleBaseline
+from carbond.pipeline.tick import READ_DEADLINE_SECONDS, CpuSource, Pipeline
+from carbond.runtime.lifecycle import Part, Periodic, Runner
 from carbond.types import ConfigError
 from carbond.workloads.cgroups import CgroupReader, CgroupRoot, detect_cgroup_root
 from carbond.workloads.cpu import CpuUsageCollector
+from carbond.workloads.gpu import GpuUsageTracker, PidConsumers
 from carbond.workloads.naming import CgroupNamer
 from carbond.workloads.processes import ProcessTracker, read_pids
 from carbond.workloads.taskstats import TaskstatsListener
@@ -96,24 +104,28 @@ def build_feed(config: Config) -> tuple[IntensityFeed, ZoneChoice]:
     return feed, choice
 
 
-METER_KEYS = ("rapl_enabled", "powercap_root", "nvml_enabled", "model_enabled",
-              "model_cpu_watts_min", "model_cpu_watts_max", "model_memory_watts_per_gb")
-FEED_KEYS = ("zone", "providers", "intensity_refresh_seconds", "intensity_max_age_seconds")
+def gpu_usage_of(meters: list[Meter]) -> GpuUsageTracker | None:
+    """NVML's per-pid usage, where an NVML meter is among the meters."""
+    nvml = next((m for m in meters if isinstance(m, NvmlMeter)), None)
+    return GpuUsageTracker(nvml) if nvml else None
 
 
-def reconfigure(config_path: str | None, flags: Mapping[str, Any], old: Config
-                ) -> Reconfiguration:
+def reconfigure(config_path: str | None, flags: Mapping[str, Any], old: Config,
+                ledger: Ledger | None = None) -> Reconfiguration:
     """SIGHUP: the configuration read again, and the parts its changes need rebuilt. Bad
     input raises ConfigError before anything is touched."""
     new = load(config_path, flags)
 
-    def changed(keys: tuple[str, ...]) -> bool:
-        return any(getattr(new, key) != getattr(old, key) for key in keys)
+    def changed(on_reload: str) -> bool:
+        return any(getattr(new, key) != getattr(old, key) for key in fields_on_reload(on_reload))
 
-    feed = build_feed(new)[0] if changed(FEED_KEYS) else None
-    meters = build_meters(new) if changed(METER_KEYS) else None
-    namer = CgroupNamer(new.rules) if new.rules != old.rules else None
-    return Reconfiguration(new, meters, feed, namer)
+    feed = build_feed(new)[0] if changed(FEED) else None
+    meters = build_meters(new) if changed(METERS) else None
+    namer = CgroupNamer(new.rules) if changed(NAMER) else None
+    budgets = (BudgetTracker(new.budgets, new.budgets_timezone, ledger)
+               if changed(BUDGETS) else None)
+    return Reconfiguration(new, meters, gpu_usage_of(meters) if meters is not None else None,
+                           feed, namer, budgets)
 
 
 def open_ledger(config: Config) -> Ledger:
@@ -124,15 +136,89 @@ def open_ledger(config: Config) -> Ledger:
         raise ConfigError("--state-dir", str(exc)) from None
 
 
-def build_daemon(config: Config) -> Daemon:
-    """Everything from config; bad input raises ConfigError before anything starts."""
-    ledger = open_ledger(config)  # first: a second daemon on this state dir stops here
+IDLE_STATE_FILE = "idle-baseline.json"
+PERSIST_SECONDS = 300.0
+_DETECT: Any = object()  # build what config says, unless a test passes its own
+
+
+def idle_state_path(config: Config) -> str:
+    return os.path.join(config.state_dir, IDLE_STATE_FILE)
+
+
+def build_pipeline(config: Config, meters: list[Meter], cpu: CpuSource | None,
+                   pid_consumers: PidConsumers | None, interval_seconds: float | None = None,
+                   clock: Callable[[], float] = time.monotonic) -> Pipeline:
+    """The tick both the daemon and exec run: meters and usage under deadlines, the idle
+    baseline the daemon learns (from its state file; exec learns on from it, never saving)."""
+    cpu_idle = IdleBaseline.load(idle_state_path(config), time.time(), clock(),
+                                 fixed_watts=config.idle_watts_cpu)
+    return Pipeline(meters, cpu, gpu_usage_of(meters), pid_consumers, policy_of(config),
+                    cpu_idle, config.idle_watts_gpu or 0.0,
+                    read_deadline_seconds=min(READ_DEADLINE_SECONDS,
+                                              (interval_seconds or config.interval_seconds) / 2),
+                    vcpus=os.cpu_count() or 1, clock=clock)
+
+
+def build_daemon(config: Config, *, meters: list[Meter] | None = None,
+                 cpu: CpuUsageCollector | None = _DETECT, feed: IntensityFeed | None = _DETECT,
+                 ledger: Ledger | None = _DETECT, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> tuple[Daemon, Runner]:
+    """The daemon and the runner of its parts (start order: pipeline baselines, intensity
+    feed, ledger flushing, state saving; stop in reverse). Bad input raises ConfigError
+    before anything starts. A test passes its own meters, or None for a part to leave out."""
+    if ledger is _DETECT:
+        ledger = open_ledger(config)  # first: a second daemon on this state dir stops here
     try:
-        feed, choice = build_feed(config)
-        log.info("intensity zone %s (%s)", choice.zone, choice.how)
         namer = CgroupNamer(config.rules)
-        return Daemon(config, build_meters(config), build_cpu_usage(config, namer), feed, namer,
-                      ledger)
+        if feed is _DETECT:
+            feed, choice = build_feed(config)
+            log.info("intensity zone %s (%s)", choice.zone, choice.how)
+        if cpu is _DETECT:
+            cpu = build_cpu_usage(config, namer)
+        meters = build_meters(config) if meters is None else meters
+        rel = cpu.reader.root.rel if cpu else "/"
+        pid_consumers = PidConsumers(namer, rel, config.proc_root,
+                                     cpu is not None and cpu.processes is not None)
+        pipeline = build_pipeline(config, meters, cpu, pid_consumers, clock=clock)
+        publisher = Publisher(config.max_consumers, config.pue,
+                              ledger.put_state if ledger is not None else None, clock)
+        if ledger is not None:
+            totals = ledger.restore()
+            wall = wall_clock()
+            publisher.restore(totals.consumer_joules, totals.consumer_grams,
+                              totals.consumer_embodied_grams,
+                              {c: wall - t for c, t in totals.consumer_updated.items()},
+                              totals.device_joules, totals.host_grams,
+                              ledger.get_state(COUNTERS_STATE))
+        budgets = BudgetTracker(config.budgets, config.budgets_timezone, ledger,
+                                clock=wall_clock)
     except BaseException:
-        ledger.close()
+        if ledger is not None:
+            ledger.close()
         raise
+
+    def rename(new: CgroupNamer) -> None:
+        if cpu is not None:
+            cpu.reader.namer = new
+        pid_consumers.rename(new)
+
+    daemon = Daemon(config, pipeline, publisher, feed, budgets,
+                    [ledger] if ledger is not None else [], ledger, rename, clock, wall_clock)
+    state_file = idle_state_path(config)
+
+    def save_idle_baseline() -> None:
+        try:
+            pipeline.cpu_idle.save(state_file, wall_clock(), clock())
+        except OSError as exc:
+            log.warning("cannot save the idle baseline to %s: %s", state_file,
+                        exc.strerror or exc)
+
+    runner = Runner([
+        Part("pipeline", pipeline.prime, pipeline.close),
+        Part("intensity feed", lambda: daemon.feed and daemon.feed.start(),
+             lambda: daemon.feed and daemon.feed.stop()),
+        Part("ledger", lambda: ledger and ledger.start(config.ledger_flush_seconds),
+             lambda: ledger and ledger.close()),  # close flushes the last ticks
+        Periodic("idle baseline", save_idle_baseline, PERSIST_SECONDS),
+    ])
+    return daemon, runner

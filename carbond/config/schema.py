@@ -264,51 +264,60 @@ LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
 }
 
 
+# What a SIGHUP reload does with a changed key: applied in place; kept until a restart (the
+# process was started with it); or the part built from it is rebuilt.
+LIVE, RESTART, METERS, FEED, NAMER, BUDGETS = "live", "restart", "meters", "feed", "namer", \
+    "budgets"
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key: where it sits in the YAML, the `Config` field(s) it sets (a
-    validator returning a tuple fills several) and its validator. Defaults live on `Config`."""
+    validator returning a tuple fills several), its validator, and what a reload does when it
+    changed. Defaults live on `Config`."""
 
     path: tuple[str, ...]
     fields: tuple[str, ...]
     check: Any  # a Validator, or a nested schema validated by `_section`
+    on_reload: str = LIVE
 
 
-def _key(path: str, fields: str, check: Any) -> Key:
-    return Key(tuple(path.split(".")), tuple(fields.split()), check)
+def _key(path: str, fields: str, check: Any, on_reload: str = LIVE) -> Key:
+    return Key(tuple(path.split(".")), tuple(fields.split()), check, on_reload)
 
 
 # Every top-level and nested key, once: SCHEMA and `_build` are derived from this table.
 KEYS: tuple[Key, ...] = (
-    _key("listen", "listen_host listen_port", _listen),
-    _key("interval", "interval_seconds", _interval),
-    _key("state_dir", "state_dir", _string),
-    _key("cgroup_root", "cgroup_root", _optional_string),
-    _key("proc_root", "proc_root", _string),
-    _key("web_config_file", "web_config_file", _optional_string),
+    _key("listen", "listen_host listen_port", _listen, RESTART),
+    _key("interval", "interval_seconds", _interval, RESTART),
+    _key("state_dir", "state_dir", _string, RESTART),
+    _key("cgroup_root", "cgroup_root", _optional_string, RESTART),
+    _key("proc_root", "proc_root", _string, RESTART),
+    _key("web_config_file", "web_config_file", _optional_string, RESTART),
     _key("log_level", "log_level", _choice("debug", "info", "warning", "error")),
-    _key("meters.rapl.enabled", "rapl_enabled", _switch),
-    _key("meters.rapl.root", "powercap_root", _string),
-    _key("meters.nvml.enabled", "nvml_enabled", _switch),
-    _key("meters.model.enabled", "model_enabled", _switch),
-    _key("meters.model.cpu_watts_min", "model_cpu_watts_min", _number(0.0)),
-    _key("meters.model.cpu_watts_max", "model_cpu_watts_max", _number(0.0)),
-    _key("meters.model.memory_watts_per_gb", "model_memory_watts_per_gb", _number(0.0)),
+    _key("meters.rapl.enabled", "rapl_enabled", _switch, METERS),
+    _key("meters.rapl.root", "powercap_root", _string, METERS),
+    _key("meters.nvml.enabled", "nvml_enabled", _switch, METERS),
+    _key("meters.model.enabled", "model_enabled", _switch, METERS),
+    _key("meters.model.cpu_watts_min", "model_cpu_watts_min", _number(0.0), METERS),
+    _key("meters.model.cpu_watts_max", "model_cpu_watts_max", _number(0.0), METERS),
+    _key("meters.model.memory_watts_per_gb", "model_memory_watts_per_gb", _number(0.0),
+         METERS),
     _key("attribution.idle", "idle_policy", _choice("separate", "proportional")),
     _key("attribution.idle_watts.cpu", "idle_watts_cpu", _auto_or_watts),
     _key("attribution.idle_watts.gpu", "idle_watts_gpu", _auto_or_watts),
     _key("attribution.max_consumers", "max_consumers", _positive_int),
-    _key("attribution.processes", "processes", _switch),
-    _key("attribution.rules", "rules", _rules),
-    _key("intensity.zone", "zone", _zone),
-    _key("intensity.refresh", "intensity_refresh_seconds", _duration),
-    _key("intensity.max_age", "intensity_max_age_seconds", _duration),
-    _key("intensity.providers", "providers", _providers),
+    _key("attribution.processes", "processes", _switch, RESTART),
+    _key("attribution.rules", "rules", _rules, NAMER),
+    _key("intensity.zone", "zone", _zone, FEED),
+    _key("intensity.refresh", "intensity_refresh_seconds", _duration, FEED),
+    _key("intensity.max_age", "intensity_max_age_seconds", _duration, FEED),
+    _key("intensity.providers", "providers", _providers, FEED),
     _key("pue", "pue", _number(1.0)),
     _key("embodied", "embodied_kgco2e embodied_lifetime_seconds", _embodied),
-    _key("ledger", "ledger_flush_seconds ledger_retention_seconds", _ledger),
-    _key("budgets_timezone", "budgets_timezone", _timezone),
-    _key("budgets", "budgets", _budgets),
+    _key("ledger", "ledger_flush_seconds ledger_retention_seconds", _ledger, RESTART),
+    _key("budgets_timezone", "budgets_timezone", _timezone, BUDGETS),
+    _key("budgets", "budgets", _budgets, BUDGETS),
 )
 
 
@@ -323,6 +332,11 @@ def _schema(keys: tuple[Key, ...]) -> dict[str, Any]:
 
 
 SCHEMA: dict[str, Any] = _schema(KEYS)
+
+
+def fields_on_reload(on_reload: str) -> tuple[str, ...]:
+    """The `Config` fields whose keys a reload treats as `on_reload` (RESTART, METERS, ...)."""
+    return tuple(field for key in KEYS if key.on_reload == on_reload for field in key.fields)
 
 
 def key_paths() -> list[str]:

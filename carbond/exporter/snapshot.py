@@ -5,12 +5,23 @@ Scrapes read the latest Snapshot by reference and never trigger measurement.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from carbond.carbon.intensity import Intensity
 from carbond.exporter.series import SeriesSample
-from carbond.pipeline.totals import DeviceSeries
 from carbond.types import Consumer
+
+
+@dataclass(frozen=True)
+class DeviceSeries:
+    """carbond_host_energy_joules_total and carbond_host_power_watts of one device."""
+
+    component: str
+    device: str
+    source: str
+    joules_total: float
+    watts: float
 
 
 @dataclass(frozen=True)
@@ -57,3 +68,23 @@ class Snapshot:
     tick_failures_total: int = 0
     last_tick_timestamp_seconds: float = 0.0  # wall clock of the last successful tick
     ledger_errors_total: int = 0
+
+
+def host_watts(snapshot: Snapshot) -> float:
+    """Host power as carbond attributes it: psys (`platform`) overlaps cpu + dram, not added."""
+    return math.fsum(d.watts for d in snapshot.devices if d.component != "platform")
+
+
+def status_line(snapshot: Snapshot) -> str:
+    """What `systemctl status carbond` shows: consumers, host power, intensity and provider."""
+    consumers = len({sample.consumer for sample in snapshot.consumers})
+    text = f"{consumers} consumers, host {host_watts(snapshot):.1f} W"
+    intensity = snapshot.intensity
+    if intensity is None:
+        text += ", no grid intensity yet"
+    else:
+        zone = snapshot.zone or intensity.zone
+        text += f", {intensity.grams_per_kwh:.0f} g/kWh from {intensity.provider} ({zone})"
+    if snapshot.tick_failures_total:
+        text += f", {snapshot.tick_failures_total} failed ticks"
+    return " ".join(text.split())  # a STATUS= value must not end the datagram's line early

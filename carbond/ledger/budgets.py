@@ -25,7 +25,7 @@ from carbond.ledger.periods import (
     share_within,
     spread_over_hours,
 )
-from carbond.types import Consumer
+from carbond.types import Consumer, TickRecord
 
 BURN_WINDOW_SECONDS = 86400.0
 
@@ -187,6 +187,10 @@ class BudgetTracker:
             for state in self._states:
                 for old in [h for h in state.hours if h < oldest]:
                     del state.hours[old]
+
+    def record(self, record: TickRecord) -> None:
+        """The budgets' sink: one accounted tick."""
+        self.add(record.wall_time, record.seconds, record.grams)
 
     def status(self, now: float | None = None) -> list[BudgetStatus]:
         """Every budget's limit, used and projected grams, in config order."""

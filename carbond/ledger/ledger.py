@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from carbond.ledger.periods import SECONDS_PER_HOUR, floor_hour, hour_fraction, spread_over_hours
-from carbond.types import Consumer
+from carbond.types import Consumer, TickRecord
 
 log = logging.getLogger(__name__)
 
@@ -492,17 +492,7 @@ class Ledger:
             self._provider_bits[provider] = index
         return 1 << index
 
-    def record(
-        self,
-        wall_time: float,
-        seconds: float,
-        consumers: Mapping[tuple[str, str], Mapping[str, float]],
-        grams: Mapping[tuple[str, str], float],
-        embodied_grams: Mapping[tuple[str, str], float],
-        devices: Mapping[DeviceKey, float],
-        intensity_grams_per_kwh: float | None = None,
-        provider: str | None = None,
-    ) -> None:
+    def record(self, record: TickRecord) -> None:
         """Book one tick: energy per consumer and component, its operational and embodied
         grams, host energy per device, and the intensity (with its provider) it used.
 
@@ -510,22 +500,18 @@ class Ledger:
         """
         try:
             with self._lock:
-                self._record(wall_time, seconds, consumers, grams, embodied_grams, devices,
-                             intensity_grams_per_kwh, provider)
+                self._record(record)
         except Exception as exc:
             self._warn_once(f"record: {exc!r}", "ledger record skipped a tick: %r", exc)
 
-    def _record(
-        self,
-        wall_time: float,
-        seconds: float,
-        consumers: Mapping[tuple[str, str], Mapping[str, float]],
-        grams: Mapping[tuple[str, str], float],
-        embodied_grams: Mapping[tuple[str, str], float],
-        devices: Mapping[DeviceKey, float],
-        intensity: float | None,
-        provider: str | None,
-    ) -> None:
+    def _record(self, record: TickRecord) -> None:
+        wall_time, seconds = record.wall_time, record.seconds
+        consumers, grams, embodied_grams = record.energy, record.grams, record.embodied_grams
+        intensity, provider = record.grams_per_kwh, record.provider
+        devices: dict[DeviceKey, float] = {}
+        for d in record.devices:
+            key = (d.component, d.device, d.source)
+            devices[key] = devices.get(key, 0.0) + d.joules
         if not math.isfinite(wall_time):
             return
         totals = self._totals

@@ -415,6 +415,9 @@ class NvmlMeter:
     def up(self) -> bool:
         return self._up
 
+    def components(self) -> frozenset[str]:
+        return frozenset({"gpu"}) if self._up else frozenset()
+
     @property
     def reason(self) -> str:
         """Why the whole meter is down ("" when NVML initialised and found GPUs)."""

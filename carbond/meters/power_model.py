@@ -118,6 +118,9 @@ class ModelMeter:
     def up(self) -> bool:
         return self._up
 
+    def components(self) -> frozenset[str]:
+        return frozenset()  # an estimate, never a counter
+
     def report(self) -> list[DeviceReport]:
         if self._last is None:
             return [DeviceReport("cpu", self._reason or "no /proc/stat", False)]

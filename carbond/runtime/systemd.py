@@ -7,12 +7,9 @@ when WATCHDOG=1 stops arriving (ticks failing or hung), and shows STATUS= in `sy
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from collections.abc import Mapping
-
-from carbond.exporter.snapshot import Snapshot
 
 
 def notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
@@ -42,28 +39,3 @@ def watchdog_seconds(environ: Mapping[str, str] | None = None) -> float | None:
     except ValueError:
         return None
     return seconds if seconds > 0 else None
-
-
-def _one_line(text: str) -> str:
-    """A STATUS= value must not end the datagram's line early."""
-    return " ".join(text.split())
-
-
-def host_watts(snapshot: Snapshot) -> float:
-    """Host power as carbond attributes it: psys (`platform`) overlaps cpu + dram, not added."""
-    return math.fsum(d.watts for d in snapshot.devices if d.component != "platform")
-
-
-def status_line(snapshot: Snapshot) -> str:
-    """What `systemctl status carbond` shows: consumers, host power, intensity and provider."""
-    consumers = len({sample.consumer for sample in snapshot.consumers})
-    text = f"{consumers} consumers, host {host_watts(snapshot):.1f} W"
-    intensity = snapshot.intensity
-    if intensity is None:
-        text += ", no grid intensity yet"
-    else:
-        zone = snapshot.zone or intensity.zone
-        text += f", {intensity.grams_per_kwh:.0f} g/kWh from {intensity.provider} ({zone})"
-    if snapshot.tick_failures_total:
-        text += f", {snapshot.tick_failures_total} failed ticks"
-    return _one_line(text)

@@ -36,7 +36,7 @@ from carbond.carbon.static import split_cloud_zone
 from carbond.carbon.zone import ZoneChoice
 from carbond.commands.build import build_feed
 from carbond.commands.exec.cgroup import CgroupUnavailable, RunCgroup
-from carbond.commands.exec.measure import FeedStarter, Measurement, Pricing
+from carbond.commands.exec.measure import FeedStarter, RunMeasurement, RunPricing
 from carbond.commands.exec.plan import Plan, plan_greenest
 from carbond.commands.exec.remote import (
     ProjectBaseline,
@@ -384,14 +384,14 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
         client = daemon_client(config, options.client)
         before = fetch_consumers(client)
         run_consumer = Consumer("project", options.project)
-        measurement: Measurement | None
+        measurement: RunMeasurement | None
         try:
-            measurement = Measurement(config, cgroup, run_consumer)
+            measurement = RunMeasurement(config, cgroup, run_consumer, TICK_SECONDS)
         except Exception as exc:  # measuring is a service to the run, never a reason to fail it
             log.debug("measurement setup failed", exc_info=True)
             notes.append(f"exec could not measure: {type(exc).__name__}: {exc}")
             measurement = None
-        pricing = Pricing(config.pue, zone=choice.zone)
+        pricing = RunPricing(config.pue, zone=choice.zone)
         started_wall, started = time.time(), time.monotonic()
         child = _spawn(options.command, cgroup, signals.old_mask, err)
         if isinstance(child, int):

@@ -1,0 +1,221 @@
+"""One tick of DESIGN.md's pipeline, the same for the daemon and for `carbond exec`.
+
+meters (each under a deadline) -> device deltas; CPU usage (each source under a deadline) and
+each GPU's pid weights named as consumers -> `attribution.attribute` -> one `Measurement`.
+What happens to a measurement (carbon, ledger, exporter, a run's summary) is the caller's.
+A source that blocks or fails misses its own sample for the tick; everything else is counted,
+and cumulative counters bring the missed energy with the next good reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from carbond.attribution import (
+    MODEL_SOURCE,
+    Attribution,
+    GpuWeights,
+    Policy,
+    TickInput,
+    attribute,
+    model_stands_in,
+)
+from carbond.meters.base import Meter, MeterReading
+from carbond.pipeline.deadline import DeadlineWorker, Missed
+from carbond.pipeline.deltas import DeviceDeltas
+from carbond.pipeline.idle import IdleBaseline
+from carbond.types import Consumer
+from carbond.workloads.cpu import CpuUsage
+from carbond.workloads.gpu import GpuUsageTracker, PidConsumers, consumer_weights
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+READ_DEADLINE_SECONDS = 2.0  # or half the interval, whichever is shorter
+
+
+class CpuSource(Protocol):
+    """CPU seconds per consumer since the previous call (a `CpuUsageCollector`, or exec's
+    run-against-the-host usage)."""
+
+    def tick(self) -> CpuUsage: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One tick, measured and attributed."""
+
+    started: float  # monotonic
+    seconds: float
+    attribution: Attribution
+    usage: dict[Consumer, float] | None  # CPU seconds per consumer; None: no CPU source
+    exited_tasks: int = 0
+    complete: bool = True  # every meter and device read: fit to teach the idle baseline
+    meters_up: dict[str, bool] = field(default_factory=dict)
+    wraps: dict[str, int] = field(default_factory=dict)  # device -> wraps in this tick
+    resets: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Meters, usage sources and the attribution policy, ticked by `tick()`.
+
+    `prime()` takes the baselines, so the first tick already has deltas. The caller owns the
+    meters and sources and closes them (`close()`); a reload swaps meters with `set_meters`.
+    """
+
+    def __init__(
+        self,
+        meters: Sequence[Meter],
+        cpu: CpuSource | None,
+        gpu_usage: GpuUsageTracker | None,
+        pid_consumers: PidConsumers | None,
+        policy: Policy,
+        cpu_idle: IdleBaseline,
+        gpu_idle_watts: float = 0.0,
+        read_deadline_seconds: float = READ_DEADLINE_SECONDS,
+        vcpus: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cpu = cpu
+        self.policy = policy
+        self.cpu_idle = cpu_idle
+        self.gpu_idle_watts = gpu_idle_watts
+        self.read_deadline_seconds = read_deadline_seconds
+        self._vcpus = vcpus
+        self._clock = clock
+        self._pid_consumers = pid_consumers
+        self._totals = DeviceDeltas()
+        self._workers: dict[str, DeadlineWorker[Any]] = {
+            name: DeadlineWorker(name) for name in ("cgroups", "gpu")}
+        self._up: dict[str, bool] = {}
+        self.meters: list[Meter] = []
+        self.gpu_usage: GpuUsageTracker | None = None
+        self.set_meters(meters, gpu_usage)
+        self._last = clock()
+
+    # ---- setup -----------------------------------------------------------------------------
+
+    def set_meters(self, meters: Sequence[Meter], gpu_usage: GpuUsageTracker | None) -> None:
+        """Meters to read from the next tick on (each with a fresh worker, clear of any read
+        still stuck in an old one)."""
+        self.meters = list(meters)
+        self.gpu_usage = gpu_usage
+        for meter in self.meters:
+            self._workers[meter.name] = DeadlineWorker(meter.name)
+
+    def prime(self) -> None:
+        """Baselines: the first reading of every meter and source is 0 J and 0 s."""
+        for meter in self.meters:
+            reading = self._read(meter)
+            if reading is not None:
+                self._totals.deltas(reading.devices)
+        self._collect("cgroups", self.cpu.tick if self.cpu else None)
+        self._collect("gpu", self.gpu_usage.sample if self.gpu_usage else None)
+        self._last = self._clock()
+
+    def missed_total(self, name: str) -> int:
+        """Reads of a meter or source that missed their deadline (counted as its errors)."""
+        worker = self._workers.get(name)
+        return worker.missed_total if worker else 0
+
+    # ---- reading under deadlines -----------------------------------------------------------
+
+    def _read(self, meter: Meter) -> MeterReading | None:
+        """The meter's reading, or None when it missed its deadline or failed: down alone."""
+        try:
+            reading = self._workers[meter.name].call(meter.read, self.read_deadline_seconds)
+        except Missed:
+            self._up[meter.name] = False
+            return None
+        except Exception:
+            log.exception("meter %s failed", meter.name)
+            self._up[meter.name] = False
+            return None
+        self._up[meter.name] = meter.up()
+        return reading
+
+    def _collect(self, name: str, fn: Callable[[], T] | None) -> T | None:
+        """A usage source's result, or None when it is absent, missed its deadline or failed
+        (its time then goes to `other` or `idle` for the tick; counters keep the rest)."""
+        if fn is None:
+            return None
+        try:
+            return self._workers[name].call(fn, self.read_deadline_seconds)
+        except Missed:
+            return None
+        except Exception:
+            log.exception("%s usage failed", name)
+            return None
+
+    def _gpu_weights(self) -> dict[str, GpuWeights]:
+        """Each GPU's pid weights, named as consumers (the only I/O: /proc/PID/cgroup)."""
+        if not self.gpu_usage or self._pid_consumers is None:
+            return {}
+        usage = self.gpu_usage.sample()
+        to_consumer = self._pid_consumers
+        weights = {
+            device: GpuWeights(consumer_weights(u.sm, to_consumer),
+                               consumer_weights(u.memory, to_consumer))
+            for device, u in usage.items()
+        }
+        to_consumer.retain(set().union(*(u.pids for u in usage.values())))
+        return weights
+
+    # ---- the tick --------------------------------------------------------------------------
+
+    def tick(self) -> Measurement:
+        started = self._clock()
+        seconds, self._last = started - self._last, started
+        deltas = []
+        wraps: dict[str, int] = {}
+        resets: dict[str, int] = {}
+        complete = True  # every device read: a partial tick would teach the baseline a low
+        measured = frozenset().union(*(meter.components() for meter in self.meters))
+        model_needed = bool(model_stands_in(measured, self.policy.model))
+        for meter in self.meters:
+            # Counters that measure all the model could stand in for: it is not read (a
+            # meter's components only grow, and a reload builds new meters, so it never
+            # resumes with a reading that spans the rest).
+            if meter.name == MODEL_SOURCE and not model_needed:
+                continue
+            reading = self._read(meter)
+            if reading is None:
+                complete = False
+                continue
+            complete = complete and not reading.errors
+            for device, count in reading.wraps.items():
+                wraps[device] = wraps.get(device, 0) + count
+            for device, count in reading.resets.items():
+                resets[device] = resets.get(device, 0) + count
+            deltas += self._totals.deltas(reading.devices)
+        cpu = self._collect("cgroups", self.cpu.tick if self.cpu else None)
+        gpus = self._collect("gpu", self._gpu_weights if self.gpu_usage else None) or {}
+        result = attribute(
+            TickInput(seconds, deltas, cpu.usage if cpu else None, gpus, measured,
+                      self.cpu_idle.watts(), self.gpu_idle_watts),
+            self.policy,
+        )
+        if cpu and seconds > 0 and complete and result.cpu_joules > 0:
+            used = math.fsum(cpu.usage.values()) / (self._vcpus * seconds)
+            self.cpu_idle.observe(result.cpu_joules / seconds, min(1.0, used), started)
+        up = {meter.name: self._up.get(meter.name, False) for meter in self.meters}
+        if MODEL_SOURCE in up:  # the model is up when it stands in, not merely when it can
+            up[MODEL_SOURCE] = result.model_used
+        return Measurement(started, seconds, result, cpu.usage if cpu else None,
+                           cpu.exited_tasks if cpu else 0, complete, up, wraps, resets)
+
+    def close(self) -> None:
+        if self.cpu is not None:
+            self.cpu.close()
+        for meter in self.meters:
+            try:
+                meter.close()
+            except Exception:
+                log.exception("closing meter %s failed", meter.name)
