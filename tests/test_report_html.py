@@ -24,8 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carbond.commands.report import Report, ReportRow, render
-from carbond.commands.report.html import TOP_N, PageInfo
+from carbond.commands.report.html import TOP_N
+from carbond.commands.report.model import PageInfo, Report, ReportRow
+from carbond.commands.report.render import render
 from carbond.ledger.ledger import Ledger, Usage
 from carbond.ledger.periods import SECONDS_PER_HOUR
 from carbond.types import Consumer
