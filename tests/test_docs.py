@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from carbond.config import key_paths
-from carbond.exporter.app import snapshot_families
+from carbond.exporter.collectors import snapshot_families
 from tests.snapshots import make_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent

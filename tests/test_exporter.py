@@ -18,7 +18,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from carbond.exporter.app import budgets_document, consumers_document
+from carbond.exporter.documents import budgets_document, consumers_document
 from carbond.exporter.series import SeriesSample
 from carbond.exporter.snapshot import BudgetSample
 from carbond.types import Consumer, name_text

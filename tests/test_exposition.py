@@ -22,9 +22,10 @@ from prometheus_client.exposition import generate_latest as generate_text
 from prometheus_client.metrics_core import METRIC_TYPES
 from prometheus_client.samples import Exemplar, Sample, Timestamp
 
-from carbond import exporter
 from carbond.carbon.intensity import Intensity
-from carbond.exporter.app import MetricsApp, snapshot_families
+from carbond.exporter import app as exporter
+from carbond.exporter.app import MetricsApp
+from carbond.exporter.collectors import snapshot_families
 from carbond.exporter.exposition import (
     ALLOW_UTF8,
     DOTS,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from carbond.exporter.app import SnapshotCollector
+from carbond.exporter.collectors import SnapshotCollectors
 from carbond.exporter.series import SeriesSample
 from carbond.types import Consumer, name_text
 from carbond.workloads.naming import CgroupNamer
@@ -68,7 +68,7 @@ def test_any_bytes_as_cgroup_path_or_comm_give_a_parsable_exposition(parts, comm
         make_snapshot(), consumers=tuple(SeriesSample(c, "cpu", 1.0, 0.5) for c in consumers),
         consumer_grams_total=tuple((c, 0.1) for c in consumers))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: snap))
+    registry.register(SnapshotCollectors(snap))
     text = generate_latest(registry).decode("utf-8")
     names = {s.labels["consumer"] for f in text_string_to_metric_families(text)
              for s in f.samples if "consumer" in s.labels}
