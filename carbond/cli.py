@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from carbond import __version__, config, report, top
+from carbond import __version__, config, reload, report, top
 from carbond.builders import build_daemon, build_feed, build_meters, reconfigure
 from carbond.carbon import (
     ForecastUnsupported,
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     live.set_defaults(**{flag.lstrip("-").replace("-", "_").replace(".", "_"): None
                          for flag in config.FLAG_KEYS if flag not in ("--listen", "--interval")})
     _add_exec_parser(commands)
+    reload.add_parser(commands, _add_shared_flags)
     return parser
 
 
@@ -309,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_exec(cfg, args)
         if args.command == "top":
             return cmd_top(cfg, args.once)
+        if args.command == "reload":
+            return reload.run_reload(cfg, args.pid)
         return cmd_check(cfg)
     except ConfigError as exc:
         print(f"carbond: error: {exc}", file=sys.stderr)

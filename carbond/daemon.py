@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
+from carbond.applied import record_applied, record_refused
 from carbond.attribution import (
     MODEL_SOURCE,
     Attribution,
@@ -387,11 +388,14 @@ class Daemon:
             new = reconfigure()
         except ConfigError as exc:
             log.error("configuration not reloaded, the old one stays in force: %s", exc)
+            record_refused(self.config.state_dir, str(exc))
             return
-        except Exception:
+        except Exception as exc:
             log.exception("configuration not reloaded, the old one stays in force")
+            record_refused(self.config.state_dir, f"{type(exc).__name__}: {exc}")
             return
         self.apply(new)
+        record_applied(self.config.state_dir, new.config.source_sha256)
 
     def apply(self, new: Reconfiguration) -> None:
         """Take a reloaded configuration: meters, rules, providers, budgets, attribution and
@@ -464,6 +468,7 @@ class Daemon:
         persister.start()
         if self.ledger is not None:
             self.ledger.start(self.config.ledger_flush_seconds)
+        record_applied(self.config.state_dir, self.config.source_sha256)
         notify(f"READY=1\nSTATUS={status_line(self._snapshot)}")
         while not stop.wait(max(0.0, deadline - self._clock())):
             if reload is not None and reload.is_set() and reconfigure is not None:
