@@ -71,6 +71,23 @@ fi
 # Shared objects of binary wheels: debug symbols out (lintian: unstripped-binary-or-object).
 find "$venv" -name '*.so' -type f -exec strip --strip-unneeded --remove-section=.comment \
     --remove-section=.note {} +
+# pip's RECORD of each distribution: the hashes of the files as they now are (the scripts'
+# shebangs and the stripped shared objects changed after pip wrote it).
+"$python" - "$venv" <<'PY'
+import base64, csv, hashlib, io, sys
+from pathlib import Path
+for record in Path(sys.argv[1]).glob("lib/python*/site-packages/*.dist-info/RECORD"):
+    rows = list(csv.reader(io.StringIO(record.read_text())))
+    for row in rows:
+        path = (record.parent.parent / row[0]).resolve() if row else None
+        if path and row[1]:
+            data = path.read_bytes()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            row[1:3] = [f"sha256={digest.decode()}", str(len(data))]
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    record.write_text(out.getvalue())
+PY
 
 debian=$root/deploy/debian
 install -d "$stage/lib/systemd/system" "$stage/etc/carbond" "$stage/usr/bin" \

@@ -6,6 +6,8 @@ as dpkg and lintian read it, and its venv is run from /opt/carbond in a private 
 
 from __future__ import annotations
 
+import base64
+import csv
 import hashlib
 import importlib.metadata
 import os
@@ -148,3 +150,20 @@ def test_a_version_suffix_makes_a_newer_build_of_the_same_files(carbond_deb,
     assert carbond_deb_newer.version == f"{carbond_deb.version}+test2"
     assert version_greater(carbond_deb_newer.version, carbond_deb.version)
     assert set(contents(carbond_deb_newer.path)) == set(contents(carbond_deb.path))
+
+
+def test_every_installed_distribution_record_matches_its_files(carbond_deb, tmp_path):
+    """pip's RECORD of each distribution, scripts included after their shebangs were pointed
+    at /opt/carbond: what `pip check`-style tools and a second build compare against."""
+    tree = extracted(carbond_deb, tmp_path / "deb")
+    site = tree / SITE.lstrip("/")
+    records = sorted(site.glob("*.dist-info/RECORD"))
+    assert len(records) >= 1 + len(requirement_names())
+    for record in records:
+        for row in csv.reader(record.read_text().splitlines()):
+            if not row[1]:
+                continue  # RECORD itself, and bytecode pip would have written
+            path = (site / row[0]).resolve()
+            data = path.read_bytes()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            assert (row[1], row[2]) == (f"sha256={digest.decode()}", str(len(data))), row[0]
