@@ -247,21 +247,18 @@ class Container:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
-    def run(self, command: Sequence[str], *, check: bool = True, timeout: float = 120,
-            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(self, command: Sequence[str], *, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """`command` inside the container, as its root, with a clean environment."""
         assert self.leader is not None
         done = subprocess.run(
             ["nsenter", f"--target={self.leader}", "--all", "--root", "--wd", "env", "-i",
              *(f"{k}={v}" for k, v in CONTAINER_ENV.items()), *command],
-            capture_output=True, text=True, timeout=timeout, input=input_text)
+            capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(command)} exited {done.returncode}:\n"
                                  f"{done.stdout}\n{done.stderr}")
         return done
-
-    def sh(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return self.run(["sh", "-ec", script], **kwargs)  # type: ignore[arg-type]
 
     def stop(self) -> None:
         """Power off (SIGTERM to nspawn is a clean shutdown); kill what is left; remove the

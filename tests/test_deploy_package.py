@@ -30,6 +30,7 @@ from tests.deb_helpers import Deb
 from tests.helpers import Samples, select, total
 from tests.nspawn import (
     Container,
+    Mirror,
     apt_mirror,
     booted,
     cached_root,
@@ -62,7 +63,7 @@ def scraped(box: Container) -> Samples | None:
         return None  # not serving (yet)
 
 
-def until(check: Callable[[], object], what: str, timeout: float = 60.0) -> object:
+def until(check: Callable[[], Samples | None], what: str, timeout: float = 60.0) -> Samples:
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -74,9 +75,13 @@ def until(check: Callable[[], object], what: str, timeout: float = 60.0) -> obje
 
 def next_tick(box: Container, after: Samples | None = None) -> Samples:
     """A scrape taken after at least one tick that started after this call."""
-    start = total(after or until(lambda: scraped(box), "/metrics"), TICKS)  # type: ignore[arg-type]
-    return until(lambda: (s := scraped(box)) and total(s, TICKS) >= start + 2 and s,
-                 "two more ticks")  # type: ignore[return-value]
+    start = total(after or until(lambda: scraped(box), "/metrics"), TICKS)
+
+    def later() -> Samples | None:
+        samples = scraped(box)
+        return samples if samples and total(samples, TICKS) >= start + 2 else None
+
+    return until(later, "two more ticks")
 
 
 def show(box: Container, prop: str) -> str:
@@ -98,15 +103,22 @@ def assert_continued(before: Samples, after: Samples, what: str) -> None:
         before, "carbond_host_energy_joules_total") > 0
 
 
-def test_the_package_lives_its_whole_life_under_a_real_systemd(
-        tmp_path: Path, carbond_deb: Deb, carbond_deb_newer: Deb) -> None:
+@pytest.fixture
+def mirror() -> Mirror:
+    """This host's Debian mirror, or a skip (one line) where no container can be booted;
+    requested before the builds, so a machine that cannot boot one does not build either."""
     why = cannot_run_containers()
     if why:
         pytest.skip(why)
     suite = os_release()["VERSION_CODENAME"]
-    mirror = apt_mirror(suite)
-    if mirror is None:
+    found = apt_mirror(suite)
+    if found is None:
         pytest.skip(f"no apt source for {suite} main in /etc/apt to debootstrap from")
+    return found
+
+
+def test_the_package_lives_its_whole_life_under_a_real_systemd(
+        mirror: Mirror, tmp_path: Path, carbond_deb: Deb, carbond_deb_newer: Deb) -> None:
     arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
                           check=True).stdout.strip()
     timings = {"build .deb": carbond_deb.build_seconds,
@@ -240,3 +252,27 @@ def stop_seconds(box: Container) -> float:
     exited = int(show(box, "ActiveExitTimestampMonotonic"))
     inactive = int(show(box, "InactiveEnterTimestampMonotonic"))
     return (inactive - exited) / 1e6
+
+
+def test_the_mirror_is_read_from_apts_own_sources(tmp_path: Path) -> None:
+    """deb822 `.sources` and one-line `.list` files, comments, deb-src and other suites
+    skipped; a keyring named by Signed-By is passed on only when it exists."""
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    keyring = tmp_path / "archive.gpg"
+    keyring.write_bytes(b"")
+    (apt / "sources.list").write_text(
+        "# deb http://commented.example/debian bookworm main\n"
+        "deb-src http://src.example/debian bookworm main\n"
+        "deb http://other.example/debian trixie main\n")
+    (apt / "sources.list.d" / "a.sources").write_text(
+        "Types: deb\n# http://snapshot.example/archive\nURIs: http://mirror.example/debian\n"
+        f"Suites: bookworm bookworm-updates\nComponents: main contrib\nSigned-By: {keyring}\n")
+    (apt / "sources.list.d" / "b.list").write_text(
+        "deb [arch=amd64] http://later.example/debian bookworm main\n")
+    assert apt_mirror("bookworm", str(apt)) == Mirror("http://mirror.example/debian", "bookworm",
+                                                      str(keyring))
+    (apt / "sources.list.d" / "a.sources").unlink()
+    assert apt_mirror("bookworm", str(apt)) == Mirror("http://later.example/debian", "bookworm",
+                                                      None)
+    assert apt_mirror("sid", str(apt)) is None
