@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test bench bench-overhead clean install uninstall dashboards
+.PHONY: run test bench bench-overhead clean install uninstall dashboards deb
 
 $(BIN)/carbond: pyproject.toml
 	scripts/setup-venv.sh $(PYTHON) $(VENV)
@@ -27,7 +27,7 @@ bench-overhead: $(BIN)/carbond
 	$(BIN)/python benchmarks/overhead.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
 
 # ---- install (README "Install") -------------------------------------------------------------
 # carbond in its own virtual environment under PREFIX, the systemd unit, and a commented sample
@@ -79,3 +79,10 @@ uninstall:
 # deploy/grafana/*.json from deploy/grafana/dashboards.py (tests check they are in step).
 dashboards: $(BIN)/carbond
 	$(BIN)/python deploy/grafana/dashboards.py
+
+# dist/carbond_<version>_<arch>.deb: carbond and every dependency in a venv under /opt/carbond
+# on Debian's python3, the unit, the sample configuration as a conffile (docs/deploy.md,
+# "Debian package"). Needs dpkg-dev and python3-venv; fetches the wheels, so PyPI, at build
+# time only. VERSION_SUFFIX=+test2 makes a newer build of the same code; DEB_VERSION sets all.
+deb:
+	VERSION_SUFFIX="$(VERSION_SUFFIX)" DEB_VERSION="$(DEB_VERSION)" scripts/build-deb.sh

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from carbond import __version__, config
-from carbond.commands import check, intensity, report, run, top
+from carbond.commands import check, intensity, reload, report, run, top
 from carbond.commands import exec as execute
 from carbond.types import ConfigError
 from carbond.web.client import FLAG as CLIENT_FLAG
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         client.add_argument(CLIENT_FLAG, metavar="PATH", default=None, dest="http_config_file",
                             help="TLS and basic auth towards the daemon or Prometheus "
                             "(Prometheus http_config format: tls_config, basic_auth)")
+    reload.add_parser(commands, _add_shared_flags)
     return parser
 
 
@@ -134,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check.main(cfg)
         if args.command == "intensity":
             return intensity.main(cfg, args)
+        if args.command == "reload":
+            return reload.run_reload(cfg, args.pid)
         client = _client_config(args, cfg)
         if args.command == "report":
             return report.main(cfg, args, client)

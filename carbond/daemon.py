@@ -28,6 +28,7 @@ from carbond.ledger.budgets import BudgetTracker
 from carbond.ledger.ledger import Ledger
 from carbond.meters.base import Meter
 from carbond.pipeline.tick import Measurement, Pipeline
+from carbond.runtime.applied import record_applied, record_refused
 from carbond.runtime.systemd import notify, watchdog_seconds
 from carbond.types import ConfigError, TickRecord
 from carbond.workloads.gpu import GpuUsageTracker
@@ -186,11 +187,14 @@ class Daemon:
             new = reconfigure()
         except ConfigError as exc:
             log.error("configuration not reloaded, the old one stays in force: %s", exc)
+            record_refused(self.config.state_dir, str(exc))
             return
-        except Exception:
+        except Exception as exc:
             log.exception("configuration not reloaded, the old one stays in force")
+            record_refused(self.config.state_dir, f"{type(exc).__name__}: {exc}")
             return
         self.apply(new)
+        record_applied(self.config.state_dir, new.config.source_sha256)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -212,6 +216,7 @@ class Daemon:
                         "raise WatchdogSec= or the daemon is restarted between ticks",
                         interval, watchdog)
         deadline = self._clock() + interval
+        record_applied(self.config.state_dir, self.config.source_sha256)
         notify(f"READY=1\nSTATUS={status_line(self.latest())}")
         while not stop.wait(max(0.0, deadline - self._clock())):
             if reload is not None and reload.is_set() and reconfigure is not None:

@@ -3,8 +3,11 @@
 # benchmark spinner), setpriv (drops capabilities to test permission errors as root), prometheus
 # (the real server that `carbond report --prometheus` and the exporter are tested against),
 # openssl (self-signed certificates for the TLS tests), chromium (opens `report --format html`
-# headless over the DevTools protocol), tmux (a real terminal for `carbond top`). Installed with
-# apt-get when missing.
+# headless over the DevTools protocol), tmux (a real terminal for `carbond top`); for the
+# package (issue 23): dpkg-dev (dpkg-shlibdeps), python3-venv (the .deb's venv on Debian's
+# python3), lintian, debootstrap and systemd-container (systemd-nspawn boots the package under a
+# real systemd), victoria-metrics (the remote_write fleet test). Installed with apt-get when
+# missing.
 set -euo pipefail
 missing=()
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
@@ -16,6 +19,12 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v make >/dev/null || missing+=(make)
 command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
 command -v tmux >/dev/null || missing+=(tmux)
+command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
+/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v lintian >/dev/null || missing+=(lintian)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
+command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test-deps: need ${missing[*]}; run as root or install them" >&2
@@ -26,7 +35,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     # own service is stopped and disabled below so it does not hold port 9090.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null
-    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
-        systemctl disable --now prometheus >/dev/null 2>&1 || true
-    fi
+    # The same for VictoriaMetrics (port 8428): the test runs its own on a free port.
+    for service in prometheus victoria-metrics; do
+        if [[ " ${missing[*]} " == *" $service "* ]] && command -v systemctl >/dev/null; then
+            systemctl disable --now "$service" >/dev/null 2>&1 || true
+        fi
+    done
 fi

@@ -9,6 +9,7 @@ import pytest
 
 from tests.burners import Burners
 from tests.cgroup_helpers import TestTree, available
+from tests.deb_helpers import Deb, build, cannot_build
 from tests.fakes.nvml import build_fake
 
 
@@ -39,3 +40,19 @@ def fake_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fake_lib_no_v3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same library without the _v3 process queries, as older drivers ship it."""
     return build_fake(tmp_path_factory.mktemp("nvml-fake-nov3"), no_v3=True)
+
+
+@pytest.fixture(scope="session")
+def carbond_deb(tmp_path_factory: pytest.TempPathFactory) -> Deb:
+    """`make deb` once per run (scripts/build-deb.sh; the wheels from PyPI)."""
+    why = cannot_build()
+    if why:
+        pytest.skip(why)
+    return build(tmp_path_factory.mktemp("deb"), tmp_path_factory.mktemp("deb-work"))
+
+
+@pytest.fixture(scope="session")
+def carbond_deb_newer(tmp_path_factory: pytest.TempPathFactory, carbond_deb: Deb) -> Deb:
+    """A newer build of the same code (`make deb VERSION_SUFFIX=+test2`), to upgrade to."""
+    return build(tmp_path_factory.mktemp("deb-newer"), tmp_path_factory.mktemp("deb-work"),
+                 suffix="+test2")

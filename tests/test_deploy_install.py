@@ -130,13 +130,13 @@ def tree_keys(tree: dict[str, Any], schema: dict[str, Any], prefix: str = "") ->
 def test_sample_config_is_inert_as_installed_and_lists_every_key_with_its_default(tmp_path):
     # As installed, every setting is a comment: the file is the built-in defaults.
     as_installed = config.load(str(SAMPLE), {})
-    assert dataclasses.replace(as_installed, source=None) == config.Config()
+    assert dataclasses.replace(as_installed, source=None, source_sha256=None) == config.Config()
 
     # Uncommented, it is still exactly the defaults, and it names every key carbond has.
     on = tmp_path / "carbond.yaml"
     on.write_text(uncomment(SAMPLE.read_text()))
     loaded = config.load(str(on), {})
-    assert dataclasses.replace(loaded, source=None) == config.Config()
+    assert dataclasses.replace(loaded, source=None, source_sha256=None) == config.Config()
     tree = yaml.safe_load(on.read_text())
     assert tree_keys(tree, config.SCHEMA) == schema_keys(config.SCHEMA)
 

@@ -279,7 +279,9 @@ def test_unit_has_what_the_issue_asks_for():
     assert "PrivateDevices" not in s
     assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_DAC_READ_SEARCH"]
     assert s["ExecStart"][0].startswith("/opt/carbond/bin/carbond run")
-    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # carbond reloads on SIGHUP
+    # Validates, signals, and waits until the file is in force (tests/test_reload.py).
+    assert s["ExecReload"] == [
+        "/opt/carbond/bin/carbond reload --pid $MAINPID --config /etc/carbond/carbond.yaml"]
 
 
 # /proc/devices (character part) of an H100 with driver 580 (open kernel module), and of an

@@ -16,7 +16,8 @@ from carbond.config.schema import (
     fields_on_reload,
     key_paths,
     load,
-    read_file,
+    parse_file,
+    read_bytes,
 )
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "fields_on_reload",
     "key_paths",
     "load",
-    "read_file",
+    "parse_file",
+    "read_bytes",
 ]

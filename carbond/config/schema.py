@@ -7,6 +7,7 @@ so a config file written today keeps working when they land.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -425,6 +426,8 @@ class Config:
     budgets_timezone: str = "UTC"
     budgets: tuple[Budget, ...] = field(default=())
     source: str | None = None  # the file read, for `carbond check`
+    # sha256 of the file's bytes as parsed: what `carbond reload` waits to see in force.
+    source_sha256: str | None = None
 
 
 _ABSENT = object()
@@ -438,7 +441,7 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _build(tree: Mapping[str, Any], source: str | None) -> Config:
+def _build(tree: Mapping[str, Any], source: str | None, digest: str | None = None) -> Config:
     """A validated tree to a Config: each key present sets its field(s), the rest keep the
     dataclass defaults."""
     values: dict[str, Any] = {}
@@ -447,7 +450,7 @@ def _build(tree: Mapping[str, Any], source: str | None) -> Config:
         if value is not _ABSENT:
             values.update(zip(key.fields, value if len(key.fields) > 1 else (value,),
                               strict=True))
-    config = Config(**values, source=source)
+    config = Config(**values, source=source, source_sha256=digest)
     if config.model_cpu_watts_max < config.model_cpu_watts_min:
         raise ConfigError(
             "meters.model.cpu_watts_max",
@@ -457,13 +460,19 @@ def _build(tree: Mapping[str, Any], source: str | None) -> Config:
     return config
 
 
-def read_file(path: str) -> dict[str, Any]:
-    """Parse and validate one YAML file; errors name the file (and line for bad YAML)."""
+def read_bytes(path: str) -> bytes:
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        with open(path, "rb") as handle:
+            return handle.read()
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+
+
+def parse_file(path: str, data: bytes) -> dict[str, Any]:
+    """Parse and validate one YAML file, read once (its digest is that of the bytes
+    validated); errors name the file (and line for bad YAML)."""
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError("--config", f"{path} is not UTF-8 text (byte {exc.start})") from None
     try:
@@ -497,8 +506,9 @@ def load(config_path: str | None, flags: Mapping[str, Any]) -> Config:
     source = config_path
     if source is None and os.path.exists(DEFAULT_CONFIG_PATH):
         source = DEFAULT_CONFIG_PATH
-    tree = read_file(source) if source else {}
+    data = read_bytes(source) if source else b""
+    tree = parse_file(source, data) if source else {}
     for flag, value in flags.items():
         if value is not None:
             _set(tree, FLAG_KEYS[flag], _validate_flag(flag, value))
-    return _build(tree, source)
+    return _build(tree, source, hashlib.sha256(data).hexdigest() if source else None)
