@@ -164,13 +164,14 @@ KILL_CHILD = textwrap.dedent("""
     import sys
     import time
     from carbond.ledger.ledger import Ledger
+    from carbond.types import DeviceDelta, TickRecord
     ledger = Ledger.open(sys.argv[1])
     every = int(sys.argv[2])
     n = 0
     while True:
-        ledger.record(tick_record(time.time(), 1.0, {("unit", "a.service"): {"cpu": 1.0}},
-                      {("unit", "a.service"): 0.001}, {}, {("cpu", "package-0", "rapl"): 1.0},
-                      300.0, "static"))
+        ledger.record(TickRecord(time.time(), 1.0, {("unit", "a.service"): {"cpu": 1.0}},
+                      {("unit", "a.service"): 0.001}, {},
+                      (DeviceDelta("cpu", "package-0", "rapl", 1.0),), 300.0, "static"))
         n += 1
         if n % every == 0:
             ledger.flush()
