@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
+from carbond import strict_yaml
 from carbond.carbon.providers import PROVIDER_OPTIONS, provider_specs_from_config
 from carbond.carbon.zone import validate_zone
-from carbond.errors import ConfigError, did_you_mean
+from carbond.errors import ConfigError, did_you_mean, shown
 from carbond.periods import PERIODS, get_zone
 from carbond.units import parse_grams, parse_seconds
 from carbond.workloads.naming import Rule, compile_rules
@@ -56,10 +57,10 @@ def _long_duration(value: Any, key: str) -> float:
         if match and unit in ("w", "y"):
             number = float(match.group(1))
             if number <= 0:
-                raise ConfigError(key, f"must be positive, got {value!r}")
+                raise ConfigError(key, f"must be positive, got {shown(value)}")
             return number * _LONG_UNITS_SECONDS[unit]
         if match and unit and unit not in _LONG_UNITS_SECONDS:
-            raise ConfigError(key, f"unknown unit {unit!r} in {value!r}; use one of "
+            raise ConfigError(key, f"unknown unit {shown(unit)} in {shown(value)}; use one of "
                               f"{', '.join(_LONG_UNITS_SECONDS)}")
     return _duration(value, key)
 
@@ -105,12 +106,12 @@ def _number(minimum: float, *, inclusive: bool = True) -> Validator:
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(key, f"expected a number, got {value!r}") from None
+                raise ConfigError(key, f"expected a number, got {shown(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {_show(value)}")
         if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
             bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-            raise ConfigError(key, f"must be {bound}, got {value!r}")
+            raise ConfigError(key, f"must be {bound}, got {shown(value)}")
         return float(value)
 
     return check
@@ -152,7 +153,7 @@ def _listen(value: Any, key: str) -> tuple[str, int]:
     text = _string(value, key)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
+        raise ConfigError(key, f"expected HOST:PORT, got {shown(text)}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -181,7 +182,8 @@ def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
             if required not in entry:
                 raise ConfigError(f"{key}[{index}].{required}", "is required")
         if entry["name"] in names:  # the `budget` label must identify one budget
-            raise ConfigError(f"{key}[{index}].name", f"duplicate budget name {entry['name']!r}")
+            raise ConfigError(f"{key}[{index}].name",
+                              f"duplicate budget name {shown(entry['name'])}")
         names.add(entry["name"])
         budgets.append(
             Budget(entry["name"], entry.get("match", {}), entry.get("period", "month"),
@@ -193,7 +195,7 @@ def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
 def _check_match(match: dict[str, str], key: str) -> None:
     if "project" in match and match.get("kind", "project") != "project":
         raise ConfigError(f"{key}.project",
-                          f"matches consumers of kind project, not kind {match['kind']!r}")
+                          f"matches consumers of kind project, not kind {shown(match['kind'])}")
 
 
 def _ledger(value: Any, key: str) -> tuple[float, float]:
@@ -219,7 +221,7 @@ def _embodied(value: Any, key: str) -> tuple[float, float]:
 
 
 def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing"
+    return f"{type(value).__name__} {shown(value)}" if value is not None else "nothing"
 
 
 def _list(value: Any, key: str) -> list[Any]:
@@ -229,7 +231,7 @@ def _list(value: Any, key: str) -> list[Any]:
 
 
 def _unknown(name: str, known: Mapping[str, Any], what: str = "key") -> str:
-    return f"unknown {what} {name!r}{did_you_mean(name, known)}"
+    return f"unknown {what} {shown(name)}{did_you_mean(name, known)}"
 
 
 def _section(value: Any, key: str, schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -453,7 +455,9 @@ def read_file(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError("--config", f"{path} is not UTF-8 text (byte {exc.start})") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = strict_yaml.load(text)
+    except strict_yaml.StrictYamlError as exc:
+        raise ConfigError("--config", f"{path}:{exc.line}: {exc.problem}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

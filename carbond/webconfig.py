@@ -35,7 +35,8 @@ from typing import Any
 import bcrypt
 import yaml
 
-from carbond.errors import ConfigError
+from carbond import strict_yaml
+from carbond.errors import ConfigError, cut, shown
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def _tls_version(value: Any, path: str, key: str, default: ssl.TLSVersion) -> ss
     if not text:
         return default
     if text not in TLS_VERSIONS:
-        raise _fail(path, f"{key}: expected one of {', '.join(TLS_VERSIONS)}, got {text!r}")
+        raise _fail(path, f"{key}: expected one of {', '.join(TLS_VERSIONS)}, got {shown(text)}")
     return TLS_VERSIONS[text]
 
 
@@ -151,7 +152,7 @@ def _tls(section: Mapping[str, Any], directory: str, path: str) -> tuple[
                     "certificate) is not supported by carbond; use VerifyClientCertIfGiven or "
                     "RequireAndVerifyClientCert with client_ca_file")
     if client_auth not in CLIENT_AUTH:
-        raise _fail(path, f"client_auth_type: unknown value {client_auth!r}")
+        raise _fail(path, f"client_auth_type: unknown value {shown(client_auth)}")
     verify = CLIENT_AUTH[client_auth]
     if client_ca and verify == ssl.CERT_NONE:
         raise _fail(path, "client_ca_file is set but client_auth_type does not ask for "
@@ -201,10 +202,10 @@ def _headers(section: Mapping[str, Any], path: str) -> tuple[tuple[str, str], ..
     for name, value in headers.items():
         allowed = {h.lower(): h for h in ALLOWED_HEADERS}
         if not isinstance(name, str) or name.lower() not in allowed:
-            raise _fail(path, f"http_server_config.headers: {name!r} may not be set "
+            raise _fail(path, f"http_server_config.headers: {shown(name)} may not be set "
                         f"(allowed: {', '.join(ALLOWED_HEADERS)})")
         if not isinstance(value, str) or not value.isprintable() or not value.isascii():
-            raise _fail(path, f"http_server_config.headers.{name}: expected printable text")
+            raise _fail(path, f"http_server_config.headers.{cut(name)}: expected printable text")
         result.append((allowed[name.lower()], value))
     return tuple(result)
 
@@ -213,9 +214,9 @@ def _users(section: Mapping[str, Any], path: str) -> dict[str, bytes]:
     users = {}
     for user, hashed in section.items():
         if not isinstance(user, str) or not user or ":" in user:
-            raise _fail(path, f"basic_auth_users: bad user name {user!r}")
+            raise _fail(path, f"basic_auth_users: bad user name {shown(user)}")
         if not isinstance(hashed, str) or not BCRYPT_HASH.match(hashed):
-            raise _fail(path, f"basic_auth_users.{user}: expected a bcrypt hash "
+            raise _fail(path, f"basic_auth_users.{cut(user)}: expected a bcrypt hash "
                         "(htpasswd -nBC 10 USER)")
         users[user] = hashed.encode("ascii")
     return users
@@ -231,7 +232,9 @@ def load_web_config(path: str) -> WebConfig:
     except UnicodeDecodeError:
         raise _fail(path, "not UTF-8 text") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = strict_yaml.load(text)
+    except strict_yaml.StrictYamlError as exc:
+        raise ConfigError(FLAG, f"{path}:{exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise _fail(path, f"invalid YAML: {' '.join(str(exc).split())}") from None
     tree = _mapping(tree, path, "the file")
