@@ -32,7 +32,10 @@ def _parse(value: object, units: dict[str, float], default_unit: str, what: str)
         raise ValueError(f"expected a {what}, got {type(value).__name__}")
     if not math.isfinite(number) or number <= 0:
         raise ValueError(f"must be positive, got {shown(value)}")
-    return number * units[unit]
+    scaled = number * units[unit]
+    if not math.isfinite(scaled):  # 1e308t is finite as a number, not as grams
+        raise ValueError(f"too large, got {shown(value)}")
+    return scaled
 
 
 def _example(units: dict[str, float]) -> str:

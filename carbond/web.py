@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import email.utils
 import logging
+import re
 import resource
 import socket
 import ssl
@@ -113,16 +114,15 @@ class _BadRequest(Exception):
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-def parse_head(head: bytes, peer: str = "") -> tuple[Request, int]:
-    """The request line and headers (without the blank line) -> (request, body length).
+# The end of a request header: an empty line, each line ending in LF with an optional CR before
+# it, as Go's net/http reads them (a hand-typed `GET / HTTP/1.1\n\n` is answered).
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
-    Strict where leniency lets requests be smuggled: no folded lines, no space before a
-    colon, one Content-Length, no Transfer-Encoding.
-    """
-    text = head.decode("latin-1")
-    lines = text.split("\n")
-    request_line = lines[0].removesuffix("\r")
-    parts = request_line.split(" ")
+
+def request_line(line: str) -> tuple[str, str, str]:
+    """(method, target, version) of a request line without its line end; _BadRequest when it
+    is not one, so a bad line (HTTP/0.9's `GET /`) is answered as soon as it is complete."""
+    parts = line.split(" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise _BadRequest(400, "malformed request line")
     method, target, version = parts
@@ -132,6 +132,18 @@ def parse_head(head: bytes, peer: str = "") -> tuple[Request, int]:
         if version.startswith("HTTP/"):
             raise _BadRequest(505, "HTTP version not supported")
         raise _BadRequest(400, "malformed version")
+    return method, target, version
+
+
+def parse_head(head: bytes, peer: str = "") -> tuple[Request, int]:
+    """The request line and headers (without the blank line) -> (request, body length).
+
+    Strict where leniency lets requests be smuggled: no folded lines, no space before a
+    colon, one Content-Length, no Transfer-Encoding.
+    """
+    text = head.decode("latin-1")
+    lines = text.split("\n")
+    method, target, version = request_line(lines[0].removesuffix("\r"))
     headers: dict[str, str] = {}
     for raw in lines[1:]:
         line = raw.removesuffix("\r")
@@ -351,11 +363,20 @@ class _Connection(asyncio.Protocol):
     def _next_request(self) -> None:
         if self._busy or self._closed or not self._ready or not self._buffer:
             return
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
+        found = _HEAD_END.search(self._buffer, 0, MAX_HEADER_BYTES + 4)
+        if found is None:
+            line_end = self._buffer.find(b"\n", 0, MAX_HEADER_BYTES)
+            if line_end >= 0:  # the request line is complete: refuse a bad one at once
+                try:
+                    request_line(bytes(self._buffer[:line_end]).decode("latin-1")
+                                 .removesuffix("\r"))
+                except _BadRequest as exc:
+                    self._reply_error(exc.status, str(exc))
+                    return
             if len(self._buffer) > MAX_HEADER_BYTES:
                 self._reply_error(431, "request header too large")
             return
+        end = found.start()
         if end > MAX_HEADER_BYTES:
             self._reply_error(431, "request header too large")
             return
@@ -364,7 +385,7 @@ class _Connection(asyncio.Protocol):
         except _BadRequest as exc:
             self._reply_error(exc.status, str(exc))
             return
-        needed = end + 4 + body_bytes
+        needed = found.end() + body_bytes
         if len(self._buffer) < needed:
             return  # the (ignored) body is still coming, under the header deadline
         del self._buffer[:needed]

@@ -46,11 +46,13 @@ FLAG = "--web.config.file"
 DUMMY_HASH = b"$2b$10$hS5wN08uJ5Lv15AuLpHm6.nQaYItf76vKumb1pgbWtkCqJmguFJxy"
 BCRYPT_HASH = re.compile(r"^\$2[abxy]?\$\d\d\$[./A-Za-z0-9]{53}$")
 TLS_VERSIONS = {
-    "TLS10": ssl.TLSVersion.TLSv1,
-    "TLS11": ssl.TLSVersion.TLSv1_1,
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
+# exporter-toolkit accepts these; OpenSSL 3 here completes no TLS 1.0/1.1 handshake unless the
+# security level drops to 0, which would allow weak ciphers on every connection. Refused at
+# load, so a config never promises a version that is not served.
+REFUSED_TLS_VERSIONS = ("TLS10", "TLS11")
 CLIENT_AUTH = {
     "": ssl.CERT_NONE,
     "NoClientCert": ssl.CERT_NONE,
@@ -127,6 +129,10 @@ def _tls_version(value: Any, path: str, key: str, default: ssl.TLSVersion) -> ss
     text = _string(value, path, key)
     if not text:
         return default
+    if text in REFUSED_TLS_VERSIONS:
+        raise _fail(path, f"{key}: {text} is not supported by carbond (TLS 1.0 and 1.1 are "
+                    "deprecated, RFC 8996, and OpenSSL refuses them at its default security "
+                    "level); use TLS12 or TLS13")
     if text not in TLS_VERSIONS:
         raise _fail(path, f"{key}: expected one of {', '.join(TLS_VERSIONS)}, got {shown(text)}")
     return TLS_VERSIONS[text]
