@@ -6,7 +6,8 @@ traceback for every client that hangs up early. Here one asyncio thread accepts 
 requests, so an open connection costs a few hundred bytes, not a thread; every connection has a
 deadline for its request header, for idling between keep-alive requests and for a client that
 stops reading our reply. Complete requests go to a fixed pool of worker threads, which run
-the application (and bcrypt, for basic auth) off the event loop.
+the application off the event loop; basic auth is checked first, on the loop from a cache or
+on its own bounded bcrypt lane (carbond.webauth), so failed logins never hold a worker.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from carbond import __version__
+from carbond.webauth import BasicAuth
 from carbond.webconfig import WebConfig, WebConfigWatcher
 
 log = logging.getLogger(__name__)
@@ -194,6 +196,22 @@ def render_head(response: Response, *, keep_alive: bool, length: int) -> bytes:
 def _error(status: int, text: str = "") -> Response:
     body = (text or HTTPStatus(status).phrase).encode() + b"\n"
     return Response(status, PLAIN, body)
+
+
+def _unauthorized() -> Response:
+    return Response(401, PLAIN, b"Unauthorized\n",
+                    headers=(("WWW-Authenticate", 'Basic realm="carbond"'),))
+
+
+def _busy() -> Response:
+    """Every bcrypt slot is taken by attempts not known good: no hash for this one."""
+    return Response(429, PLAIN, b"Too Many Requests\n", headers=(("Retry-After", "1"),))
+
+
+def _with_headers(response: Response, config: WebConfig | None) -> Response:
+    if config is None or not config.headers:
+        return response
+    return dataclasses.replace(response, headers=response.headers + config.headers)
 
 
 @dataclass
@@ -467,6 +485,7 @@ class HttpServer:
         self.port = int(sock.getsockname()[1])
         self.app = app
         self.web_config = web_config
+        self.auth = BasicAuth()
         self.backlog = backlog
         self.limits = _Limits(
             header_timeout_seconds, idle_timeout_seconds, write_timeout_seconds,
@@ -498,6 +517,7 @@ class HttpServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=1.0)
         self._pool.shutdown(wait=not self._thread.is_alive(), cancel_futures=True)
+        self.auth.close()
         if not self._thread.is_alive() and not self.loop.is_closed():
             self.loop.close()
         self.sock.close()
@@ -553,27 +573,40 @@ class HttpServer:
         task.add_done_callback(self._tasks.discard)
 
     def submit(self, request: Request) -> asyncio.Future[Response]:
-        return self.loop.run_in_executor(self._pool, self._handle, request)
+        """The response to come; basic auth decided here, on the loop, before any worker."""
+        config = self.config_now()
+        if config is None or not config.users:
+            return self.loop.run_in_executor(self._pool, self._handle, request, config)
+        verdict = self.auth.check(config.users, request.header("authorization"))
+        if verdict is True:
+            return self.loop.run_in_executor(self._pool, self._handle, request, config)
+        if verdict is False or verdict is None:
+            answer = self.loop.create_future()
+            answer.set_result(_with_headers(_unauthorized() if verdict is False else _busy(),
+                                            config))
+            return answer
+        task = self.loop.create_task(self._after_check(request, config, verdict))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _after_check(self, request: Request, config: WebConfig,
+                           verdict: concurrent.futures.Future[bool]) -> Response:
+        if not await asyncio.wrap_future(verdict, loop=self.loop):
+            return _with_headers(_unauthorized(), config)
+        return await self.loop.run_in_executor(self._pool, self._handle, request, config)
 
     # -- on a worker -------------------------------------------------------------------------
 
-    def _handle(self, request: Request) -> Response:
+    def _handle(self, request: Request, config: WebConfig | None) -> Response:
         try:
-            config = self.config_now()
-            response = self._answer(request, config)
+            response = self._answer(request)
         except Exception:
             log.exception("%s %s from %s failed", request.method, request.path, request.peer)
             return _error(500)
-        if config is not None and config.headers:
-            response = dataclasses.replace(response, headers=response.headers + config.headers)
-        return response
+        return _with_headers(response, config)
 
-    def _answer(self, request: Request, config: WebConfig | None) -> Response:
-        if config is not None and config.users:
-            assert self.web_config is not None
-            if not self.web_config.authorized(config, request.header("authorization")):
-                return Response(401, PLAIN, b"Unauthorized\n",
-                                headers=(("WWW-Authenticate", 'Basic realm="carbond"'),))
+    def _answer(self, request: Request) -> Response:
         if request.method not in METHODS:
             return Response(405, PLAIN, b"Method Not Allowed\n",
                             headers=(("Allow", ", ".join(METHODS)),))

@@ -6,7 +6,7 @@ The same file an operator already writes for node_exporter works here:
                         client_allowed_sans, min_version, max_version,
                         prefer_server_cipher_suites}
     http_server_config: {http2, headers}
-    basic_auth_users: {USER: BCRYPT_HASH}
+    basic_auth_users: {USER: BCRYPT_HASH}   (checked by carbond.webauth)
 
 Relative paths are relative to the file's directory, as in exporter-toolkit. Settings carbond
 cannot honour (Go cipher-suite and curve names, inline certificates, rate limits) are refused,
@@ -18,21 +18,16 @@ one stays in force.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import logging
 import os
 import re
 import ssl
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import bcrypt
 import yaml
 
 from carbond import strict_yaml
@@ -41,9 +36,6 @@ from carbond.errors import ConfigError, cut, shown
 log = logging.getLogger(__name__)
 
 FLAG = "--web.config.file"
-# exporter-toolkit's answer for an unknown user: check a real hash anyway, so the time taken
-# does not tell which user names exist. Cost 10, like the hashes htpasswd -B makes.
-DUMMY_HASH = b"$2b$10$hS5wN08uJ5Lv15AuLpHm6.nQaYItf76vKumb1pgbWtkCqJmguFJxy"
 BCRYPT_HASH = re.compile(r"^\$2[abxy]?\$\d\d\$[./A-Za-z0-9]{53}$")
 TLS_VERSIONS = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
@@ -69,7 +61,6 @@ TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file",
 REFUSED_TLS_KEYS = {"cipher_suites", "curve_preferences", "cert", "key", "client_ca"}
 TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
 REFUSED_TOP_KEYS = {"rate_limit"}
-AUTH_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -270,20 +261,6 @@ def _fingerprint(files: tuple[str, ...]) -> tuple[tuple[int, int, int] | None, .
     return tuple(result)
 
 
-def basic_credentials(header: str) -> tuple[str, bytes] | None:
-    """(user, password) from an `Authorization: Basic …` value; None when absent or garbled."""
-    scheme, _, encoded = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True)
-        user_bytes, sep, password = decoded.partition(b":")
-        user = user_bytes.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    return (user, password) if sep else None
-
-
 class WebConfigWatcher:
     """The web config now: re-read when the file, or a certificate it names, changes."""
 
@@ -295,8 +272,6 @@ class WebConfigWatcher:
         self._lock = threading.Lock()
         self._config, self._fingerprint = self._load()
         self._checked = clock()
-        self._auth_lock = threading.Lock()
-        self._good: OrderedDict[bytes, None] = OrderedDict()
 
     def current(self) -> WebConfig:
         now = self._clock()
@@ -323,29 +298,3 @@ class WebConfigWatcher:
         config = load_web_config(self.path)
         after = _fingerprint(config.files)
         return config, (after if after[:1] == before else ())
-
-    def authorized(self, config: WebConfig, authorization: str) -> bool:
-        """Basic auth against the bcrypt hashes; a success is remembered (keyed by a digest)
-        so a scrape every few seconds does not pay for bcrypt each time."""
-        credentials = basic_credentials(authorization)
-        if credentials is None:
-            return False
-        user, password = credentials
-        hashed = config.users.get(user)
-        known = hashed is not None
-        checked = hashed if hashed is not None else DUMMY_HASH
-        key = hashlib.sha256(b"\0".join((user.encode(), password, checked))).digest()
-        with self._auth_lock:
-            if key in self._good:
-                self._good.move_to_end(key)
-                return known
-        try:
-            good = bcrypt.checkpw(password, checked)
-        except ValueError:  # e.g. a password over bcrypt's 72 bytes
-            good = False
-        if good and known:
-            with self._auth_lock:
-                self._good[key] = None
-                while len(self._good) > AUTH_CACHE_SIZE:
-                    self._good.popitem(last=False)
-        return good and known
