@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from tests.burners import Burners
 from tests.cgroup_helpers import TestTree, available
 from tests.fakes.nvml import build_fake
+from tests.unprivileged import install_for_others, interpreter_for_others
 
 
 @pytest.fixture(params=["v2", "v1"])
@@ -39,3 +41,17 @@ def fake_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fake_lib_no_v3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same library without the _v3 process queries, as older drivers ship it."""
     return build_fake(tmp_path_factory.mktemp("nvml-fake-nov3"), no_v3=True)
+
+
+@pytest.fixture(scope="session")
+def for_others() -> Iterator[tuple[str, Path]]:
+    """(python, site directory) with which another user (nobody) runs `python -m carbond`
+    with PYTHONPATH=site, also when the clone is in a 0700 directory; removed afterwards."""
+    python = interpreter_for_others()
+    if python is None:
+        pytest.skip("no Python another user can run (none outside 0700 directories)")
+    site = install_for_others()
+    try:
+        yield python, site
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
