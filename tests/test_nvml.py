@@ -234,18 +234,23 @@ def test_lost_gpu_retried_only_every_retry_interval(fake_lib: Path, scenario_pat
 def test_counter_reset_is_not_negative(fake_lib: Path, scenario_path: Path) -> None:
     sc = two_gpus()
     sc.write(scenario_path)
-    with Driver(fake_lib, scenario_path) as drv:
+    # A second passes before each read: 3 J in the fraction of a millisecond a real clock
+    # would show is beyond any GPU (an error sample, tests/test_counter_bounds_nvml.py).
+    with Driver(fake_lib, scenario_path, fake_clock=True) as drv:
         drv.call("read")
         sc.gpu(0).energy_millijoules += 3_000
         sc.write(scenario_path)
+        drv.call("advance", seconds=1)
         assert drv.call("read")["devices"]["gpu-0"] == 3.0
         sc.gpu(0).energy_millijoules = 1_000  # driver reloaded: 1 J since it restarted from 0
         sc.write(scenario_path)
+        drv.call("advance", seconds=1)
         reading = drv.call("read")
         assert reading["devices"]["gpu-0"] == 4.0
         assert reading["resets"] == {"gpu-0": 1} and reading["wraps"] == {}
         sc.gpu(0).energy_millijoules = 1_500
         sc.write(scenario_path)
+        drv.call("advance", seconds=1)
         assert drv.call("read")["devices"]["gpu-0"] == 4.5
 
 
