@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tests.burners import Burners
 from tests.cgroup_helpers import TestTree, available
 from tests.deb_helpers import Deb, build, cannot_build
 from tests.fakes.nvml import build_fake
+from tests.unprivileged import install_for_others, interpreter_for_others
 
 
 @pytest.fixture(params=["v2", "v1"])
@@ -56,3 +58,17 @@ def carbond_deb_newer(tmp_path_factory: pytest.TempPathFactory, carbond_deb: Deb
     """A newer build of the same code (`make deb VERSION_SUFFIX=+test2`), to upgrade to."""
     return build(tmp_path_factory.mktemp("deb-newer"), tmp_path_factory.mktemp("deb-work"),
                  suffix="+test2")
+
+
+@pytest.fixture(scope="session")
+def for_others() -> Iterator[tuple[str, Path]]:
+    """(python, site directory) with which another user (nobody) runs `python -m carbond`
+    with PYTHONPATH=site, also when the clone is in a 0700 directory; removed afterwards."""
+    python = interpreter_for_others()
+    if python is None:
+        pytest.skip("no Python another user can run (none outside 0700 directories)")
+    site = install_for_others()
+    try:
+        yield python, site
+    finally:
+        shutil.rmtree(site, ignore_errors=True)

@@ -39,6 +39,18 @@ class FakeZone:
             value %= self.range_uj + 1
         self.set_uj(value)
 
+    def write_raw(self, text: bytes) -> None:
+        """Exactly these bytes in energy_uj (a driver or firmware gone wrong); the zone's own
+        value is kept, so set_uj/advance_uj go on from it."""
+        target = os.path.join(self.path, "energy_uj")
+        with open(target + ".new", "wb") as handle:
+            handle.write(text)
+        os.replace(target + ".new", target)
+
+    def set_constraint_uw(self, microwatts: int, index: int = 0) -> None:
+        with open(os.path.join(self.path, f"constraint_{index}_max_power_uw"), "w") as handle:
+            handle.write(f"{microwatts}\n")
+
     def make_unreadable(self) -> None:
         """A read fails (EISDIR) even for root, who ignores file modes."""
         os.remove(os.path.join(self.path, "energy_uj"))

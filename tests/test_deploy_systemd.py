@@ -481,11 +481,13 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_as_nobody(caps: list[str], shared: Path, mdwe: bool,
+def run_as_nobody(caps: list[str], shared: Path, mdwe: bool, others: tuple[str, Path],
                   syscalls: list[str] | None = None) -> dict[str, float]:
     """`carbond run` as uid 65534 with only `caps` (bounding, inheritable and ambient, as the
     unit sets them), no new privileges and, given `syscalls`, only those system calls; its
-    rapl meter state and exited-task count."""
+    rapl meter state and exited-task count. `others`: the Python and the copy of carbond
+    that user can read (tests/unprivileged.py), so the clone's place does not matter."""
+    python, site = others
     state = shared / f"state-{'-'.join(caps) or 'none'}"
     state.mkdir()
     os.chown(state, NOBODY, NOBODY)
@@ -497,15 +499,15 @@ def run_as_nobody(caps: list[str], shared: Path, mdwe: bool,
     if caps:
         setpriv.append(f"--ambient-caps={listed}")
     config = shared / "carbond.yaml"
-    env = dict(os.environ)
+    env = {**os.environ, "PYTHONPATH": str(site)}
     if syscalls is not None:
-        setpriv += [sys.executable, "-c", SECCOMP_EXEC]
+        setpriv += [python, "-c", SECCOMP_EXEC]
         env["CARBOND_TEST_SYSCALLS"] = " ".join(syscalls)
     process = subprocess.Popen(
-        [*setpriv, sys.executable, "-m", "carbond", "run", "--config", str(config),
+        [*setpriv, python, "-m", "carbond", "run", "--config", str(config),
          "--listen", f"127.0.0.1:{port}", "--interval", "1s", "--state-dir", str(state),
          "--powercap-root", str(shared / "powercap")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=shared, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=deny_write_execute if mdwe else None)
     try:
         deadline = time.monotonic() + 30
@@ -545,7 +547,7 @@ def run_as_nobody(caps: list[str], shared: Path, mdwe: bool,
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to change user and capabilities")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
-def test_the_units_capabilities_are_needed_and_enough(shared_dir):
+def test_the_units_capabilities_are_needed_and_enough(shared_dir, for_others):
     """As the dynamic user would: RAPL counters readable by root only (0400, as the kernel
     ships them) and taskstats exit records both work with exactly CAP_DAC_READ_SEARCH and
     CAP_NET_ADMIN; without either, its part stops working. The full run also has the unit's
@@ -564,9 +566,9 @@ def test_the_units_capabilities_are_needed_and_enough(shared_dir):
         assert "setuid" not in syscalls and "setrlimit" not in syscalls
         assert "execve" in syscalls and "socket" in syscalls
 
-    full = run_as_nobody(caps, shared_dir, mdwe, syscalls)
+    full = run_as_nobody(caps, shared_dir, mdwe, for_others, syscalls)
     assert full["rapl_up"] == 1 and full["exited"] > 0, full
-    no_dac = run_as_nobody(["net_admin"], shared_dir, mdwe)
+    no_dac = run_as_nobody(["net_admin"], shared_dir, mdwe, for_others)
     assert no_dac["rapl_up"] == 0 and no_dac["exited"] > 0, no_dac
-    no_net = run_as_nobody(["dac_read_search"], shared_dir, mdwe)
+    no_net = run_as_nobody(["dac_read_search"], shared_dir, mdwe, for_others)
     assert no_net["rapl_up"] == 1 and no_net["exited"] == 0, no_net

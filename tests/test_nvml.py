@@ -106,7 +106,9 @@ def test_sm_weights_per_interval_idle_gpu_and_exact_host_energy(
     sc.processes = [FakeProcess(0, a.pid, 1 * GIB), FakeProcess(0, b.pid, 3 * GIB)]
     sc.samples = [*samples_for(0, a.pid, 75, T0_US, 6), *samples_for(0, b.pid, 25, T0_US, 6)]
     sc.write(scenario_path)
-    with Driver(fake_lib, scenario_path) as drv:
+    # A fake clock: 10 s pass between reads, as the samples say (up to 200 W, a power a GPU
+    # can draw; the meter refuses more than its bound in the time, see test_counter_bounds).
+    with Driver(fake_lib, scenario_path, fake_clock=True) as drv:
         assert drv.call("read")["devices"] == {"gpu-0": 0.0, "gpu-1": 0.0}
         drv.call("usage")
         increments = [(1_234_567, 55_555), (2_000_001, 60_001), (987_654, 49_999)]
@@ -117,6 +119,7 @@ def test_sm_weights_per_interval_idle_gpu_and_exact_host_energy(
             sc.samples += [*samples_for(0, a.pid, 75, ts, 30), *samples_for(0, b.pid, 25, ts, 30)]
             ts += 10_000_000
             sc.write(scenario_path)
+            drv.call("advance", seconds=10)
             host = drv.call("read")["devices"]
             usage = drv.call("usage")
             assert usage["gpu-0"]["basis"] == "sm", step
@@ -172,11 +175,12 @@ def test_samples_counted_once_per_interval(fake_lib: Path, scenario_path: Path) 
 def test_gpu_lost_mid_run_and_back(fake_lib: Path, scenario_path: Path) -> None:
     sc = two_gpus()
     sc.write(scenario_path)
-    with Driver(fake_lib, scenario_path, {"retry_interval_s": 0.0}) as drv:
+    with Driver(fake_lib, scenario_path, {"retry_interval_s": 0.0}, fake_clock=True) as drv:
         drv.call("read")
         sc.gpu(0).energy_millijoules += 100_000
         sc.gpu(1).energy_millijoules += 200_000
         sc.write(scenario_path)
+        drv.call("advance", seconds=1)
         assert drv.call("read")["devices"] == {"gpu-0": 100.0, "gpu-1": 200.0}
 
         sc.gpu(1).faults.add("lost")
@@ -184,6 +188,7 @@ def test_gpu_lost_mid_run_and_back(fake_lib: Path, scenario_path: Path) -> None:
             sc.gpu(0).energy_millijoules += 10_000
             sc.gpu(1).energy_millijoules += 50_000_000  # spent while lost: unknown to carbond
             sc.write(scenario_path)
+            drv.call("advance", seconds=1)
             reading = drv.call("read")
             assert reading["devices"] == {"gpu-0": 100.0 + 10.0 * (step + 1)}
             assert reading["errors"] >= 1
@@ -202,6 +207,7 @@ def test_gpu_lost_mid_run_and_back(fake_lib: Path, scenario_path: Path) -> None:
         assert back == {"gpu-0": 130.0, "gpu-1": 200.0}  # continues, no spike
         sc.gpu(1).energy_millijoules += 7_000
         sc.write(scenario_path)
+        drv.call("advance", seconds=1)
         assert drv.call("read")["devices"]["gpu-1"] == pytest.approx(207.0)
         assert drv.call("gpus")[1]["status"] == "ok"
         assert all(ok for _d, _detail, ok in drv.call("report"))
@@ -228,18 +234,23 @@ def test_lost_gpu_retried_only_every_retry_interval(fake_lib: Path, scenario_pat
 def test_counter_reset_is_not_negative(fake_lib: Path, scenario_path: Path) -> None:
     sc = two_gpus()
     sc.write(scenario_path)
-    with Driver(fake_lib, scenario_path) as drv:
+    # A second passes before each read: 3 J in the fraction of a millisecond a real clock
+    # would show is beyond any GPU (an error sample, tests/test_counter_bounds_nvml.py).
+    with Driver(fake_lib, scenario_path, fake_clock=True) as drv:
         drv.call("read")
         sc.gpu(0).energy_millijoules += 3_000
         sc.write(scenario_path)
+        drv.call("advance", seconds=1)
         assert drv.call("read")["devices"]["gpu-0"] == 3.0
         sc.gpu(0).energy_millijoules = 1_000  # driver reloaded: 1 J since it restarted from 0
         sc.write(scenario_path)
+        drv.call("advance", seconds=1)
         reading = drv.call("read")
         assert reading["devices"]["gpu-0"] == 4.0
         assert reading["resets"] == {"gpu-0": 1} and reading["wraps"] == {}
         sc.gpu(0).energy_millijoules = 1_500
         sc.write(scenario_path)
+        drv.call("advance", seconds=1)
         assert drv.call("read")["devices"]["gpu-0"] == 4.5
 
 

@@ -186,7 +186,7 @@ def test_gpu_lost_mid_run_stops_its_series_only_and_check_names_it(
         sc.gpu(1).energy_millijoules += 4_000_000  # spent while lost: never counted
         write_after_tick(daemon, sc, path)
         lost = daemon.wait_ticks(2)
-        sc.gpu(0).energy_millijoules += 5_000_000
+        sc.gpu(0).energy_millijoules += 2_500_000  # in a 1 s tick: within the 5 kW bound
         sc.gpu(1).energy_millijoules += 6_000_000
         write_after_tick(daemon, sc, path)
         later = daemon.wait_ticks(2)
@@ -194,9 +194,9 @@ def test_gpu_lost_mid_run_stops_its_series_only_and_check_names_it(
         assert daemon.process.poll() is None
 
     assert gpu_host(lost, "gpu-1") == gpu_host(healthy, "gpu-1") == gpu_host(later, "gpu-1")
-    assert grew(healthy, later, HOST, device="gpu-0") == pytest.approx(8_000.0, rel=1e-9)
-    assert grew(lost, later, HOST, device="gpu-0") == pytest.approx(5_000.0, rel=1e-9)
-    assert grew(lost, later, CONSUMER, component="gpu") == pytest.approx(5_000.0, rel=1e-9)
+    assert grew(healthy, later, HOST, device="gpu-0") == pytest.approx(5_500.0, rel=1e-9)
+    assert grew(lost, later, HOST, device="gpu-0") == pytest.approx(2_500.0, rel=1e-9)
+    assert grew(lost, later, CONSUMER, component="gpu") == pytest.approx(2_500.0, rel=1e-9)
     assert total(lost, ERRORS, meter="nvml") >= 1
     assert total(later, "carbond_meter_up", meter="nvml") == 1  # gpu-0 still read
     assert len(select(later, "carbond_gpu_info")) == 2  # the lost GPU is still known
@@ -222,15 +222,15 @@ def test_library_without_v3_symbols_still_attributes_per_process(
     run = setup(tmp_path, fake_lib_no_v3, path, host.tree)
     with carbond_run(*run.args, env=run.env) as daemon:
         before = daemon.wait_ticks(1)
-        sc.gpu(0).energy_millijoules += 8_000_000
+        sc.gpu(0).energy_millijoules += 800_000  # in one tick: 8 kJ would be over 5 kW
         write_after_tick(daemon, sc, path)
         after = daemon.wait_ticks(2)
 
     joules_a, joules_b = unit_gpu(before, after, UNITS[0]), unit_gpu(before, after, UNITS[1])
-    assert joules_a == pytest.approx(3_000.0, rel=1e-9)
-    assert joules_b == pytest.approx(1_000.0, rel=1e-9)
+    assert joules_a == pytest.approx(300.0, rel=1e-9)
+    assert joules_b == pytest.approx(100.0, rel=1e-9)
     assert grew(before, after, CONSUMER, component="gpu", consumer=PLAIN, kind="cgroup") == \
-        pytest.approx(4_000.0, rel=1e-9)
+        pytest.approx(400.0, rel=1e-9)
     assert total(after, ERRORS, meter="nvml") == 0
 
 

@@ -21,6 +21,18 @@ class FakeClock:
         return self.now
 
 
+class Ticking:
+    """A second passes between any two looks at the clock: the energies these tests feed are
+    then powers a zone can draw (a real clock makes 7 J in a millisecond, 7 kW, impossible)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
 def devices(meter: RaplMeter) -> dict[str, float]:
     return {d.device: d.joules for d in meter.read().devices}
 
@@ -36,7 +48,7 @@ def test_intel_two_socket_counts_packages_dram_and_psys_once(tmp_path):
 
 def test_dram_takes_its_socket_from_the_parent_package_not_the_index(tmp_path):
     tree = powercap.intel_two_socket(str(tmp_path))
-    meter = RaplMeter(str(tmp_path))
+    meter = RaplMeter(str(tmp_path), clock=Ticking())
     meter.read()
     tree.zones["intel-rapl:0:2"].advance_uj(7_000_000)  # under intel-rapl:0, which is package-1
     assert devices(meter)["dram-1"] == pytest.approx(7.0)
@@ -57,7 +69,7 @@ def test_laptop_has_package_and_psys_and_ignores_mmio(tmp_path):
 
 def test_empty_tree_gives_no_sample_and_says_so(tmp_path):
     powercap.empty(str(tmp_path))
-    meter = RaplMeter(str(tmp_path))
+    meter = RaplMeter(str(tmp_path), clock=Ticking())
     assert meter.read().devices == []
     assert not meter.up()
     assert "no powercap zones" in meter.report()[0].detail
@@ -70,7 +82,7 @@ def test_missing_root_is_not_an_error(tmp_path):
 
 def test_core_uncore_and_mmio_never_add_to_the_package(tmp_path):
     tree = powercap.intel_two_socket(str(tmp_path))
-    meter = RaplMeter(str(tmp_path))
+    meter = RaplMeter(str(tmp_path), clock=Ticking())
     meter.read()
     for zone_id in ("intel-rapl:1:0", "intel-rapl:1:1", "intel-rapl-mmio:0"):
         tree.zones[zone_id].advance_uj(50_000_000)
@@ -81,7 +93,7 @@ def test_core_uncore_and_mmio_never_add_to_the_package(tmp_path):
 def test_wrap_is_taken_modulo_range_plus_one(tmp_path):
     tree = powercap.FakePowercap(str(tmp_path))
     zone = tree.add("intel-rapl:0", "package-0", range_uj=1_000_000, energy_uj=900_000)
-    meter = RaplMeter(str(tmp_path))
+    meter = RaplMeter(str(tmp_path), clock=Ticking())
     meter.read()
     zone.advance_uj(300_000)  # 900000 -> 199999 after passing 1000000
     reading = meter.read()
@@ -92,7 +104,7 @@ def test_wrap_is_taken_modulo_range_plus_one(tmp_path):
 def test_wraps_on_consecutive_ticks(tmp_path):
     tree = powercap.FakePowercap(str(tmp_path))
     zone = tree.add("intel-rapl:0", "package-0", range_uj=999, energy_uj=0)
-    meter = RaplMeter(str(tmp_path))
+    meter = RaplMeter(str(tmp_path), clock=Ticking())
     meter.read()
     total_wraps = 0
     for _ in range(5):
@@ -105,7 +117,7 @@ def test_wraps_on_consecutive_ticks(tmp_path):
 def test_missing_range_treats_decrease_as_reset_without_spike(tmp_path):
     tree = powercap.FakePowercap(str(tmp_path))
     zone = tree.add("intel-rapl:0", "package-0", range_uj=None, energy_uj=5_000_000)
-    meter = RaplMeter(str(tmp_path))
+    meter = RaplMeter(str(tmp_path), clock=Ticking())
     meter.read()
     zone.set_uj(6_000_000)
     assert devices(meter)["package-0"] == pytest.approx(1.0)
@@ -119,7 +131,7 @@ def test_missing_range_treats_decrease_as_reset_without_spike(tmp_path):
 
 def test_unreadable_zone_gives_no_sample_and_counts_an_error(tmp_path):
     tree = powercap.intel_two_socket(str(tmp_path))
-    meter = RaplMeter(str(tmp_path))
+    meter = RaplMeter(str(tmp_path), clock=Ticking())
     meter.read()
     tree.zones["intel-rapl:0"].make_unreadable()
     tree.zones["intel-rapl:1"].advance_uj(2_000_000)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carbond.carbon.static import WORLD, is_valid_zone
-from carbond.types import ConfigError
+from carbond.types import ConfigError, shown
 
 CLOUD_VENDORS = {
     "amazon ec2": "Amazon EC2 (AWS)",
@@ -39,7 +39,7 @@ def validate_zone(zone: object, key: str = "intensity.zone") -> str:
     if not isinstance(zone, str) or not is_valid_zone(zone.strip()):
         raise ConfigError(
             key,
-            f"malformed zone {zone!r}: use an Electricity Maps zone (DE, "
+            f"malformed zone {shown(zone)}: use an Electricity Maps zone (DE, "
             "US-CAL-CISO), an ISO country code, or a cloud region "
             "(aws:eu-west-1, gcp:europe-west4, azure:westeurope)",
         )

@@ -18,6 +18,7 @@ from carbond.config.schema import (
     load,
     parse_file,
     read_bytes,
+    read_file,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "load",
     "parse_file",
     "read_bytes",
+    "read_file",
 ]

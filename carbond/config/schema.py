@@ -19,9 +19,10 @@ import yaml
 
 from carbond.carbon.providers import PROVIDER_OPTIONS, provider_specs_from_config
 from carbond.carbon.zone import validate_zone
+from carbond.config import strict_yaml
 from carbond.config.units import parse_grams, parse_seconds
 from carbond.ledger.periods import PERIODS, get_zone
-from carbond.types import ConfigError, did_you_mean
+from carbond.types import ConfigError, did_you_mean, shown
 from carbond.workloads.naming import Rule, compile_rules
 
 DEFAULT_CONFIG_PATH = "/etc/carbond/carbond.yaml"
@@ -57,10 +58,10 @@ def _long_duration(value: Any, key: str) -> float:
         if match and unit in ("w", "y"):
             number = float(match.group(1))
             if number <= 0:
-                raise ConfigError(key, f"must be positive, got {value!r}")
+                raise ConfigError(key, f"must be positive, got {shown(value)}")
             return number * _LONG_UNITS_SECONDS[unit]
         if match and unit and unit not in _LONG_UNITS_SECONDS:
-            raise ConfigError(key, f"unknown unit {unit!r} in {value!r}; use one of "
+            raise ConfigError(key, f"unknown unit {shown(unit)} in {shown(value)}; use one of "
                               f"{', '.join(_LONG_UNITS_SECONDS)}")
     return _duration(value, key)
 
@@ -106,12 +107,12 @@ def _number(minimum: float, *, inclusive: bool = True) -> Validator:
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(key, f"expected a number, got {value!r}") from None
+                raise ConfigError(key, f"expected a number, got {shown(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {_show(value)}")
         if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
             bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-            raise ConfigError(key, f"must be {bound}, got {value!r}")
+            raise ConfigError(key, f"must be {bound}, got {shown(value)}")
         return float(value)
 
     return check
@@ -153,7 +154,7 @@ def _listen(value: Any, key: str) -> tuple[str, int]:
     text = _string(value, key)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
+        raise ConfigError(key, f"expected HOST:PORT, got {shown(text)}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -182,7 +183,8 @@ def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
             if required not in entry:
                 raise ConfigError(f"{key}[{index}].{required}", "is required")
         if entry["name"] in names:  # the `budget` label must identify one budget
-            raise ConfigError(f"{key}[{index}].name", f"duplicate budget name {entry['name']!r}")
+            raise ConfigError(f"{key}[{index}].name",
+                              f"duplicate budget name {shown(entry['name'])}")
         names.add(entry["name"])
         budgets.append(
             Budget(entry["name"], entry.get("match", {}), entry.get("period", "month"),
@@ -194,7 +196,7 @@ def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
 def _check_match(match: dict[str, str], key: str) -> None:
     if "project" in match and match.get("kind", "project") != "project":
         raise ConfigError(f"{key}.project",
-                          f"matches consumers of kind project, not kind {match['kind']!r}")
+                          f"matches consumers of kind project, not kind {shown(match['kind'])}")
 
 
 def _ledger(value: Any, key: str) -> tuple[float, float]:
@@ -220,7 +222,7 @@ def _embodied(value: Any, key: str) -> tuple[float, float]:
 
 
 def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing"
+    return f"{type(value).__name__} {shown(value)}" if value is not None else "nothing"
 
 
 def _list(value: Any, key: str) -> list[Any]:
@@ -230,7 +232,7 @@ def _list(value: Any, key: str) -> list[Any]:
 
 
 def _unknown(name: str, known: Mapping[str, Any], what: str = "key") -> str:
-    return f"unknown {what} {name!r}{did_you_mean(name, known)}"
+    return f"unknown {what} {shown(name)}{did_you_mean(name, known)}"
 
 
 def _section(value: Any, key: str, schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -476,7 +478,9 @@ def parse_file(path: str, data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError("--config", f"{path} is not UTF-8 text (byte {exc.start})") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = strict_yaml.load(text)
+    except strict_yaml.StrictYamlError as exc:
+        raise ConfigError("--config", f"{path}:{exc.line}: {exc.problem}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -486,6 +490,10 @@ def parse_file(path: str, data: bytes) -> dict[str, Any]:
     if tree is None:
         return {}
     return _section(tree, "", SCHEMA)
+
+
+def read_file(path: str) -> dict[str, Any]:
+    return parse_file(path, read_bytes(path))
 
 
 def _validate_flag(flag: str, value: Any) -> Any:

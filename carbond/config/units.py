@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import re
 
+from carbond.types import shown
+
 _DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MASS_GRAMS = {"g": 1.0, "kg": 1000.0, "t": 1_000_000.0}
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
@@ -12,25 +14,28 @@ _NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z
 
 def _parse(value: object, units: dict[str, float], default_unit: str, what: str) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"expected a {what}, got {value!r}")
+        raise ValueError(f"expected a {what}, got {shown(value)}")
     if isinstance(value, (int, float)):
         number, unit = float(value), default_unit
     elif isinstance(value, str):
         if value.strip().startswith("-"):
-            raise ValueError(f"must be positive, got {value!r}")
+            raise ValueError(f"must be positive, got {shown(value)}")
         match = _NUMBER_UNIT.match(value)
         if not match:
-            raise ValueError(f"cannot parse {value!r} as a {what} (e.g. {_example(units)})")
+            raise ValueError(f"cannot parse {shown(value)} as a {what} (e.g. {_example(units)})")
         number, unit = float(match.group(1)), match.group(2) or default_unit
         if unit not in units:
             raise ValueError(
-                f"unknown unit {unit!r} in {value!r}; use one of {', '.join(units)}"
+                f"unknown unit {shown(unit)} in {shown(value)}; use one of {', '.join(units)}"
             )
     else:
         raise ValueError(f"expected a {what}, got {type(value).__name__}")
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-    return number * units[unit]
+        raise ValueError(f"must be positive, got {shown(value)}")
+    scaled = number * units[unit]
+    if not math.isfinite(scaled):  # 1e308t is finite as a number, not as grams
+        raise ValueError(f"too large, got {shown(value)}")
+    return scaled
 
 
 def _example(units: dict[str, float]) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from carbond.types import shown
+
 PERIODS = ("day", "week", "month", "quarter", "year")
 SECONDS_PER_HOUR = 3600
 
@@ -24,7 +26,7 @@ def get_zone(name: str) -> tzinfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"unknown time zone {name!r} (an IANA name such as Europe/Berlin)")\
+        raise ValueError(f"unknown time zone {shown(name)} (an IANA name such as Europe/Berlin)")\
             from None
 
 
@@ -51,7 +53,7 @@ def _first_day(period: str, day: date) -> date:
         return date(day.year, 3 * ((day.month - 1) // 3) + 1, 1)
     if period == "year":
         return date(day.year, 1, 1)
-    raise ValueError(f"unknown period {period!r}; expected one of {', '.join(PERIODS)}")
+    raise ValueError(f"unknown period {shown(period)}; expected one of {', '.join(PERIODS)}")
 
 
 def _next_first_day(period: str, first: date) -> date:

@@ -50,18 +50,39 @@ class Meter(Protocol):
     def close(self) -> None: ...
 
 
-WRAP, RESET = "wrap", "reset"
+WRAP, RESET, ERROR = "wrap", "reset", "error"
+CEILING_WATTS = 5000.0
+"""The most any one device may be taken to draw when it does not say (its power limit): above
+any single CPU package, DRAM zone, platform or GPU, so it only catches the impossible."""
+MAX_COUNTER_DIGITS = 20  # 2**64 - 1 has 20: a longer number is out of every range
+
+
+def parse_counter(raw: bytes | str) -> int:
+    """A counter file's contents as the kernel writes them: ASCII decimal digits and at most
+    one trailing newline. Anything else (`+5`, ` 5`, `1_000_000`, `0x10`, `-1`, non-ASCII
+    digits), which `int()` would take or bend, is a ValueError: a bad sample, never energy."""
+    data = raw.encode("latin-1", "replace") if isinstance(raw, str) else bytes(raw)
+    digits = data[:-1] if data.endswith(b"\n") else data
+    if not digits or len(digits) > MAX_COUNTER_DIGITS or not digits.isdigit():
+        raise ValueError(f"not a counter value: {data[:40]!r}")
+    return int(digits)
 
 
 class EnergyCounter:
     """Turns a raw, wrapping hardware counter into a cumulative, never-decreasing total.
 
     `range_units` is the largest raw value (`max_energy_range_uj`); the counter wraps to 0 after
-    it, so a delta is taken modulo `range_units + 1`. A decrease is a reset instead (the zone
-    was re-created, firmware restarted the counter) when the range is unknown, or when the
-    wrapped delta would mean more than `max_units_per_second` since the last reading: no
-    device draws that, and taking it for a wrap would add most of a whole range at once. After
-    a reset the new raw value is the energy since then (never negative, never a spike).
+    it, so a delta is taken modulo `range_units + 1`. `max_units_per_second` is the most the
+    device can draw (twice its power limit, or a ceiling). A raw value is an ERROR sample,
+    counted by the meter and never energy, when it is outside 0..range_units, or when the energy
+    it implies since the last good reading exceeds `max_units_per_second` however it is read
+    (an increase, a wrap, or a reset whose new value is the energy since): one read of 2**64,
+    or a glitch, added 1.8e13 J before. The baseline stays on the last good value, so the next
+    good reading continues from it. A decrease is a reset (the zone was re-created, the driver
+    reloaded) when it cannot be a plausible wrap; then the new raw value is the energy since.
+    A counter that really did restart from another value is picked up at the second reading
+    that goes on plausibly from the first rejected one (a RESET, adding only what was drawn
+    between those two).
     """
 
     def __init__(self, range_units: int | None = None,
@@ -73,27 +94,54 @@ class EnergyCounter:
         self.total_units = 0
         self.wraps = 0
         self.resets = 0
+        self._rejected: tuple[int, float | None] | None = None  # the last ERROR sample
+
+    def restart(self) -> None:
+        """Forget the baseline (a different device took this name): the next value is a new
+        baseline, adding nothing."""
+        self.last_raw = self.last_seconds = self._rejected = None
 
     def update(self, raw: int, now_seconds: float | None = None) -> str | None:
-        """Feed a raw reading taken at monotonic `now_seconds`; returns WRAP, RESET or None."""
+        """Feed a raw reading taken at monotonic `now_seconds`; returns WRAP, RESET, ERROR or
+        None."""
+        if raw < 0 or (self.range_units is not None and raw > self.range_units):
+            return ERROR
         previous, last_seconds = self.last_raw, self.last_seconds
-        self.last_raw, self.last_seconds = raw, now_seconds
         if previous is None:
+            self._accept(raw, now_seconds)
             return None
+        event, units = self._step(previous, raw, now_seconds, last_seconds)
+        if not self._plausible(units, now_seconds, last_seconds):
+            rejected = self._rejected
+            if rejected is None or raw < rejected[0] or not self._plausible(
+                    raw - rejected[0], now_seconds, rejected[1]):
+                self._rejected = (raw, now_seconds)
+                return ERROR
+            event, units = RESET, raw - rejected[0]
+        self.total_units += units
+        if event == WRAP:
+            self.wraps += 1
+        elif event == RESET:
+            self.resets += 1
+        self._accept(raw, now_seconds)
+        return event
+
+    def _accept(self, raw: int, now: float | None) -> None:
+        self.last_raw, self.last_seconds, self._rejected = raw, now, None
+
+    def _step(self, previous: int, raw: int, now: float | None,
+              last: float | None) -> tuple[str | None, int]:
         if raw >= previous:
-            self.total_units += raw - previous
-            return None
+            return None, raw - previous
         if self.range_units is not None and previous <= self.range_units:
             wrapped = (raw - previous) % (self.range_units + 1)
-            if not self._implausible(wrapped, now_seconds, last_seconds):
-                self.total_units += wrapped
-                self.wraps += 1
-                return WRAP
-        self.total_units += raw
-        self.resets += 1
-        return RESET
+            if self._plausible(wrapped, now, last):
+                return WRAP, wrapped
+        return RESET, raw
 
-    def _implausible(self, units: int, now: float | None, last: float | None) -> bool:
+    def _plausible(self, units: int, now: float | None, last: float | None) -> bool:
+        """Whether `units` could have been drawn between `last` and `now`; without a bound or
+        a clock that moved, only the range check applies."""
         if self.max_units_per_second is None or now is None or last is None or now <= last:
-            return False
-        return units > self.max_units_per_second * (now - last)
+            return True
+        return units <= self.max_units_per_second * (now - last)

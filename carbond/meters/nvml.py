@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -22,62 +23,34 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from carbond.meters.base import DeviceEnergy, DeviceReport, EnergyCounter, MeterReading
-
-log = logging.getLogger(__name__)
-
-STATUS_OK = "ok"
-STATUS_LOST = "lost"
-STATUS_NOT_SUPPORTED = "not supported"
-STATUS_NO_PERMISSION = "no permission"
-STATUS_ERROR = "error"
+from carbond.meters.base import (
+    CEILING_WATTS,
+    ERROR,
+    DeviceEnergy,
+    DeviceReport,
+    EnergyCounter,
+    MeterReading,
+)
+from carbond.meters.nvml_errors import (
+    STATUS_ERROR,
+    STATUS_LOST,
+    STATUS_NO_PERMISSION,
+    STATUS_NOT_SUPPORTED,
+    STATUS_OK,
+    as_text,
+    describe,
+    error_code,
+    load_pynvml,
+    status_for,
+)
 
 METHOD_COUNTER = "energy counter"
 METHOD_POWER = "power integration"
 
+__all__ = ["STATUS_LOST", "GpuInfo", "MigInstance", "NvmlMeter", "describe", "error_code",
+           "load_pynvml", "status_for"]
 
-def load_pynvml() -> ModuleType | None:
-    """The pynvml module, or None when nvidia-ml-py is not installed."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    return pynvml
-
-
-def error_code(exc: BaseException) -> int | None:
-    """The NVML return code carried by a pynvml exception, if any."""
-    value = getattr(exc, "value", None)
-    return value if isinstance(value, int) else None
-
-
-def status_for(exc: BaseException, nvml: ModuleType) -> str:
-    """Map an NVML failure to the per-GPU status shown by `carbond check`. The codes are those
-    of `nvml`, the pynvml module that raised it (carbond imports without nvidia-ml-py)."""
-    code = error_code(exc)
-    if code == nvml.NVML_ERROR_GPU_IS_LOST:
-        return STATUS_LOST
-    if code in (nvml.NVML_ERROR_NOT_SUPPORTED, nvml.NVML_ERROR_FUNCTION_NOT_FOUND):
-        return STATUS_NOT_SUPPORTED
-    if code == nvml.NVML_ERROR_NO_PERMISSION:
-        return STATUS_NO_PERMISSION
-    return STATUS_ERROR
-
-
-def describe(exc: BaseException) -> str:
-    """One-line text for an NVML failure; pynvml's str() can itself fail on odd codes."""
-    try:
-        text = str(exc)
-    except Exception:  # pragma: no cover - pynvml calls into the library for unknown codes
-        text = ""
-    code = error_code(exc)
-    if not text:
-        text = type(exc).__name__
-    return f"{text} (NVML error {code})" if code is not None else text
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,7 +91,10 @@ class _Gpu:
         self.status = STATUS_ERROR
         self.reason = "not yet read"
         self.method = ""
-        self.counter = EnergyCounter(range_units=None)  # mJ; no range: a decrease is a reset
+        # mJ; no range: a decrease is a reset. mW is mJ/s: the bound is in the counter's units.
+        self.max_milliwatts = CEILING_WATTS * 1000.0
+        self.counter = EnergyCounter(None, self.max_milliwatts)
+        self.rejecting = False  # the last energy or power value was impossible
         self.power_millijoules = 0.0  # integrated power
         self.last_power_milliwatts: int | None = None
         self.last_power_time = 0.0
@@ -196,7 +172,7 @@ class NvmlMeter:
         self._initialised = True
         self._reason = ""
         try:
-            self.driver_version = _text(nvml.nvmlSystemGetDriverVersion())
+            self.driver_version = as_text(nvml.nvmlSystemGetDriverVersion())
         except Exception:
             self.driver_version = ""
         try:
@@ -238,8 +214,8 @@ class NvmlMeter:
                         raise
             if handle is None:
                 handle = nvml.nvmlDeviceGetHandleByIndex(gpu.index)
-            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
-            name = _text(nvml.nvmlDeviceGetName(handle))
+            uuid = as_text(nvml.nvmlDeviceGetUUID(handle))
+            name = as_text(nvml.nvmlDeviceGetName(handle))
         except Exception as exc:
             self._mark_down(gpu, exc, "cannot get a handle")
             return
@@ -247,8 +223,9 @@ class NvmlMeter:
             log.warning("%s is now %s (was %s)", gpu.device, uuid, gpu.uuid)
         gpu.handle, gpu.uuid, gpu.name = handle, uuid, name
         # Whatever the counter did while the GPU was away is unknown: start a fresh baseline.
-        gpu.counter.last_raw = None
+        gpu.counter.restart()
         gpu.last_power_milliwatts = None
+        self._read_limit(gpu)
         self._refresh_mig(gpu)
         self._choose_method(gpu, now)
 
@@ -262,20 +239,51 @@ class NvmlMeter:
                 return
             energy_exc: BaseException = exc
         else:
-            gpu.counter.update(raw)
+            gpu.counter.update(raw, now)
             self._mark_ok(gpu, METHOD_COUNTER)
             return
         try:
-            milliwatts = int(nvml.nvmlDeviceGetPowerUsage(gpu.handle))
+            milliwatts = self._power(gpu)
         except Exception as exc:
             # "no permission" on the counter is the actionable one to report
             worst = energy_exc if status_for(energy_exc, nvml) == STATUS_NO_PERMISSION else exc
             self._mark_down(gpu, worst, "", reason=f"energy counter: {describe(energy_exc)}; "
                                                    f"power: {describe(exc)}")
             return
-        gpu.last_power_milliwatts, gpu.last_power_time = milliwatts, now
+        gpu.last_power_milliwatts = None if milliwatts is None else int(milliwatts)
+        gpu.last_power_time = now
         self._mark_ok(gpu, METHOD_POWER)
         self._ensure_sampler()
+
+    def _read_limit(self, gpu: _Gpu) -> None:
+        """Bound what a reading may imply by twice the enforced power limit (boost passes it
+        briefly; the limit can be changed at run time, so it is read again with MIG), else
+        CEILING_WATTS: more is a glitch, an error sample, never energy."""
+        try:
+            limit_milliwatts = float(self._api.nvmlDeviceGetEnforcedPowerLimit(gpu.handle))
+        except Exception:
+            limit_milliwatts = 0.0
+        plausible = math.isfinite(limit_milliwatts) and limit_milliwatts > 0
+        gpu.max_milliwatts = 2.0 * limit_milliwatts if plausible else CEILING_WATTS * 1000.0
+        gpu.counter.max_units_per_second = gpu.max_milliwatts
+
+    def _power(self, gpu: _Gpu) -> float | None:
+        """nvmlDeviceGetPowerUsage in mW; None for an impossible value (NaN, negative, above
+        the bound), which is an error sample; NVML failures raise."""
+        value = self._api.nvmlDeviceGetPowerUsage(gpu.handle)
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and 0 <= value <= gpu.max_milliwatts):
+            return float(value)
+        return None
+
+    def _rejected(self, gpu: _Gpu, what: str, value: object) -> bool:
+        """Count an impossible value; warn once per run of them. Always False (no sample)."""
+        self.errors_total += 1
+        if not gpu.rejecting:
+            log.warning("%s: impossible %s %r (bound %.0f W): an error sample, not energy",
+                        gpu.device, what, value, gpu.max_milliwatts / 1000.0)
+        gpu.rejecting = True
+        return False
 
     def _refresh_mig(self, gpu: _Gpu) -> None:
         """List MIG instances; a GPU or driver without MIG simply has none."""
@@ -295,7 +303,7 @@ class NvmlMeter:
                 try:
                     mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu.handle, slot)
                     instances.append(MigInstance(
-                        slot, _text(nvml.nvmlDeviceGetUUID(mig)),
+                        slot, as_text(nvml.nvmlDeviceGetUUID(mig)),
                         int(nvml.nvmlDeviceGetGpuInstanceId(mig)),
                         int(nvml.nvmlDeviceGetComputeInstanceId(mig))))
                 except Exception:
@@ -346,12 +354,14 @@ class NvmlMeter:
                     self._sample_gpu_power(gpu, now)
 
     def _sample_gpu_power(self, gpu: _Gpu, now: float) -> bool:
-        nvml = self._api
         try:
-            milliwatts = int(nvml.nvmlDeviceGetPowerUsage(gpu.handle))
+            milliwatts = self._power(gpu)
         except Exception as exc:
             self._mark_down(gpu, exc, "power")
             return False
+        if milliwatts is None:  # the previous good sample stays the trapezoid's start
+            return self._rejected(gpu, "power (mW)", "out of range")
+        gpu.rejecting = False
         if gpu.last_power_milliwatts is not None and now > gpu.last_power_time:
             # trapezoid: mW * s = mJ
             gpu.power_millijoules += ((gpu.last_power_milliwatts + milliwatts) / 2.0
@@ -379,6 +389,7 @@ class NvmlMeter:
                 elif now - gpu.last_retry >= self.retry_interval_s:
                     gpu.last_retry = now
                     self._refresh_mig(gpu)
+                    self._read_limit(gpu)
                 if gpu.method == METHOD_COUNTER:
                     ok = self._read_counter(gpu, reading)
                 else:
@@ -408,7 +419,11 @@ class NvmlMeter:
                 return False
             self._mark_down(gpu, exc, "energy counter")
             return False
-        if gpu.counter.update(raw) is not None:  # no range: a decrease is a driver reload
+        event = gpu.counter.update(raw, self._clock())
+        if event == ERROR:
+            return self._rejected(gpu, "energy counter (mJ)", raw)
+        gpu.rejecting = False
+        if event is not None:  # no range: a decrease is a driver reload
             reading.resets[gpu.device] = reading.resets.get(gpu.device, 0) + 1
         return True
 

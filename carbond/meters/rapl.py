@@ -18,12 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from carbond.meters.base import (
+    CEILING_WATTS,
+    ERROR,
     RESET,
     WRAP,
     DeviceEnergy,
     DeviceReport,
     EnergyCounter,
     MeterReading,
+    parse_counter,
 )
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,10 @@ _ZONE_DIR = re.compile(r"^(?P<prefix>[a-z0-9-]+):(?P<path>\d+(?::\d+)*)$")
 _PACKAGE = re.compile(r"^package-(\d+)(-die-\d+)?$")
 UNREADABLE_HINT = "run carbond as root, or grant it CAP_DAC_READ_SEARCH"
 REDISCOVER_SECONDS = 60.0
-# A counter drop is a wrap only if the energy it implies could have been drawn. The bound is
-# twice the zone's highest power constraint (turbo can exceed the long-term limit), else this
-# ceiling, above any single package, DRAM or platform zone.
-CEILING_WATTS = 5000.0
+# A reading is accepted (as an increase, a wrap or a reset) only if the energy it implies could
+# have been drawn: at most twice the zone's highest power constraint (turbo can exceed the
+# long-term limit), else CEILING_WATTS.
+__all__ = ["CEILING_WATTS", "RaplMeter", "Zone", "classify", "discover"]
 
 
 @dataclass(frozen=True)
@@ -56,19 +59,29 @@ class Zone:
         return CEILING_WATTS * 1e6
 
 
-def _read_text(path: str) -> str:
+def _read_bytes(path: str) -> bytes:
     """A small sysfs file. Non-blocking, so a FIFO planted where a counter should be reads as
     garbage instead of stalling the tick (a hung driver is the daemon's deadline's job)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        return os.read(fd, 4096).decode("ascii").strip()
+        return os.read(fd, 4096)
     finally:
         os.close(fd)
 
 
+def _read_text(path: str) -> str:
+    return _read_bytes(path).decode("ascii").strip()
+
+
+def _read_counter(path: str) -> int:
+    """An integer file, strictly (see parse_counter); OSError or ValueError."""
+    return parse_counter(_read_bytes(path))
+
+
 def _read_int(path: str) -> int | None:
+    """A positive integer file, else None (absent, unreadable, malformed or 0)."""
     try:
-        return int(_read_text(path))
+        return _read_counter(path) or None
     except (OSError, ValueError):
         return None
 
@@ -168,6 +181,7 @@ class RaplMeter:
         self._discovered_at = -REDISCOVER_SECONDS
         self._up = False
         self.errors_total = 0
+        self._rejecting: set[str] = set()  # devices whose last value was impossible
         self._rediscover()
 
     def _rediscover(self) -> None:
@@ -180,7 +194,7 @@ class RaplMeter:
                 self._counters[zone.device] = EnergyCounter(zone.range_uj,
                                                             zone.max_uj_per_second)
             elif previous.get(zone.device) != zone.path:
-                counter.last_raw = None  # a different zone took this name: start afresh
+                counter.restart()  # a different zone took this name: start afresh
                 counter.range_units = zone.range_uj
                 counter.max_units_per_second = zone.max_uj_per_second
         self._counted = counted
@@ -193,7 +207,7 @@ class RaplMeter:
         vanished = False
         for zone in self._counted:
             try:
-                raw = int(_read_text(os.path.join(zone.path, "energy_uj")))
+                raw = _read_counter(os.path.join(zone.path, "energy_uj"))
             except FileNotFoundError:
                 vanished = True
                 reading.errors += 1
@@ -205,6 +219,11 @@ class RaplMeter:
             counter = self._counters[zone.device]
             previous = counter.last_raw
             event = counter.update(raw, self._clock())
+            if event == ERROR:
+                reading.errors += 1
+                self._say_rejected(zone, previous, raw)
+                continue
+            self._rejecting.discard(zone.device)
             if event == WRAP:
                 reading.wraps[zone.device] = 1
             elif event == RESET:
@@ -220,6 +239,17 @@ class RaplMeter:
         if vanished:
             self._discovered_at = -REDISCOVER_SECONDS
         return reading
+
+    def _say_rejected(self, zone: Zone, previous: int | None, raw: int) -> None:
+        """One warning when a device starts giving impossible values, not one per tick."""
+        if zone.device in self._rejecting:
+            log.debug("rapl %s: impossible value %d uJ again", zone.device, raw)
+            return
+        self._rejecting.add(zone.device)
+        log.warning("rapl %s: energy_uj went from %s to %d uJ, outside 0..%s or more than the "
+                    "zone can draw (%.0f W) in the time: an error sample, not energy",
+                    zone.device, previous, raw, zone.range_uj or "?",
+                    zone.max_uj_per_second / 1e6)
 
     def up(self) -> bool:
         return self._up
@@ -246,7 +276,7 @@ class RaplMeter:
                 continue
             where = f"{zone.path} (name {zone.name})"
             try:
-                int(_read_text(os.path.join(zone.path, "energy_uj")))
+                _read_counter(os.path.join(zone.path, "energy_uj"))
                 lines.append(DeviceReport(label, f"{where}: readable, {span}", True))
             except OSError as exc:
                 lines.append(DeviceReport(label, f"{where}: {_describe_error(exc)}", False))

@@ -6,7 +6,7 @@ The same file an operator already writes for node_exporter works here:
                         client_allowed_sans, min_version, max_version,
                         prefer_server_cipher_suites}
     http_server_config: {http2, headers}
-    basic_auth_users: {USER: BCRYPT_HASH}
+    basic_auth_users: {USER: BCRYPT_HASH}   (checked by carbond.web.auth)
 
 Relative paths are relative to the file's directory, as in exporter-toolkit. Settings carbond
 cannot honour (Go cipher-suite and curve names, inline certificates, rate limits) are refused,
@@ -18,38 +18,33 @@ one stays in force.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import logging
 import os
 import re
 import ssl
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import bcrypt
 import yaml
 
-from carbond.types import ConfigError
+from carbond.config import strict_yaml
+from carbond.types import ConfigError, cut, shown
 
 log = logging.getLogger(__name__)
 
 FLAG = "--web.config.file"
-# exporter-toolkit's answer for an unknown user: check a real hash anyway, so the time taken
-# does not tell which user names exist. Cost 10, like the hashes htpasswd -B makes.
-DUMMY_HASH = b"$2b$10$hS5wN08uJ5Lv15AuLpHm6.nQaYItf76vKumb1pgbWtkCqJmguFJxy"
 BCRYPT_HASH = re.compile(r"^\$2[abxy]?\$\d\d\$[./A-Za-z0-9]{53}$")
 TLS_VERSIONS = {
-    "TLS10": ssl.TLSVersion.TLSv1,
-    "TLS11": ssl.TLSVersion.TLSv1_1,
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
+# exporter-toolkit accepts these; OpenSSL 3 here completes no TLS 1.0/1.1 handshake unless the
+# security level drops to 0, which would allow weak ciphers on every connection. Refused at
+# load, so a config never promises a version that is not served.
+REFUSED_TLS_VERSIONS = ("TLS10", "TLS11")
 CLIENT_AUTH = {
     "": ssl.CERT_NONE,
     "NoClientCert": ssl.CERT_NONE,
@@ -66,7 +61,6 @@ TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file",
 REFUSED_TLS_KEYS = {"cipher_suites", "curve_preferences", "cert", "key", "client_ca"}
 TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
 REFUSED_TOP_KEYS = {"rate_limit"}
-AUTH_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -126,8 +120,12 @@ def _tls_version(value: Any, path: str, key: str, default: ssl.TLSVersion) -> ss
     text = _string(value, path, key)
     if not text:
         return default
+    if text in REFUSED_TLS_VERSIONS:
+        raise _fail(path, f"{key}: {text} is not supported by carbond (TLS 1.0 and 1.1 are "
+                    "deprecated, RFC 8996, and OpenSSL refuses them at its default security "
+                    "level); use TLS12 or TLS13")
     if text not in TLS_VERSIONS:
-        raise _fail(path, f"{key}: expected one of {', '.join(TLS_VERSIONS)}, got {text!r}")
+        raise _fail(path, f"{key}: expected one of {', '.join(TLS_VERSIONS)}, got {shown(text)}")
     return TLS_VERSIONS[text]
 
 
@@ -151,7 +149,7 @@ def _tls(section: Mapping[str, Any], directory: str, path: str) -> tuple[
                     "certificate) is not supported by carbond; use VerifyClientCertIfGiven or "
                     "RequireAndVerifyClientCert with client_ca_file")
     if client_auth not in CLIENT_AUTH:
-        raise _fail(path, f"client_auth_type: unknown value {client_auth!r}")
+        raise _fail(path, f"client_auth_type: unknown value {shown(client_auth)}")
     verify = CLIENT_AUTH[client_auth]
     if client_ca and verify == ssl.CERT_NONE:
         raise _fail(path, "client_ca_file is set but client_auth_type does not ask for "
@@ -201,10 +199,10 @@ def _headers(section: Mapping[str, Any], path: str) -> tuple[tuple[str, str], ..
     for name, value in headers.items():
         allowed = {h.lower(): h for h in ALLOWED_HEADERS}
         if not isinstance(name, str) or name.lower() not in allowed:
-            raise _fail(path, f"http_server_config.headers: {name!r} may not be set "
+            raise _fail(path, f"http_server_config.headers: {shown(name)} may not be set "
                         f"(allowed: {', '.join(ALLOWED_HEADERS)})")
         if not isinstance(value, str) or not value.isprintable() or not value.isascii():
-            raise _fail(path, f"http_server_config.headers.{name}: expected printable text")
+            raise _fail(path, f"http_server_config.headers.{cut(name)}: expected printable text")
         result.append((allowed[name.lower()], value))
     return tuple(result)
 
@@ -213,9 +211,9 @@ def _users(section: Mapping[str, Any], path: str) -> dict[str, bytes]:
     users = {}
     for user, hashed in section.items():
         if not isinstance(user, str) or not user or ":" in user:
-            raise _fail(path, f"basic_auth_users: bad user name {user!r}")
+            raise _fail(path, f"basic_auth_users: bad user name {shown(user)}")
         if not isinstance(hashed, str) or not BCRYPT_HASH.match(hashed):
-            raise _fail(path, f"basic_auth_users.{user}: expected a bcrypt hash "
+            raise _fail(path, f"basic_auth_users.{cut(user)}: expected a bcrypt hash "
                         "(htpasswd -nBC 10 USER)")
         users[user] = hashed.encode("ascii")
     return users
@@ -231,7 +229,9 @@ def load_web_config(path: str) -> WebConfig:
     except UnicodeDecodeError:
         raise _fail(path, "not UTF-8 text") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = strict_yaml.load(text)
+    except strict_yaml.StrictYamlError as exc:
+        raise ConfigError(FLAG, f"{path}:{exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise _fail(path, f"invalid YAML: {' '.join(str(exc).split())}") from None
     tree = _mapping(tree, path, "the file")
@@ -261,20 +261,6 @@ def _fingerprint(files: tuple[str, ...]) -> tuple[tuple[int, int, int] | None, .
     return tuple(result)
 
 
-def basic_credentials(header: str) -> tuple[str, bytes] | None:
-    """(user, password) from an `Authorization: Basic …` value; None when absent or garbled."""
-    scheme, _, encoded = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True)
-        user_bytes, sep, password = decoded.partition(b":")
-        user = user_bytes.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    return (user, password) if sep else None
-
-
 class WebConfigWatcher:
     """The web config now: re-read when the file, or a certificate it names, changes."""
 
@@ -286,8 +272,6 @@ class WebConfigWatcher:
         self._lock = threading.Lock()
         self._config, self._fingerprint = self._load()
         self._checked = clock()
-        self._auth_lock = threading.Lock()
-        self._good: OrderedDict[bytes, None] = OrderedDict()
 
     def current(self) -> WebConfig:
         now = self._clock()
@@ -314,32 +298,6 @@ class WebConfigWatcher:
         config = load_web_config(self.path)
         after = _fingerprint(config.files)
         return config, (after if after[:1] == before else ())
-
-    def authorized(self, config: WebConfig, authorization: str) -> bool:
-        """Basic auth against the bcrypt hashes; a success is remembered (keyed by a digest)
-        so a scrape every few seconds does not pay for bcrypt each time."""
-        credentials = basic_credentials(authorization)
-        if credentials is None:
-            return False
-        user, password = credentials
-        hashed = config.users.get(user)
-        known = hashed is not None
-        checked = hashed if hashed is not None else DUMMY_HASH
-        key = hashlib.sha256(b"\0".join((user.encode(), password, checked))).digest()
-        with self._auth_lock:
-            if key in self._good:
-                self._good.move_to_end(key)
-                return known
-        try:
-            good = bcrypt.checkpw(password, checked)
-        except ValueError:  # e.g. a password over bcrypt's 72 bytes
-            good = False
-        if good and known:
-            with self._auth_lock:
-                self._good[key] = None
-                while len(self._good) > AUTH_CACHE_SIZE:
-                    self._good.popitem(last=False)
-        return good and known
 
 
 def server_cert_file(path: str) -> str | None:

@@ -6,7 +6,8 @@ traceback for every client that hangs up early. Here one asyncio thread accepts 
 requests, so an open connection costs a few hundred bytes, not a thread; every connection has a
 deadline for its request header, for idling between keep-alive requests and for a client that
 stops reading our reply. Complete requests go to a fixed pool of worker threads, which run
-the application (and bcrypt, for basic auth) off the event loop.
+the application off the event loop; basic auth is checked first, on the loop from a cache or
+on its own bounded bcrypt lane (carbond.web.auth), so failed logins never hold a worker.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import dataclasses
 import email.utils
 import logging
+import re
 import resource
 import socket
 import ssl
@@ -27,6 +29,7 @@ from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from carbond import __version__
+from carbond.web.auth import BasicAuth
 from carbond.web.config import WebConfig, WebConfigWatcher
 
 log = logging.getLogger(__name__)
@@ -113,16 +116,15 @@ class _BadRequest(Exception):
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-def parse_head(head: bytes, peer: str = "") -> tuple[Request, int]:
-    """The request line and headers (without the blank line) -> (request, body length).
+# The end of a request header: an empty line, each line ending in LF with an optional CR before
+# it, as Go's net/http reads them (a hand-typed `GET / HTTP/1.1\n\n` is answered).
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
-    Strict where leniency lets requests be smuggled: no folded lines, no space before a
-    colon, one Content-Length, no Transfer-Encoding.
-    """
-    text = head.decode("latin-1")
-    lines = text.split("\n")
-    request_line = lines[0].removesuffix("\r")
-    parts = request_line.split(" ")
+
+def request_line(line: str) -> tuple[str, str, str]:
+    """(method, target, version) of a request line without its line end; _BadRequest when it
+    is not one, so a bad line (HTTP/0.9's `GET /`) is answered as soon as it is complete."""
+    parts = line.split(" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise _BadRequest(400, "malformed request line")
     method, target, version = parts
@@ -132,6 +134,18 @@ def parse_head(head: bytes, peer: str = "") -> tuple[Request, int]:
         if version.startswith("HTTP/"):
             raise _BadRequest(505, "HTTP version not supported")
         raise _BadRequest(400, "malformed version")
+    return method, target, version
+
+
+def parse_head(head: bytes, peer: str = "") -> tuple[Request, int]:
+    """The request line and headers (without the blank line) -> (request, body length).
+
+    Strict where leniency lets requests be smuggled: no folded lines, no space before a
+    colon, one Content-Length, no Transfer-Encoding.
+    """
+    text = head.decode("latin-1")
+    lines = text.split("\n")
+    method, target, version = request_line(lines[0].removesuffix("\r"))
     headers: dict[str, str] = {}
     for raw in lines[1:]:
         line = raw.removesuffix("\r")
@@ -182,6 +196,22 @@ def render_head(response: Response, *, keep_alive: bool, length: int) -> bytes:
 def _error(status: int, text: str = "") -> Response:
     body = (text or HTTPStatus(status).phrase).encode() + b"\n"
     return Response(status, PLAIN, body)
+
+
+def _unauthorized() -> Response:
+    return Response(401, PLAIN, b"Unauthorized\n",
+                    headers=(("WWW-Authenticate", 'Basic realm="carbond"'),))
+
+
+def _busy() -> Response:
+    """Every bcrypt slot is taken by attempts not known good: no hash for this one."""
+    return Response(429, PLAIN, b"Too Many Requests\n", headers=(("Retry-After", "1"),))
+
+
+def _with_headers(response: Response, config: WebConfig | None) -> Response:
+    if config is None or not config.headers:
+        return response
+    return dataclasses.replace(response, headers=response.headers + config.headers)
 
 
 @dataclass
@@ -351,11 +381,20 @@ class _Connection(asyncio.Protocol):
     def _next_request(self) -> None:
         if self._busy or self._closed or not self._ready or not self._buffer:
             return
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
+        found = _HEAD_END.search(self._buffer, 0, MAX_HEADER_BYTES + 4)
+        if found is None:
+            line_end = self._buffer.find(b"\n", 0, MAX_HEADER_BYTES)
+            if line_end >= 0:  # the request line is complete: refuse a bad one at once
+                try:
+                    request_line(bytes(self._buffer[:line_end]).decode("latin-1")
+                                 .removesuffix("\r"))
+                except _BadRequest as exc:
+                    self._reply_error(exc.status, str(exc))
+                    return
             if len(self._buffer) > MAX_HEADER_BYTES:
                 self._reply_error(431, "request header too large")
             return
+        end = found.start()
         if end > MAX_HEADER_BYTES:
             self._reply_error(431, "request header too large")
             return
@@ -364,7 +403,7 @@ class _Connection(asyncio.Protocol):
         except _BadRequest as exc:
             self._reply_error(exc.status, str(exc))
             return
-        needed = end + 4 + body_bytes
+        needed = found.end() + body_bytes
         if len(self._buffer) < needed:
             return  # the (ignored) body is still coming, under the header deadline
         del self._buffer[:needed]
@@ -446,6 +485,7 @@ class HttpServer:
         self.port = int(sock.getsockname()[1])
         self.app = app
         self.web_config = web_config
+        self.auth = BasicAuth()
         self.backlog = backlog
         self.limits = _Limits(
             header_timeout_seconds, idle_timeout_seconds, write_timeout_seconds,
@@ -477,6 +517,7 @@ class HttpServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=1.0)
         self._pool.shutdown(wait=not self._thread.is_alive(), cancel_futures=True)
+        self.auth.close()
         if not self._thread.is_alive() and not self.loop.is_closed():
             self.loop.close()
         self.sock.close()
@@ -532,27 +573,40 @@ class HttpServer:
         task.add_done_callback(self._tasks.discard)
 
     def submit(self, request: Request) -> asyncio.Future[Response]:
-        return self.loop.run_in_executor(self._pool, self._handle, request)
+        """The response to come; basic auth decided here, on the loop, before any worker."""
+        config = self.config_now()
+        if config is None or not config.users:
+            return self.loop.run_in_executor(self._pool, self._handle, request, config)
+        verdict = self.auth.check(config.users, request.header("authorization"))
+        if verdict is True:
+            return self.loop.run_in_executor(self._pool, self._handle, request, config)
+        if verdict is False or verdict is None:
+            answer = self.loop.create_future()
+            answer.set_result(_with_headers(_unauthorized() if verdict is False else _busy(),
+                                            config))
+            return answer
+        task = self.loop.create_task(self._after_check(request, config, verdict))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _after_check(self, request: Request, config: WebConfig,
+                           verdict: concurrent.futures.Future[bool]) -> Response:
+        if not await asyncio.wrap_future(verdict, loop=self.loop):
+            return _with_headers(_unauthorized(), config)
+        return await self.loop.run_in_executor(self._pool, self._handle, request, config)
 
     # -- on a worker -------------------------------------------------------------------------
 
-    def _handle(self, request: Request) -> Response:
+    def _handle(self, request: Request, config: WebConfig | None) -> Response:
         try:
-            config = self.config_now()
-            response = self._answer(request, config)
+            response = self._answer(request)
         except Exception:
             log.exception("%s %s from %s failed", request.method, request.path, request.peer)
             return _error(500)
-        if config is not None and config.headers:
-            response = dataclasses.replace(response, headers=response.headers + config.headers)
-        return response
+        return _with_headers(response, config)
 
-    def _answer(self, request: Request, config: WebConfig | None) -> Response:
-        if config is not None and config.users:
-            assert self.web_config is not None
-            if not self.web_config.authorized(config, request.header("authorization")):
-                return Response(401, PLAIN, b"Unauthorized\n",
-                                headers=(("WWW-Authenticate", 'Basic realm="carbond"'),))
+    def _answer(self, request: Request) -> Response:
         if request.method not in METHODS:
             return Response(405, PLAIN, b"Method Not Allowed\n",
                             headers=(("Allow", ", ".join(METHODS)),))

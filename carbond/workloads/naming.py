@@ -9,13 +9,17 @@ A `carbond exec` run (``…/carbond.exec/<encoded project>/<run>``) beats everyt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from carbond.types import ConfigError, Consumer, name_text
+import re2
+
+from carbond.types import ConfigError, Consumer, name_text, shown
 
 ROOT_CONSUMER = Consumer("cgroup", "/")
 """The root cgroup's own time that no process claims (kernel threads, irq, untracked tasks)."""
@@ -40,6 +44,10 @@ _SLURM_JOB = re.compile(r"^job_(?P<id>\d+)$")
 _USER_SLICE = re.compile(r"^user-(?P<uid>\d+)\.slice$")
 _UNIT = re.compile(r"^.+\.(?:service|scope)$")
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MAX_RULE_PATH_CHARS = 4096
+"""PATH_MAX: the kernel shows no longer cgroup path in /proc/PID/cgroup. Beyond it user rules
+are skipped (and counted) and the built-in rules, which look at one component at a time, name
+the path: what one tick spends on naming stays bounded whatever the tree holds."""
 
 EXEC_PARENT = "carbond.exec"
 """The directory `carbond exec` makes its run cgroups in: EXEC_PARENT/<project>/<run>."""
@@ -74,13 +82,36 @@ def decode_project(directory: str) -> str:
     return os.fsdecode(raw)
 
 
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # the ConfigError says what is wrong, once, on one line
+    return options
+
+
+def compile_match(text: str, key: str) -> Any:
+    """A rule's pattern compiled by RE2, which matches in time linear in the path whatever the
+    pattern: with a backtracking engine `(a+)+$` and one cgroup name froze the daemon. What
+    RE2 cannot match that way (backreferences, lookaround, `\\Z`, huge repetitions) is refused
+    here, at load, rather than degraded at run time."""
+    try:
+        return re2.compile(text, options=_re2_options())
+    except re2.error as exc:
+        why = exc.args[0] if exc.args else exc
+        why = why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)
+        raise ConfigError(key, f"{shown(text)} is not a regular expression RE2 accepts (rules "
+                          f"are matched in linear time; no backreferences or lookaround): "
+                          f"{shown(why, 200)}") from None
+
+
 @dataclass(frozen=True)
 class Rule:
-    """One compiled `attribution.rules` entry; `name` may only use the regex's named groups."""
+    """One compiled `attribution.rules` entry; `name` may only use the regex's named groups.
+    Rules compare by their text (a reload with the same rules keeps the namer's cache)."""
 
-    pattern: re.Pattern[str]
+    match: str
     kind: str
     name: str
+    pattern: Any = dataclasses.field(compare=False, repr=False)  # RE2, compiled from `match`
 
     def apply(self, path: str) -> Consumer | None:
         found = self.pattern.search(path)
@@ -109,16 +140,13 @@ def compile_rules(raw: object, key: str = "attribution.rules") -> tuple[Rule, ..
         for field in ("match", "kind", "name"):
             if not isinstance(entry.get(field), str) or not entry[field]:
                 raise ConfigError(f"{where}.{field}", "required, a non-empty string")
-        try:
-            pattern = re.compile(entry["match"])
-        except re.error as exc:
-            raise ConfigError(f"{where}.match", f"invalid regular expression: {exc}") from None
+        pattern = compile_match(entry["match"], f"{where}.match")
         if entry["kind"] not in RULE_KINDS:
             raise ConfigError(f"{where}.kind", f"must be one of {', '.join(sorted(RULE_KINDS))}")
         for field in _TEMPLATE_FIELD.findall(entry["name"]):
             if field not in pattern.groupindex:
                 raise ConfigError(f"{where}.name", f"{{{field}}} is not a named group of match")
-        rules.append(Rule(pattern, entry["kind"], entry["name"]))
+        rules.append(Rule(entry["match"], entry["kind"], entry["name"], pattern))
     return tuple(rules)
 
 
@@ -184,24 +212,30 @@ def _builtin(parts: list[str]) -> Consumer:
 
 
 def consumer_for_cgroup(path: str, rules: Iterable[Rule] = ()) -> Consumer:
-    """The consumer a cgroup's own CPU time belongs to: user rules first, then built-ins."""
+    """The consumer a cgroup's own CPU time belongs to: user rules first, then built-ins.
+    A path longer than MAX_RULE_PATH_CHARS is named by the built-ins alone."""
     path = path.strip("/")
-    for rule in rules:
-        consumer = rule.apply(path)
-        if consumer is not None:
-            return consumer
+    if len(path) <= MAX_RULE_PATH_CHARS:
+        for rule in rules:
+            consumer = rule.apply(path)
+            if consumer is not None:
+                return consumer
     if not path:
         return ROOT_CONSUMER
     return _builtin(path.split("/"))
 
 
 class CgroupNamer:
-    """`consumer_for_cgroup` with a per-path cache (paths repeat every tick)."""
+    """`consumer_for_cgroup` with a per-path cache (paths repeat every tick).
+
+    `rules_skipped` counts paths named without the user rules because they were longer than
+    MAX_RULE_PATH_CHARS (each path once per time it is named, not per cached lookup)."""
 
     def __init__(self, rules: Iterable[Rule] = (), max_cached: int = 65536) -> None:
         self.rules = tuple(rules)
         self.max_cached = max_cached
         self._cache: dict[str, Consumer] = {}
+        self.rules_skipped = 0
 
     def __call__(self, path: str) -> Consumer:
         path = name_text(path)  # any byte sequence: one stable, visible name
@@ -209,5 +243,7 @@ class CgroupNamer:
         if consumer is None:
             if len(self._cache) >= self.max_cached:
                 self._cache.clear()  # container churn: bounded memory beats a perfect hit rate
+            if self.rules and len(path.strip("/")) > MAX_RULE_PATH_CHARS:
+                self.rules_skipped += 1
             consumer = self._cache[path] = consumer_for_cgroup(path, self.rules)
         return consumer

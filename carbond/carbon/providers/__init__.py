@@ -34,7 +34,7 @@ from carbond.carbon.providers.static import StaticProvider
 from carbond.carbon.providers.ukgrid import UKGRID_REGIONS, UKGRID_URL, UKGridProvider
 from carbond.carbon.providers.watttime import WATTTIME_URL, WattTimeProvider
 from carbond.carbon.static import Tables, is_valid_zone, load_tables
-from carbond.types import ConfigError, did_you_mean
+from carbond.types import ConfigError, did_you_mean, shown
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,11 @@ def provider_specs_from_config(
         if kind is None:
             raise ConfigError(
                 item_key,
-                f"unknown provider {name!r}{did_you_mean(name, PROVIDER_TYPES)}"
+                f"unknown provider {shown(name)}{did_you_mean(name, PROVIDER_TYPES)}"
                 f"; known: {', '.join(PROVIDER_TYPES)}",
             )
         if any(seen == name for seen, _ in specs):
-            raise ConfigError(item_key, f"provider {name!r} is listed twice")
+            raise ConfigError(item_key, f"provider {shown(name)} is listed twice")
         specs.append((name, _checked_options(kind, raw, f"{item_key}.{name}")))
     return specs
 
@@ -126,7 +126,7 @@ def _checked_options(kind: ProviderType, raw: Any, key: str) -> dict[str, Any]:
             known = ", ".join(kind.options) or "none"
             raise ConfigError(
                 f"{key}.{option}",
-                f"unknown option {str(option)!r}{did_you_mean(str(option), kind.options)}"
+                f"unknown option {shown(str(option))}{did_you_mean(str(option), kind.options)}"
                 f"; known: {known}",
             )
     for option in kind.required:
@@ -156,14 +156,14 @@ def _checked_value(kind: str, value: Any) -> Any:
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value not in UKGRID_REGIONS
         ):
-            raise ValueError(f"expected a region id 1..17, got {value!r}")
+            raise ValueError(f"expected a region id 1..17, got {shown(value)}")
         return value
     if kind == "grams":
         try:
             return check_grams_per_kwh(value)
         except FetchError:
             raise ValueError(
-                f"expected a number of g/kWh between 0 and 3000, got {value!r}"
+                f"expected a number of g/kWh between 0 and 3000, got {shown(value)}"
             ) from None
     raise AssertionError(f"no check for option kind {kind!r}")
 
@@ -186,7 +186,7 @@ def build_providers(
     if not isinstance(zone, str) or not is_valid_zone(zone):
         raise ConfigError(
             zone_key,
-            f"malformed zone {zone!r}: use an Electricity Maps zone "
+            f"malformed zone {shown(zone)}: use an Electricity Maps zone "
             "(DE, US-CAL-CISO), an ISO country code, or a cloud region "
             "(aws:eu-west-1, gcp:europe-west4, azure:westeurope)",
         )

@@ -41,6 +41,7 @@ class FakeGpu:
     name: str = "NVIDIA Fake GPU"
     energy_millijoules: int = 0
     power_milliwatts: int = 0
+    power_limit_milliwatts: int = 0  # 0: the enforced power limit is not supported
     mig: bool = False
     faults: set[str] = field(default_factory=set)  # lost, energy_not_supported, …
 
@@ -94,7 +95,7 @@ class Scenario:
         for g in self.gpus:
             lines.append(f'gpu {g.index} uuid={g.uuid} name="{g.name}" '
                          f"energy_mj={g.energy_millijoules} power_mw={g.power_milliwatts} "
-                         f"mig={int(g.mig)}")
+                         f"power_limit_mw={g.power_limit_milliwatts} mig={int(g.mig)}")
             if g.faults:
                 lines.append(f"fault {g.index} {' '.join(sorted(g.faults))}")
         for p in self.processes:

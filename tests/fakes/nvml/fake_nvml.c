@@ -78,6 +78,7 @@ struct dev {
     char name[STR_LEN];
     unsigned long long energy_mj;
     unsigned int power_mw;
+    unsigned int power_limit_mw; /* 0: nvmlDeviceGetEnforcedPowerLimit answers NotSupported */
     unsigned int gi, ci;
     int mig_mode;
     int lost, energy_unsupported, energy_noperm, power_unsupported, procutil_unsupported;
@@ -193,6 +194,7 @@ static void load(void) {
                 snprintf(d->name, sizeof d->name, "%s", "Fake GPU");
             d->energy_mj = get_u64(line, "energy_mj", 0);
             d->power_mw = (unsigned int)get_u64(line, "power_mw", 0);
+            d->power_limit_mw = (unsigned int)get_u64(line, "power_limit_mw", 0);
             d->mig_mode = (int)get_u64(line, "mig", 0);
             if (idx + 1 > gpu_count) gpu_count = idx + 1;
         } else if (strcmp(kind, "fault") == 0) {
@@ -386,6 +388,14 @@ nvmlReturn_t nvmlDeviceGetPowerUsage(void *device, unsigned int *power) {
     if (!power) RETURN(NVML_ERROR_INVALID_ARGUMENT);
     if ((struct dev *)device != g || g->power_unsupported) RETURN(NVML_ERROR_NOT_SUPPORTED);
     *power = g->power_mw;
+    RETURN(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(void *device, unsigned int *limit) {
+    DEVICE(device, g);
+    if (!limit) RETURN(NVML_ERROR_INVALID_ARGUMENT);
+    if ((struct dev *)device != g || !g->power_limit_mw) RETURN(NVML_ERROR_NOT_SUPPORTED);
+    *limit = g->power_limit_mw;
     RETURN(NVML_SUCCESS);
 }
 
