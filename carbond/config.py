@@ -19,6 +19,8 @@ import yaml
 from carbond.carbon.providers import PROVIDER_OPTIONS, provider_specs_from_config
 from carbond.carbon.zone import validate_zone
 from carbond.errors import ConfigError, did_you_mean
+from carbond.meters.settings import PLATFORM_KEYS, PLATFORM_SCHEMAS, AcpiSettings, IpmiSettings
+from carbond.meters.settings import RedfishSettings
 from carbond.periods import PERIODS, get_zone
 from carbond.units import parse_grams, parse_seconds
 from carbond.workloads.naming import Rule, compile_rules
@@ -261,6 +263,7 @@ LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
     "intensity.providers[]": PROVIDER_OPTIONS,
     "ledger": LEDGER_SCHEMA,
     "embodied": EMBODIED_SCHEMA,
+    **PLATFORM_SCHEMAS,
 }
 
 
@@ -294,7 +297,9 @@ KEYS: tuple[Key, ...] = (
     _key("meters.model.cpu_watts_min", "model_cpu_watts_min", _number(0.0)),
     _key("meters.model.cpu_watts_max", "model_cpu_watts_max", _number(0.0)),
     _key("meters.model.memory_watts_per_gb", "model_memory_watts_per_gb", _number(0.0)),
+    *(_key(path, fields, check) for path, fields, check in PLATFORM_KEYS),
     _key("attribution.idle", "idle_policy", _choice("separate", "proportional")),
+    _key("attribution.platform", "platform_policy", _choice("proportional", "idle")),
     _key("attribution.idle_watts.cpu", "idle_watts_cpu", _auto_or_watts),
     _key("attribution.idle_watts.gpu", "idle_watts_gpu", _auto_or_watts),
     _key("attribution.max_consumers", "max_consumers", _positive_int),
@@ -393,7 +398,11 @@ class Config:
     model_cpu_watts_min: float = 0.74
     model_cpu_watts_max: float = 3.5
     model_memory_watts_per_gb: float = 0.392
+    acpi: AcpiSettings = AcpiSettings()
+    redfish: RedfishSettings = RedfishSettings()
+    ipmi: IpmiSettings = IpmiSettings()
     idle_policy: str = "separate"
+    platform_policy: str = "proportional"
     idle_watts_cpu: float | None = None  # None: learned
     idle_watts_gpu: float | None = None
     max_consumers: int = 200
