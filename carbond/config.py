@@ -19,8 +19,7 @@ import yaml
 from carbond.carbon.providers import PROVIDER_OPTIONS, provider_specs_from_config
 from carbond.carbon.zone import validate_zone
 from carbond.errors import ConfigError, did_you_mean
-from carbond.meters.settings import PLATFORM_KEYS, PLATFORM_SCHEMAS, AcpiSettings, IpmiSettings
-from carbond.meters.settings import RedfishSettings
+from carbond.meters import settings as platform
 from carbond.periods import PERIODS, get_zone
 from carbond.units import parse_grams, parse_seconds
 from carbond.workloads.naming import Rule, compile_rules
@@ -263,7 +262,7 @@ LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
     "intensity.providers[]": PROVIDER_OPTIONS,
     "ledger": LEDGER_SCHEMA,
     "embodied": EMBODIED_SCHEMA,
-    **PLATFORM_SCHEMAS,
+    **platform.PLATFORM_SCHEMAS,
 }
 
 
@@ -297,7 +296,7 @@ KEYS: tuple[Key, ...] = (
     _key("meters.model.cpu_watts_min", "model_cpu_watts_min", _number(0.0)),
     _key("meters.model.cpu_watts_max", "model_cpu_watts_max", _number(0.0)),
     _key("meters.model.memory_watts_per_gb", "model_memory_watts_per_gb", _number(0.0)),
-    *(_key(path, fields, check) for path, fields, check in PLATFORM_KEYS),
+    *(_key(path, fields, check) for path, fields, check in platform.PLATFORM_KEYS),
     _key("attribution.idle", "idle_policy", _choice("separate", "proportional")),
     _key("attribution.platform", "platform_policy", _choice("proportional", "idle")),
     _key("attribution.idle_watts.cpu", "idle_watts_cpu", _auto_or_watts),
@@ -398,9 +397,9 @@ class Config:
     model_cpu_watts_min: float = 0.74
     model_cpu_watts_max: float = 3.5
     model_memory_watts_per_gb: float = 0.392
-    acpi: AcpiSettings = AcpiSettings()
-    redfish: RedfishSettings = RedfishSettings()
-    ipmi: IpmiSettings = IpmiSettings()
+    acpi: platform.AcpiSettings = field(default_factory=platform.AcpiSettings)
+    redfish: platform.RedfishSettings = field(default_factory=platform.RedfishSettings)
+    ipmi: platform.IpmiSettings = field(default_factory=platform.IpmiSettings)
     idle_policy: str = "separate"
     platform_policy: str = "proportional"
     idle_watts_cpu: float | None = None  # None: learned

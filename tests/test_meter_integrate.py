@@ -14,6 +14,7 @@ from carbond.meters.integrate import (
     TRAPEZOID,
     WINDOW_MEAN,
     CounterTrack,
+    Freshness,
     PowerIntegrator,
     ReadingError,
     Reported,
@@ -54,7 +55,7 @@ def test_joules_at_holds_the_last_power_up_to_the_horizon() -> None:
 
 
 def test_a_counter_tracks_moves_resets_and_estimates_between_moves() -> None:
-    track = CounterTrack(stale_seconds=60.0)
+    track = CounterTrack()
     track.add(0.0, 5_000_000.0, watts=1000.0)  # joules since the BMC started: a baseline
     assert track.joules_at(0.0, 60.0) == 0.0
     track.add(10.0, 5_010_000.0, watts=1000.0)
@@ -65,27 +66,27 @@ def test_a_counter_tracks_moves_resets_and_estimates_between_moves() -> None:
 
 
 def test_a_coarse_counter_without_power_uses_its_own_rate() -> None:
-    track = CounterTrack(stale_seconds=120.0)
+    track = CounterTrack()
     kwh = 3.6e6
     track.add(0.0, 100.000 * kwh)
     track.add(36.0, 100.001 * kwh)  # 3.6 kJ in 36 s: 100 W
     assert track.watts == pytest.approx(100.0)
     assert track.joules_at(54.0, 120.0) == pytest.approx(3600.0 + 1800.0)
-    track.add(40.0, 100.001 * kwh)  # not moved yet: not stale at 40 s
-    assert not track.stale(90.0) and track.stale(157.0)
+    assert track.joules_at(160.0, 120.0) is None
 
 
-def test_a_counter_alive_by_its_power_is_not_stale() -> None:
-    track = CounterTrack(stale_seconds=60.0)
-    track.add(0.0, 1000.0, watts=50.0)
-    track.add(50.0, 1000.0, watts=51.0)  # counter flat (coarse), power moved
-    assert not track.stale(100.0)
-    track.add(100.0, 1000.0, watts=51.0)
-    assert track.stale(111.0)
+def test_readings_that_do_not_move_go_stale() -> None:
+    fresh = Freshness(stale_seconds=60.0)
+    assert not fresh.observe(0.0, (1000.0, 50.0))
+    assert not fresh.observe(50.0, (1000.0, 51.0))  # counter flat (coarse), power moved
+    assert not fresh.observe(100.0, (1000.0, 51.0))
+    assert fresh.observe(111.0, (1000.0, 51.0))
+    assert fresh.observe(200.0, (1000.0, 51.0))  # stays stale until something moves
+    assert not fresh.observe(210.0, (1003.6, 51.0))
 
 
 def test_an_impossible_counter_move_is_an_error() -> None:
-    track = CounterTrack(stale_seconds=60.0)
+    track = CounterTrack()
     track.add(0.0, 0.0)
     with pytest.raises(ReadingError):
         track.add(1.0, 2 * MAX_PLATFORM_WATTS)
@@ -110,7 +111,7 @@ def test_readings_that_are_not_energy(value) -> None:
 def test_counter_total_is_the_sum_of_its_rises(steps) -> None:
     """Without resets, the track's total is exactly the counter's rise from its first value,
     whatever the spacing (impossible rises refused and left out)."""
-    track = CounterTrack(stale_seconds=1e9)
+    track = CounterTrack()
     now, raw, first = 0.0, 0.0, None
     accepted = 0.0
     for seconds, rise in steps:

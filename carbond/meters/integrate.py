@@ -125,31 +125,21 @@ class CounterTrack:
     reading beside the counter where the source has one, else the counter's own rate over
     its last move) for the time since the last move. A decrease is a reset of the counter
     (BMC reboot, ResetMetrics): the track continues from the new value. A move implying more
-    than MAX_PLATFORM_WATTS is an error. The track is stale when for `stale_seconds` neither
-    the counter moved nor the power beside it changed: a working node always draws energy,
-    and a coarse counter (kWh to three decimals moves every 36 s at 100 W) is still alive
-    while its power reading moves.
+    than MAX_PLATFORM_WATTS is an error.
     """
 
-    def __init__(self, stale_seconds: float) -> None:
-        self.stale_seconds = stale_seconds
+    def __init__(self) -> None:
         self.joules = 0.0  # cumulative at the last move
         self.last_raw: float | None = None
         self.moved_seconds: float | None = None  # when the counter last moved (or began)
-        self.alive_seconds: float | None = None  # when the counter or its power last changed
         self.watts = 0.0  # power for the time since the last move
-        self._given_watts: float | None = None
         self.resets = 0
 
     def add(self, now_seconds: float, raw_joules: float, watts: float | None = None) -> None:
         """A checked counter value (check_joules) and, if the source has one, its power."""
         previous, moved = self.last_raw, self.moved_seconds
-        if watts is not None and watts != self._given_watts:
-            self._given_watts = watts
-            self.alive_seconds = now_seconds
         if previous is None or moved is None:
             self.last_raw, self.moved_seconds = raw_joules, now_seconds
-            self.alive_seconds = now_seconds
             self.watts = watts if watts is not None else 0.0
             return
         if raw_joules < previous:
@@ -168,21 +158,17 @@ class CounterTrack:
         rate = delta / elapsed if elapsed > 0 else self.watts
         self._move(now_seconds, raw_joules, delta, watts if watts is not None else rate)
 
-    def _move(self, now_seconds: float, raw: float, added: float, watts: float) -> None:
+    def _move(self, now_seconds: float, raw: float, added: float, watts: float | None) -> None:
         self.joules += added
-        self.last_raw, self.moved_seconds, self.alive_seconds = raw, now_seconds, now_seconds
-        self.watts = watts
+        self.last_raw, self.moved_seconds = raw, now_seconds
+        if watts is not None:
+            self.watts = watts
 
     def restart(self) -> None:
         """Forget the counter: after a stale or failed spell its next move is not energy of
         this track (the host counted its parts meanwhile)."""
         self.last_raw = None
         self.moved_seconds = None
-        self._given_watts = None
-
-    def stale(self, now_seconds: float) -> bool:
-        return self.alive_seconds is not None and self.moved_seconds is not None and (
-            now_seconds - self.alive_seconds > self.stale_seconds)
 
     def joules_at(self, now_seconds: float, horizon_seconds: float) -> float | None:
         """Energy up to `now`: None before the first value or `horizon_seconds` past the last
@@ -193,6 +179,25 @@ class CounterTrack:
         if ahead > horizon_seconds:
             return None
         return self.joules + self.watts * ahead
+
+
+class Freshness:
+    """Whether a source's readings still move. Readings that do not change at all for
+    `stale_seconds` (counter, power beside it and reading time alike) are stale: a working
+    node's power is never perfectly still, and a BMC whose sensor task hung repeats its last
+    answer. A coarse counter (kWh to three decimals moves every 36 s at 100 W) stays fresh
+    while the power beside it moves."""
+
+    def __init__(self, stale_seconds: float) -> None:
+        self.stale_seconds = stale_seconds
+        self._last: object = None
+        self._changed_seconds: float | None = None
+
+    def observe(self, now_seconds: float, reading: object) -> bool:
+        """Take a reading (anything comparable); True while the readings are stale."""
+        if self._changed_seconds is None or reading != self._last:
+            self._last, self._changed_seconds = reading, now_seconds
+        return now_seconds - self._changed_seconds > self.stale_seconds
 
 
 class Reported:
