@@ -211,7 +211,8 @@ def attribute(tick: TickInput, policy: Policy) -> Attribution:
     if platform is None:
         return Attribution(energy, counted, cpu_joules, parts_joules, measured_joules)
     rest_joules = platform.joules - parts_joules
-    _add(energy, split_rest(max(0.0, rest_joules), energy, policy.platform), PLATFORM)
+    for consumer, joules in split_rest(max(0.0, rest_joules), energy, policy.platform).items():
+        energy.setdefault(consumer, {})[PLATFORM] = joules  # the first platform part of each
     return Attribution(energy, counted, cpu_joules, parts_joules, measured_joules,
                        platform.joules, max(0.0, -rest_joules))
 
@@ -226,7 +227,8 @@ def split_rest(rest_joules: float, energy: ConsumerEnergy, policy: str) -> dict[
         return {IDLE: 0.0}
     if policy == PLATFORM_IDLE:
         return {IDLE: rest_joules}
-    weights = {consumer: math.fsum(parts.values()) for consumer, parts in energy.items()}
+    # shares need no exact sums (the split puts its rounding on the largest part)
+    weights = {consumer: sum(parts.values()) for consumer, parts in energy.items()}
     return _split(rest_joules, weights) or {IDLE: rest_joules}
 
 
