@@ -17,12 +17,12 @@ the rounding remainder is put on the largest part, so `math.fsum` of a split equ
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from carbond.consumers import IDLE, OTHER, Consumer
-from carbond.energy import DeviceDelta
+from carbond.energy import DeviceDelta, DeviceSeries
 
 SEPARATE, PROPORTIONAL = "separate", "proportional"
 POLICIES = (SEPARATE, PROPORTIONAL)
@@ -132,9 +132,19 @@ def coverage_ratio(measured_parts_joules: float, platform_joules: float) -> floa
     return measured_parts_joules / platform_joules
 
 
-def is_platform_meter(delta: DeviceDelta) -> bool:
+def is_platform_meter(delta: DeviceDelta | DeviceSeries) -> bool:
     """A whole-node reading (acpi, ipmi, redfish); RAPL's psys is not one."""
     return delta.component == PLATFORM and delta.source in PLATFORM_SOURCES
+
+
+def host_watts(devices: Iterable[DeviceSeries]) -> float:
+    """The host's power from its exported device series, as attribution counts it: the
+    platform meter's where one had power in the tick (only the chosen one does), else
+    cpu + dram + gpu; psys never."""
+    platform = math.fsum(d.watts for d in devices if is_platform_meter(d) and d.watts > 0)
+    if platform > 0:
+        return platform
+    return math.fsum(d.watts for d in devices if d.component in ATTRIBUTED)
 
 
 def platform_delta(devices: Sequence[DeviceDelta]) -> DeviceDelta | None:

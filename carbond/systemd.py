@@ -7,11 +7,11 @@ when WATCHDOG=1 stops arriving (ticks failing or hung), and shows STATUS= in `sy
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from collections.abc import Mapping
 
+from carbond import attribution
 from carbond.snapshot import Snapshot
 
 
@@ -50,8 +50,9 @@ def _one_line(text: str) -> str:
 
 
 def host_watts(snapshot: Snapshot) -> float:
-    """Host power as carbond attributes it: psys (`platform`) overlaps cpu + dram, not added."""
-    return math.fsum(d.watts for d in snapshot.devices if d.component != "platform")
+    """Host power as carbond attributes it: a platform meter's where one measured, else the
+    parts; psys (`platform`, source rapl) overlaps cpu + dram and is never added."""
+    return attribution.host_watts(snapshot.devices)
 
 
 def status_line(snapshot: Snapshot) -> str:
