@@ -312,8 +312,8 @@ def test_the_polling_thread_reads_and_stops(pty) -> None:
     meter = IpmiMeter(dev, interval_seconds=0.1)
     try:
         assert wait_for(lambda: len(driver.sent) >= 3, timeout=30)
-        assert any(t.name == "carbond-ipmi" for t in threading.enumerate())
+        assert any(t.name == "carbond-ipmi-poller" for t in threading.enumerate())
     finally:
         meter.close()
-    assert wait_for(lambda: not any(t.name == "carbond-ipmi" for t in threading.enumerate()),
+    assert wait_for(lambda: not any(t.name == "carbond-ipmi-poller" for t in threading.enumerate()),
                     timeout=10)

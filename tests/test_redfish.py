@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import shutil
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,14 @@ from carbond.carbon.intensity import FetchError
 from carbond.carbon.providers.base import Secret
 from carbond.meters.redfish import COUNTER, POWER_CONTROL, SUPPLIES, RedfishMeter
 from carbond.meters.redfish_client import RedfishClient, resource_path
-from tests.fakes.redfish_server import PASSWORD, USERNAME, FakeBmc, Load
+from tests.fakes.redfish_server import (
+    PASSWORD,
+    USERNAME,
+    FakeBmc,
+    Load,
+    make_certificate,
+    server_context,
+)
 from tests.helpers import wait_for
 
 TIMEOUT_SECONDS = 1.0
@@ -37,24 +43,14 @@ class Clock:
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made with the openssl CLI."""
     if shutil.which("openssl") is None:
         pytest.skip("no openssl CLI")
-    directory = tmp_path_factory.mktemp("bmc-tls")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=bmc",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        cwd=directory, check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return directory / "cert.pem", directory / "key.pem"
+    return make_certificate(tmp_path_factory.mktemp("bmc-tls"))
 
 
 @pytest.fixture
 def tls(certificate) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*map(str, certificate))
-    return context
+    return server_context(certificate)
 
 
 @pytest.fixture
@@ -335,10 +331,10 @@ def test_the_polling_thread_runs_on_its_own_cadence(bmcs, tls, certificate) -> N
     m = RedfishMeter(client(bmc, certificate), interval_seconds=0.2, stale_after_seconds=5.0)
     try:
         assert wait_for(lambda: (joules(m) or 0.0) > 0.0, timeout=30)
-        assert any(t.name == "carbond-redfish" for t in threading.enumerate())
+        assert any(t.name == "carbond-redfish-poller" for t in threading.enumerate())
     finally:
         m.close()
-    assert wait_for(lambda: not any(t.name == "carbond-redfish"
+    assert wait_for(lambda: not any(t.name == "carbond-redfish-poller"
                                     for t in threading.enumerate()), timeout=10)
     assert bmc.deleted  # logged out at close
 

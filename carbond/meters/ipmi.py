@@ -272,7 +272,7 @@ class IpmiMeter:
         self.last_reading: PowerReading | None = None
         self._poller: Poller | None = None
         if start_poller:
-            self._poller = Poller(SOURCE, interval_seconds, self.poll, self._failed)
+            self._poller = Poller(f"{SOURCE}-poller", interval_seconds, self.poll, self._failed)
             self._poller.start()
 
     def poll(self) -> None:

@@ -189,7 +189,7 @@ class RedfishMeter:
         self.polls_total = 0
         self._poller: Poller | None = None
         if start_poller:
-            self._poller = Poller(SOURCE, interval_seconds, self.poll, self._failed)
+            self._poller = Poller(f"{SOURCE}-poller", interval_seconds, self.poll, self._failed)
             self._poller.start()
 
     # -- the poller's side ----------------------------------------------------------------

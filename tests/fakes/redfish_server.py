@@ -20,10 +20,12 @@ import base64
 import json
 import secrets
 import ssl
+import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 from tests.fakes.intensity_server import QuietHTTPServer
@@ -32,6 +34,23 @@ USERNAME = "carbond-bmc"
 PASSWORD = "bmc-password-3e1f7a9c5b"  # distinctive: tests grep logs and requests for it
 MODES = ("ok", "stale", "hang", "401", "expire", "nan", "nan_string", "negative", "huge",
          "redirect", "down", "null")
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, by the openssl CLI."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=bmc",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        cwd=directory, check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return directory / "cert.pem", directory / "key.pem"
+
+
+def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*map(str, certificate))
+    return context
 
 
 @dataclass
