@@ -3,8 +3,9 @@
 # benchmark spinner), setpriv (drops capabilities to test permission errors as root), prometheus
 # (the real server that `carbond report --prometheus` and the exporter are tested against),
 # openssl (self-signed certificates for the TLS tests), chromium (opens `report --format html`
-# headless over the DevTools protocol), tmux (a real terminal for `carbond top`). Installed with
-# apt-get when missing.
+# headless over the DevTools protocol), tmux (a real terminal for `carbond top`),
+# linux-libc-dev (<linux/ipmi.h>: the IPMI meter's ctypes structures are checked against it).
+# Installed with apt-get when missing.
 set -euo pipefail
 missing=()
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
@@ -16,6 +17,7 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v make >/dev/null || missing+=(make)
 command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
 command -v tmux >/dev/null || missing+=(tmux)
+[ -f /usr/include/linux/ipmi.h ] || missing+=(linux-libc-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test-deps: need ${missing[*]}; run as root or install them" >&2
