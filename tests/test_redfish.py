@@ -241,6 +241,19 @@ def test_401_is_an_error_without_a_login_storm(bmcs, tls, certificate, clock) ->
     assert joules(m) is None
 
 
+def test_refused_credentials_are_one_login_per_poll(bmcs, tls, certificate, clock,
+                                                    caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    bmc = start(bmcs, tls, clock, variant="counter")
+    m = RedfishMeter(RedfishClient(bmc.url, Secret(USERNAME), Secret("wrong-password-1b7"),
+                                   timeout_seconds=TIMEOUT_SECONDS, ca_file=str(certificate[0])),
+                     clock=clock, start_poller=False)
+    run(m, clock, 30)
+    assert len([r for r in bmc.requests if r.method == "POST"]) == 3
+    assert m.plan is None and "401" in m.last_error and not m.report()[0].ok
+    assert "wrong-password-1b7" not in caplog.text + m.report()[0].detail
+
+
 def test_an_expired_session_logs_in_again(bmcs, tls, certificate, clock) -> None:
     bmc = start(bmcs, tls, clock, variant="counter", load=Load([(0.0, 500.0)]))
     m = meter(bmc, certificate, clock)
@@ -382,3 +395,41 @@ def test_a_link_is_a_path_under_redfish_or_refused(link) -> None:
     except FetchError:
         return
     assert path.startswith("/redfish/") and "//" not in path and path.isprintable()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["Reading", "PowerWatts", "EnergyJoules", "EnergykWh", "PowerControl",
+                         "PowerConsumedWatts", "InputPowerWatts", "Members", "@odata.id",
+                         "ReadingTime", "x"]), inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=400)
+@given(json_values)
+def test_any_answer_parses_or_is_refused(document) -> None:
+    """Whatever JSON a BMC sends, the parsers give a checked number or one of the two errors
+    the meter counts; never another exception, never NaN or a negative power."""
+    from carbond.meters.integrate import ReadingError
+    from carbond.meters.redfish import (
+        counter_name,
+        environment_power,
+        environment_sample,
+        members,
+        power_control_watts,
+        supply_watts,
+    )
+
+    calls = [lambda: environment_sample(document, counter_name(document) or "EnergyJoules"),
+             lambda: environment_power(document), lambda: power_control_watts(document),
+             lambda: supply_watts(document), lambda: members(document, 4)]
+    for call in calls:
+        try:
+            result = call()
+        except (FetchError, ReadingError):
+            continue
+        values = [result] if isinstance(result, float) else (
+            [v for v in (result.joules, result.watts) if v is not None]
+            if hasattr(result, "watts") else [])
+        assert all(0 <= v < float("inf") for v in values)

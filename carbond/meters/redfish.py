@@ -256,7 +256,8 @@ class RedfishMeter:
             return ids[0]
         top = []
         for chassis_id, path in zip(ids, paths, strict=True):
-            links = self.client.get(path).get("Links") or {}
+            resource = self.client.get(path)
+            links = resource.get("Links") if isinstance(resource, dict) else None
             if not (isinstance(links, dict) and links.get("ContainedBy")):
                 top.append(chassis_id)
         if len(top) == 1:

@@ -89,8 +89,9 @@ class RedfishClient:
     def get(self, path: str) -> Any:
         """The resource at `path` as JSON; a 401 with a session logs in once more."""
         url = self.base_url + resource_path(path)
+        headers = self._headers()  # a refused login fails here, once, and is not retried
         try:
-            return self.http.get_json(url, self._headers())
+            return self.http.get_json(url, headers)
         except FetchError as exc:
             if exc.reason != "http_401" or self.auth != AUTH_SESSION:
                 raise
