@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import bcrypt
 
-from carbond.exporter import MetricsServer
+from carbond.exporter.app import MetricsServer
 from tests.web_helpers import Published
 
 PASSWORD = "correct horse battery staple"

@@ -3,12 +3,15 @@
 Everything between the meters' device deltas and joules per consumer is decided here, and
 nowhere else: which devices count as host energy (RAPL, or the model standing in where no
 counter measures a component, never both; `psys` exported but never attributed), the CPU split
-by CPU time with the idle baseline and the idle policy, DRAM following the CPU split, and each
-GPU's split by its processes' SM utilisation with used memory as the fallback.
+by CPU time with the idle baseline and the idle policy, DRAM following the CPU split, each
+GPU's split by its processes' SM utilisation with used memory as the fallback, and, where a
+platform meter (acpi, ipmi, redfish) measured the whole node, the rest of the node beyond
+the parts as component `platform`, by `attribution.platform`.
 
 Invariant (DESIGN.md): every tick the consumers, `idle` and `other` included, sum to the
-attributed host energy within 1e-9 relative. Splits are computed share by share and the rounding
-remainder is put on the largest part, so `math.fsum` of a split equals its input energy.
+host energy within 1e-9 relative: the platform reading where there is one (or the parts, in a
+tick where the parts exceed it), else cpu + dram + gpu. Splits are computed share by share and
+the rounding remainder is put on the largest part, so `math.fsum` of a split equals its input.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from carbond.types import IDLE, OTHER, Consumer, ConsumerEnergy, DeviceDelta
 
@@ -26,11 +29,28 @@ POLICIES = (SEPARATE, PROPORTIONAL)
 # component (cpu, dram) that no hardware counter measures.
 MODEL_OFF, MODEL_AUTO, MODEL_ON = "off", "auto", "on"
 MODELLED = ("cpu", "dram")  # the components the model can stand in for
-ATTRIBUTED = ("cpu", "dram", "gpu")  # platform (psys) overlaps cpu + dram: exported only
+ATTRIBUTED = ("cpu", "dram", "gpu")  # the parts; psys overlaps cpu + dram: exported only
 MODEL_SOURCE = "model"
+PLATFORM = "platform"
+# Whole-node meters, in the order one is preferred when several deliver in a tick: the
+# in-band ACPI meter is sampled every second on the host, IPMI in-band through the kernel,
+# Redfish over the network at its own slower cadence. Only the chosen one is counted, so the
+# exported platform series of these sources sum to the host's platform energy.
+PLATFORM_SOURCES = ("acpi", "ipmi", "redfish")
+# attribution.platform: the rest of the node in proportion to each consumer's energy of the
+# tick (idle included), or all of it to consumer `idle`.
+PLATFORM_PROPORTIONAL, PLATFORM_IDLE = "proportional", "idle"
+PLATFORM_POLICIES = (PLATFORM_PROPORTIONAL, PLATFORM_IDLE)
 BASIS_SM, BASIS_MEMORY = "sm", "memory"
 
 K = TypeVar("K")
+
+
+class Labelled(Protocol):
+    """A device delta or an exported device series: what names a device's reading."""
+
+    component: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -58,12 +78,16 @@ class TickInput:
 class Policy:
     idle: str = SEPARATE
     model: str = MODEL_AUTO
+    platform: str = PLATFORM_PROPORTIONAL
 
     def __post_init__(self) -> None:
         if self.idle not in POLICIES:
             raise ValueError(f"idle policy must be one of {POLICIES}, not {self.idle!r}")
         if self.model not in (MODEL_OFF, MODEL_AUTO, MODEL_ON):
             raise ValueError(f"model must be off, auto or on, not {self.model!r}")
+        if self.platform not in PLATFORM_POLICIES:
+            raise ValueError(f"platform policy must be one of {PLATFORM_POLICIES}, "
+                             f"not {self.platform!r}")
 
 
 @dataclass(frozen=True)
@@ -71,15 +95,63 @@ class Attribution:
     energy: ConsumerEnergy  # joules per consumer and component
     counted: tuple[DeviceDelta, ...]  # the device deltas that are host energy (exported)
     cpu_joules: float  # host CPU energy of the tick, whichever source counted
+    parts_joules: float = 0.0  # cpu + dram + gpu counted, the model included where it stood in
+    measured_parts_joules: float = 0.0  # the same from hardware counters only (no model)
+    platform_joules: float | None = None  # the platform meter's energy; None: none this tick
+    platform_excess_joules: float = 0.0  # parts beyond the platform reading (sampling skew)
 
     @property
     def host_joules(self) -> float:
-        """The attributed host energy: what the consumers sum to."""
-        return math.fsum(d.joules for d in self.counted if d.component in ATTRIBUTED)
+        """The host energy, what the consumers sum to: the platform reading where there is
+        one (raised to the parts in a tick where they exceed it), else the parts."""
+        if self.platform_joules is None:
+            return self.parts_joules
+        return self.platform_joules + self.platform_excess_joules
+
+    @property
+    def rest_joules(self) -> float:
+        """Component `platform` of the consumers: the node beyond cpu + dram + gpu."""
+        if self.platform_joules is None:
+            return 0.0
+        return max(0.0, self.platform_joules - self.parts_joules)
+
+    @property
+    def coverage_ratio(self) -> float | None:
+        """Measured parts / platform for `carbond_host_coverage_ratio`; None without one."""
+        if self.platform_joules is None:
+            return None
+        return coverage_ratio(self.measured_parts_joules, self.platform_joules)
 
     @property
     def model_used(self) -> bool:
         return any(d.source == MODEL_SOURCE for d in self.counted)
+
+
+def coverage_ratio(measured_parts_joules: float, platform_joules: float) -> float | None:
+    """How much of the node the hardware counters see: None when the platform reading is not
+    a positive, finite number. Above 1 in a tick where the parts exceed the platform."""
+    if not (math.isfinite(platform_joules) and platform_joules > 0):
+        return None
+    if not math.isfinite(measured_parts_joules) or measured_parts_joules < 0:
+        return None
+    return measured_parts_joules / platform_joules
+
+
+def is_platform_meter(delta: Labelled) -> bool:
+    """A whole-node reading (acpi, ipmi, redfish); RAPL's psys is not one."""
+    return delta.component == PLATFORM and delta.source in PLATFORM_SOURCES
+
+
+def platform_delta(devices: Sequence[DeviceDelta]) -> DeviceDelta | None:
+    """The platform reading that is the host total this tick: the preferred source's first
+    delta with energy (PLATFORM_SOURCES). A delta of 0 J is no reading: it is the baseline a
+    meter gives on its first sighting, and a working node never draws nothing."""
+    for source in PLATFORM_SOURCES:
+        for delta in devices:
+            if (is_platform_meter(delta) and delta.source == source and delta.joules > 0
+                    and math.isfinite(delta.joules)):
+                return delta
+    return None
 
 
 def model_stands_in(measured: frozenset[str], model: str) -> frozenset[str]:
@@ -96,11 +168,15 @@ def counted_devices(
 ) -> tuple[DeviceDelta, ...]:
     """The deltas that are host energy: every hardware delta, and the model's only for the
     components it stands in for. The hardware's view is `measured` (what its counters cover,
-    also in a tick where one read failed: that energy arrives with the next read)."""
+    also in a tick where one read failed: that energy arrives with the next read). Of the
+    platform meters only the chosen one (`platform_delta`) counts; a 0 J delta of another is
+    kept, adding nothing, so its series exists from the start."""
     standing_in = model_stands_in(measured, model)
+    chosen = platform_delta(devices)
     return tuple(
         d for d in devices
-        if d.source != MODEL_SOURCE or (d.component in standing_in and d.component in MODELLED)
+        if (d.source != MODEL_SOURCE or (d.component in standing_in and d.component in MODELLED))
+        and (not is_platform_meter(d) or d is chosen or d.joules == 0)
     )
 
 
@@ -133,7 +209,32 @@ def attribute(tick: TickInput, policy: Policy) -> Attribution:
         _, shares = gpu_basis(weights.sm, weights.memory)
         _add(energy, split_energy(delta.joules, tick.seconds, tick.gpu_idle_watts, policy.idle,
                                   shares), "gpu")
-    return Attribution(energy, counted, cpu_joules)
+    parts = [d for d in counted if d.component in ATTRIBUTED]
+    parts_joules = math.fsum(d.joules for d in parts)
+    measured_joules = math.fsum(d.joules for d in parts if d.source != MODEL_SOURCE)
+    platform = platform_delta(counted)
+    if platform is None:
+        return Attribution(energy, counted, cpu_joules, parts_joules, measured_joules)
+    rest_joules = platform.joules - parts_joules
+    for consumer, joules in split_rest(max(0.0, rest_joules), energy, policy.platform).items():
+        energy.setdefault(consumer, {})[PLATFORM] = joules  # the first platform part of each
+    return Attribution(energy, counted, cpu_joules, parts_joules, measured_joules,
+                       platform.joules, max(0.0, -rest_joules))
+
+
+def split_rest(rest_joules: float, energy: ConsumerEnergy, policy: str) -> dict[Consumer, float]:
+    """The node beyond its measured parts, per consumer: `proportional` by each consumer's
+    energy of the tick over every component (`idle` included, being a consumer with energy),
+    `idle` all to consumer `idle`; with no energy to weigh by, all to `idle` too."""
+    if policy not in PLATFORM_POLICIES:
+        raise ValueError(f"platform policy must be one of {PLATFORM_POLICIES}, not {policy!r}")
+    if rest_joules <= 0 or not math.isfinite(rest_joules):
+        return {IDLE: 0.0}
+    if policy == PLATFORM_IDLE:
+        return {IDLE: rest_joules}
+    # shares need no exact sums (the split puts its rounding on the largest part)
+    weights = {consumer: sum(parts.values()) for consumer, parts in energy.items()}
+    return _split(rest_joules, weights) or {IDLE: rest_joules}
 
 
 def _positive_total(weights: Mapping[K, float]) -> float:

@@ -141,6 +141,8 @@ class Daemon:
             fetch_errors_total=self.feed.fetch_errors() if self.feed else {},
             ledger_errors_total=self.ledger.errors_total if self.ledger is not None else 0,
             budgets=budgets,
+            coverage_ratio=measurement.attribution.coverage_ratio,
+            platform_excess_joules=measurement.attribution.platform_excess_joules,
         )
 
     def tick_failed(self) -> Snapshot:
@@ -238,4 +240,4 @@ class Daemon:
 
 
 def policy_of(config: Config) -> Policy:
-    return Policy(config.idle_policy, config.model_enabled)
+    return Policy(config.idle_policy, config.model_enabled, config.platform_policy)

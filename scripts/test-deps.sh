@@ -3,11 +3,12 @@
 # benchmark spinner), setpriv (drops capabilities to test permission errors as root), prometheus
 # (the real server that `carbond report --prometheus` and the exporter are tested against),
 # openssl (self-signed certificates for the TLS tests), chromium (opens `report --format html`
-# headless over the DevTools protocol), tmux (a real terminal for `carbond top`); for the
-# package (issue 23): dpkg-dev (dpkg-shlibdeps), python3-venv (the .deb's venv on Debian's
-# python3), lintian, debootstrap and systemd-container (systemd-nspawn boots the package under a
-# real systemd), victoria-metrics (the remote_write fleet test). Installed with apt-get when
-# missing.
+# headless over the DevTools protocol), tmux (a real terminal for `carbond top`),
+# linux-libc-dev (<linux/ipmi.h>: the IPMI meter's ctypes structures are checked against it);
+# for the package (issue 23): dpkg-dev (dpkg-shlibdeps), python3-venv (the .deb's venv on
+# Debian's python3), lintian, debootstrap and systemd-container (systemd-nspawn boots the
+# package under a real systemd), victoria-metrics (the remote_write fleet test). Installed with
+# apt-get when missing.
 set -euo pipefail
 missing=()
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
@@ -25,6 +26,7 @@ command -v lintian >/dev/null || missing+=(lintian)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
+[ -f /usr/include/linux/ipmi.h ] || missing+=(linux-libc-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test-deps: need ${missing[*]}; run as root or install them" >&2

@@ -9,13 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carbond.attribution import (
+    PLATFORM_SOURCES,
     GpuWeights,
     Policy,
     TickInput,
     attribute,
     counted_devices,
+    coverage_ratio,
     follow_split,
     split_energy,
+    split_rest,
 )
 from carbond.types import IDLE, OTHER, Consumer, DeviceDelta
 
@@ -116,6 +119,10 @@ def gpu(index: int, joules: float) -> DeviceDelta:
     return DeviceDelta("gpu", f"gpu-{index}", "nvml", joules)
 
 
+def platform(source: str, joules: float) -> DeviceDelta:
+    return DeviceDelta("platform", "platform", source, joules)
+
+
 def consumer_total(result, component: str | None = None) -> float:
     return math.fsum(j for parts in result.energy.values() for c, j in parts.items()
                      if component is None or c == component)
@@ -131,6 +138,9 @@ devices = st.lists(
     ),
     max_size=10,
 )
+platform_deltas = st.lists(st.builds(platform, st.sampled_from(PLATFORM_SOURCES),
+                                     energy | st.just(0.0)), max_size=3)
+platform_policy = st.sampled_from(["proportional", "idle"])
 components = st.frozensets(st.sampled_from(["cpu", "dram"]))
 gpu_weights = st.dictionaries(
     st.sampled_from([f"gpu-{i}" for i in range(4)]), st.builds(GpuWeights, usage, usage),
@@ -146,7 +156,9 @@ def test_attribute_conserves_host_energy(deltas, dt, cpu, gpus, measured, cpu_id
                        Policy(pol, mode))
     assert close(consumer_total(result), result.host_joules)
     assert all(j >= 0 for parts in result.energy.values() for j in parts.values())
+    # without a platform meter, psys never makes a platform component
     assert "platform" not in {c for parts in result.energy.values() for c in parts}
+    assert result.platform_joules is None and result.coverage_ratio is None
     for component in ("cpu", "dram", "gpu"):
         counted = math.fsum(d.joules for d in result.counted if d.component == component)
         assert close(consumer_total(result, component), counted)
@@ -256,3 +268,144 @@ def test_worked_example_of_docs_attribution_md() -> None:
     assert energy[A] == pytest.approx({"cpu": 45.0, "dram": 4.5})
     assert energy[B] == pytest.approx({"cpu": 15.0, "dram": 1.5, "gpu": 300.0})
     assert energy[slurm] == pytest.approx({"gpu": 1200.0})
+
+
+# ---- the platform total (issue 22) -----------------------------------------------------------
+
+
+@settings(max_examples=600)
+@given(devices, platform_deltas, seconds, usage | st.none(), gpu_weights, components, watts,
+       watts, policy, st.sampled_from(["off", "auto", "on"]), platform_policy)
+def test_conservation_against_the_platform_total(deltas, platforms, dt, cpu, gpus, measured,
+                                                 cpu_idle, gpu_idle, pol, mode,
+                                                 plat_pol) -> None:
+    """Random parts, platform readings and policies: the consumers sum to the host total,
+    which is the chosen platform reading (or the parts where they exceed it), never less than
+    the platform; no energy is negative; the rest is component platform and nothing else."""
+    tick = TickInput(dt, [*deltas, *platforms], cpu, gpus, measured, cpu_idle, gpu_idle)
+    result = attribute(tick, Policy(pol, mode, plat_pol))
+    assert close(consumer_total(result), result.host_joules)
+    assert all(j >= 0 for parts in result.energy.values() for j in parts.values())
+    for component in ("cpu", "dram", "gpu"):  # the parts are attributed as without a platform
+        counted = math.fsum(d.joules for d in result.counted if d.component == component)
+        assert close(consumer_total(result, component), counted)
+    readings = [d for d in platforms if d.joules > 0]
+    if not readings:
+        assert result.platform_joules is None
+        assert close(result.host_joules, result.parts_joules)
+        assert consumer_total(result, "platform") == 0.0
+        return
+    chosen = min(readings, key=lambda d: PLATFORM_SOURCES.index(d.source))
+    assert result.platform_joules == chosen.joules
+    assert result.host_joules >= chosen.joules
+    assert close(result.host_joules, max(chosen.joules, result.parts_joules))
+    assert close(consumer_total(result, "platform"), result.rest_joules)
+    assert result.platform_excess_joules == pytest.approx(
+        max(0.0, result.parts_joules - chosen.joules), rel=1e-9, abs=1e-9)
+    # exactly one platform meter's energy counted: the exported series sum to the platform
+    platform_counted = [d for d in result.counted if d.component == "platform"
+                        and d.source in PLATFORM_SOURCES]
+    assert math.fsum(d.joules for d in platform_counted) == chosen.joules
+    if plat_pol == "idle":
+        rest = {c: parts.get("platform", 0.0) for c, parts in result.energy.items()}
+        assert all(j == 0.0 for c, j in rest.items() if c != IDLE)
+
+
+@settings(max_examples=300)
+@given(usage, energy, energy, energy)
+def test_proportional_rest_follows_each_consumers_energy(use, cpu_j, gpu_j, platform_j) -> None:
+    deltas = [rapl("package-0", "cpu", cpu_j), gpu(0, gpu_j), platform("acpi", platform_j)]
+    gpus = {"gpu-0": GpuWeights(sm=use)}
+    result = attribute(TickInput(1.0, deltas, use, gpus, frozenset({"cpu"})), Policy())
+    parts = result.parts_joules
+    if parts < 1e-6 or platform_j <= parts:  # subnormal parts: shares are not representable
+        return
+    rest = platform_j - parts
+    for joules in result.energy.values():
+        own = math.fsum(j for c, j in joules.items() if c != "platform")
+        assert joules.get("platform", 0.0) == pytest.approx(rest * own / parts, rel=1e-9,
+                                                            abs=1e-9 * platform_j)
+
+
+def test_thousand_watt_platform_seven_hundred_watt_parts() -> None:
+    """docs/attribution.md's platform example: 1,000 W node, 700 W measured, 300 W rest split
+    in proportion to each consumer's measured energy; coverage 0.70."""
+    slurm = Consumer("job", "slurm/42")
+    deltas = [rapl("package-0", "cpu", 1500.0), rapl("dram-0", "dram", 250.0),
+              gpu(0, 1750.0), platform("acpi", 5000.0), rapl("psys", "platform", 2000.0)]
+    tick = TickInput(5.0, deltas, {A: 3.0, B: 1.0},
+                     {"gpu-0": GpuWeights(sm={slurm: 400.0})},
+                     measured=frozenset({"cpu", "dram"}), cpu_idle_watts=60.0)
+    result = attribute(tick, Policy())
+    energy = result.energy
+    assert result.host_joules == pytest.approx(5000.0)
+    assert result.coverage_ratio == pytest.approx(0.70)
+    assert result.rest_joules == pytest.approx(1500.0)
+    assert energy[IDLE] == pytest.approx({"cpu": 300.0, "dram": 50.0, "gpu": 0.0,
+                                          "platform": 150.0})
+    assert energy[A] == pytest.approx({"cpu": 900.0, "dram": 150.0, "platform": 450.0})
+    assert energy[B] == pytest.approx({"cpu": 300.0, "dram": 50.0, "platform": 150.0})
+    assert energy[slurm] == pytest.approx({"gpu": 1750.0, "platform": 750.0})
+    assert consumer_total(result) == pytest.approx(5000.0, rel=1e-12)
+    idle_policy = attribute(tick, Policy(platform="idle")).energy
+    assert idle_policy[IDLE]["platform"] == pytest.approx(1500.0)
+    assert idle_policy[A].get("platform", 0.0) == 0.0
+
+
+def test_parts_above_the_platform_give_no_rest_and_count_the_excess() -> None:
+    deltas = [rapl("package-0", "cpu", 80.0), gpu(0, 40.0), platform("redfish", 100.0)]
+    result = attribute(TickInput(1.0, deltas, {A: 1.0}, {"gpu-0": GpuWeights(sm={B: 1.0})},
+                                 frozenset({"cpu"})), Policy())
+    assert result.rest_joules == 0.0
+    assert result.platform_excess_joules == pytest.approx(20.0)
+    assert result.host_joules == pytest.approx(120.0)
+    assert consumer_total(result) == pytest.approx(120.0)
+    assert consumer_total(result, "platform") == 0.0
+    assert result.coverage_ratio == pytest.approx(1.2)
+
+
+def test_psys_is_never_the_platform_total() -> None:
+    deltas = [rapl("package-0", "cpu", 40.0), rapl("psys", "platform", 90.0)]
+    result = attribute(TickInput(1.0, deltas, {A: 1.0}, measured=frozenset({"cpu"})), Policy())
+    assert result.platform_joules is None and result.host_joules == pytest.approx(40.0)
+    assert consumer_total(result, "platform") == 0.0
+
+
+def test_a_zero_platform_delta_is_no_reading() -> None:
+    """A meter's first sighting is a 0 J baseline: the host falls back to the parts that tick
+    instead of counting all of them as excess; the 0 J delta is still exported."""
+    deltas = [rapl("package-0", "cpu", 40.0), platform("acpi", 0.0)]
+    result = attribute(TickInput(1.0, deltas, {A: 1.0}, measured=frozenset({"cpu"})), Policy())
+    assert result.platform_joules is None and result.platform_excess_joules == 0.0
+    assert result.host_joules == pytest.approx(40.0)
+    assert platform("acpi", 0.0) in result.counted
+
+
+def test_only_the_preferred_platform_meter_counts() -> None:
+    deltas = [rapl("package-0", "cpu", 40.0), platform("redfish", 120.0),
+              platform("acpi", 100.0), platform("ipmi", 110.0)]
+    result = attribute(TickInput(1.0, deltas, {A: 1.0}, measured=frozenset({"cpu"})), Policy())
+    assert result.platform_joules == 100.0
+    assert [d.source for d in result.counted if d.component == "platform"] == ["acpi"]
+    alone = attribute(TickInput(1.0, deltas[:2], {A: 1.0}, measured=frozenset({"cpu"})),
+                      Policy())
+    assert alone.platform_joules == 120.0
+
+
+def test_no_parts_at_all_puts_the_whole_platform_on_idle() -> None:
+    result = attribute(TickInput(1.0, [platform("ipmi", 300.0)], {A: 1.0}), Policy())
+    assert result.energy[IDLE]["platform"] == pytest.approx(300.0)
+    assert result.coverage_ratio == 0.0
+
+
+def test_coverage_and_rest_helpers() -> None:
+    assert coverage_ratio(700.0, 1000.0) == pytest.approx(0.7)
+    assert coverage_ratio(700.0, 0.0) is None
+    assert coverage_ratio(700.0, math.nan) is None
+    assert coverage_ratio(math.inf, 10.0) is None
+    assert split_rest(0.0, {A: {"cpu": 1.0}}, "proportional") == {IDLE: 0.0}
+    assert split_rest(10.0, {}, "proportional") == {IDLE: 10.0}
+    with pytest.raises(ValueError):
+        split_rest(1.0, {}, "everyone")
+    with pytest.raises(ValueError):
+        Policy(platform="everyone")

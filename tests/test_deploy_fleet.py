@@ -54,6 +54,13 @@ FLEET_WATTS = A_PACKAGE_WATTS + A_DRAM_WATTS + A_GPU_WATTS + B_PACKAGE_WATTS + B
 # Grafana's built-in intervals, as it would set them for a 1 s scrape interval.
 RATE_INTERVAL, INTERVAL, RANGE = "10s", "10s", "1m"
 
+# Panel metrics the daemon does not export yet (issue 22 phase 1 built the coverage gauge's
+# computation, attribution.Attribution.coverage_ratio; the exporter wires it): their panels
+# are checked empty on purpose, and this list must shrink once they are exported, which
+# the assertion below enforces. Then host A needs a platform meter (a fake hwmon tree with a
+# power_meter, --config meters.acpi.root) for the coverage panel to have data.
+AWAITING_EXPORT = ("carbond_host_coverage_ratio",)
+
 RULES = ["attribution:",
          "  processes: off",
          "  rules:",
@@ -291,6 +298,11 @@ def test_fleet_dashboards_rules_and_budget_alert(tmp_path, fake_lib):
                 expr = substitute(query.expr, values, multi, all_values,
                                   interval=INTERVAL, rate_interval=RATE_INTERVAL, range_=RANGE)
                 checked += 1
+                waiting = [m for m in AWAITING_EXPORT if m in expr]
+                if waiting:
+                    assert not prom.query(waiting[0], now), f"{waiting[0]} is exported now: " \
+                        "drop it from AWAITING_EXPORT and give a fleet host a platform meter"
+                    continue
                 if not prom.query(expr, now):
                     empty.append(f"{name} / {query.panel} / {query.ref_id}: {expr}")
         assert empty == [] and checked == sum(

@@ -26,7 +26,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_rules():
     result = promtool("check", "rules", "alerts.yml", "recording.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 13 rules found" in result.stdout
+    assert "SUCCESS: 15 rules found" in result.stdout
     assert "SUCCESS: 12 rules found" in result.stdout
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fnmatch
 import os
 import re
@@ -74,6 +75,16 @@ def test_status_line_counts_consumers_and_adds_power_without_psys():
                     [("cpu", 40.0), ("dram", 5.5), ("platform", 60.0)])
     assert status_line(snap) == "2 consumers, host 45.5 W, 380 g/kWh from static (DE)"
     assert status_line(Snapshot()) == "0 consumers, host 0.0 W, no grid intensity yet"
+
+
+def test_status_line_takes_the_platform_meter_where_it_measured():
+    parts = [("cpu", 400.0), ("dram", 50.0), ("gpu", 250.0), ("platform", 600.0)]  # + psys
+    bmc = DeviceSeries("platform", "platform", "redfish", 0.0, 1000.0)
+    snap = snapshot(["a.service"], parts)
+    with_bmc = dataclasses.replace(snap, devices=(*snap.devices, bmc))
+    assert "host 1000.0 W" in status_line(with_bmc)
+    down = dataclasses.replace(bmc, watts=0.0)  # its meter missed the tick: the parts
+    assert "host 700.0 W" in status_line(dataclasses.replace(snap, devices=(*snap.devices, down)))
 
 
 @given(st.lists(st.text(), max_size=5), st.text(min_size=1), st.text(min_size=1))

@@ -1,4 +1,5 @@
-"""The one place intensity providers touch the network: GET a URL, get JSON or a FetchError.
+"""The one place carbond touches the network: GET a URL (intensity providers), or POST and
+DELETE (the Redfish meter's sessions), and get JSON or a FetchError.
 
 Standard library only (urllib), so the agent has no HTTP dependency to patch on every server.
 The opener is injectable: tests pass one without proxies, the daemon the default (which honours
@@ -61,13 +62,27 @@ class HttpClient:
         self.clock = clock  # only for HTTP-date Retry-After
 
     def get_json(self, url: str, headers: Mapping[str, str] | None = None) -> Any:
+        return self.request("GET", url, headers).json()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> HttpAnswer:
+        """One exchange within the deadline: a 2xx answer with its headers and body, else
+        FetchError. Only a GET follows redirects (within its
+        origin); a POST or DELETE that is redirected fails, its body is not sent again."""
         host = origin_text(url)
         with _Watchdog(self.timeout_seconds) as watchdog:
             target = url
             for _ in range(MAX_REDIRECTS + 1):
-                answer = self._get_once(target, headers or {}, watchdog, host)
+                answer = self._get_once(target, headers or {}, watchdog, host, method, body)
                 if isinstance(answer, _Redirect):
                     refusal = redirect_refusal(url, answer.url)
+                    if refusal is None and method != "GET":
+                        refusal = f"a {method} is not redirected"
                     if refusal is not None:
                         raise FetchError(
                             "redirect",
@@ -76,20 +91,22 @@ class HttpClient:
                         )
                     target = answer.url
                     continue
-                body, content_type = answer
-                return decode_json(body, content_type)
+                return answer
         raise FetchError("redirect", f"{host} redirected more than {MAX_REDIRECTS} times")
 
     def _get_once(
-        self, url: str, headers: Mapping[str, str], watchdog: _Watchdog, host: str
-    ) -> tuple[bytes, str] | _Redirect:
-        """One request: the body and its content type, or where it redirects to."""
+        self, url: str, headers: Mapping[str, str], watchdog: _Watchdog, host: str,
+        method: str = "GET", data: bytes | None = None,
+    ) -> HttpAnswer | _Redirect:
+        """One request: its answer, or where it redirects to."""
         remaining = watchdog.remaining_seconds()
         if remaining <= 0:
             raise self._timeout(host)
-        request = _WatchedRequest(url, watchdog)
+        request = _WatchedRequest(url, watchdog, method, data)
         request.add_header("Accept", "application/json")
         request.add_header("User-Agent", f"carbond/{__version__}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
         for name, value in headers.items():
             request.add_header(name, value)
         try:
@@ -100,6 +117,8 @@ class HttpClient:
                 if isinstance(missing, int) and missing > 0 and len(body) <= MAX_BODY_BYTES:
                     raise http.client.IncompleteRead(body, missing)
                 content_type = response.headers.get("Content-Type", "")
+                status = int(getattr(response, "status", 200) or 200)
+                answer_headers = {k.lower(): v for k, v in response.headers.items()}
         except urllib.error.HTTPError as exc:
             return self._http_error(exc, url, host)
         except (OSError, ValueError, http.client.HTTPException) as exc:
@@ -109,7 +128,7 @@ class HttpClient:
             raise self._timeout(host)
         if len(body) > MAX_BODY_BYTES:
             raise FetchError("too_large", f"{host} sent more than {MAX_BODY_BYTES} bytes")
-        return body, content_type
+        return HttpAnswer(status, answer_headers, body, content_type)
 
     def _http_error(self, exc: urllib.error.HTTPError, url: str, host: str) -> _Redirect:
         status = exc.code
@@ -142,6 +161,23 @@ class HttpClient:
 
     def _now(self) -> float:
         return float(self.clock())
+
+
+class HttpAnswer:
+    """A successful answer: status, headers (names in lower case) and body."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes,
+                 content_type: str) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.content_type = content_type
+
+    def json(self) -> Any:
+        """The body as JSON, or FetchError (see decode_json)."""
+        return decode_json(self.body, self.content_type)
 
 
 class _Redirect:
@@ -307,10 +343,11 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 class _WatchedRequest(urllib.request.Request):
-    """A GET that carries its fetch's watchdog to the connection handlers."""
+    """A request that carries its fetch's watchdog to the connection handlers."""
 
-    def __init__(self, url: str, watchdog: _Watchdog) -> None:
-        super().__init__(url, method="GET")
+    def __init__(self, url: str, watchdog: _Watchdog, method: str = "GET",
+                 data: bytes | None = None) -> None:
+        super().__init__(url, data=data, method=method)
         self.watchdog = watchdog
 
 

@@ -21,6 +21,7 @@ from carbond.ledger.budgets import BudgetTracker
 from carbond.ledger.ledger import Ledger, LedgerError
 from carbond.meters.base import Meter
 from carbond.meters.nvml import NvmlMeter
+from carbond.meters.platform import build_platform_meters
 from carbond.meters.power_model import ModelMeter
 from carbond.meters.rapl import RaplMeter
 from carbond.pipeline.idle import IdleBaseline
@@ -52,7 +53,7 @@ def build_meters(config: Config, *, sampler: bool = True) -> list[Meter]:
         )
     if config.nvml_enabled != "off":
         meters.append(NvmlMeter(start_sampler=sampler))
-    return meters
+    return meters + build_platform_meters(config, start_threads=sampler)
 
 
 def root_has_processes(root: CgroupRoot, proc_root: str) -> bool:

@@ -22,6 +22,7 @@ from carbond.carbon.zone import validate_zone
 from carbond.config import strict_yaml
 from carbond.config.units import parse_grams, parse_seconds
 from carbond.ledger.periods import PERIODS, get_zone
+from carbond.meters import settings as platform
 from carbond.types import ConfigError, did_you_mean, shown
 from carbond.workloads.naming import Rule, compile_rules
 
@@ -264,6 +265,7 @@ LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
     "intensity.providers[]": PROVIDER_OPTIONS,
     "ledger": LEDGER_SCHEMA,
     "embodied": EMBODIED_SCHEMA,
+    **platform.PLATFORM_SCHEMAS,
 }
 
 
@@ -306,7 +308,9 @@ KEYS: tuple[Key, ...] = (
     _key("meters.model.cpu_watts_max", "model_cpu_watts_max", _number(0.0), METERS),
     _key("meters.model.memory_watts_per_gb", "model_memory_watts_per_gb", _number(0.0),
          METERS),
+    *(_key(path, fields, check, METERS) for path, fields, check in platform.PLATFORM_KEYS),
     _key("attribution.idle", "idle_policy", _choice("separate", "proportional")),
+    _key("attribution.platform", "platform_policy", _choice("proportional", "idle")),
     _key("attribution.idle_watts.cpu", "idle_watts_cpu", _auto_or_watts),
     _key("attribution.idle_watts.gpu", "idle_watts_gpu", _auto_or_watts),
     _key("attribution.max_consumers", "max_consumers", _positive_int),
@@ -410,7 +414,11 @@ class Config:
     model_cpu_watts_min: float = 0.74
     model_cpu_watts_max: float = 3.5
     model_memory_watts_per_gb: float = 0.392
+    acpi: platform.AcpiSettings = field(default_factory=platform.AcpiSettings)
+    redfish: platform.RedfishSettings = field(default_factory=platform.RedfishSettings)
+    ipmi: platform.IpmiSettings = field(default_factory=platform.IpmiSettings)
     idle_policy: str = "separate"
+    platform_policy: str = "proportional"
     idle_watts_cpu: float | None = None  # None: learned
     idle_watts_gpu: float | None = None
     max_consumers: int = 200

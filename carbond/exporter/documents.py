@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from carbond.attribution import ATTRIBUTED, is_platform_meter
 from carbond.exporter.snapshot import Snapshot
 from carbond.types import Consumer, name_text
 
@@ -93,6 +94,13 @@ def consumers_document(snap: Snapshot) -> dict[str, Any]:
         "watts": _component_map(host_watts, with_total=True),
         "joules": _component_map(host_joules, with_total=True),
         "emissions_grams": _finite(snap.host_grams_total),
+        # Parts against the whole node, where a platform meter measures it (docs/platform.md):
+        "parts_watts": _finite(_sum(d.watts for d in snap.devices
+                                    if d.component in ATTRIBUTED)),
+        "platform_watts": (_finite(_sum(d.watts for d in snap.devices if is_platform_meter(d)))
+                           if any(is_platform_meter(d) for d in snap.devices) else None),
+        "coverage_ratio": (None if snap.coverage_ratio is None
+                           else _finite(snap.coverage_ratio)),
         "devices": [
             {"component": name_text(d.component), "device": name_text(d.device),
              "source": name_text(d.source), "watts": _finite(d.watts),

@@ -44,6 +44,8 @@ class Health:
     fetch_errors_total: Mapping[str, float] = field(default_factory=dict)
     ledger_errors_total: int = 0
     budgets: tuple[BudgetSample, ...] = ()
+    coverage_ratio: float | None = None
+    platform_excess_joules: float = 0.0  # this tick
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Counters:
     exited_tasks: int = 0
     tick_failures: int = 0
     host_grams: float = 0.0
+    platform_excess_joules: float = 0.0
     # Counts kept by other parts (meters, feed, ledger) as exported at the last stop: added
     # to what those parts count in this run.
     carried: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -76,6 +79,7 @@ class Counters:
             counters.resets = {str(k): int(v) for k, v in state.get("resets", {}).items()}
             counters.exited_tasks = int(state.get("exited_tasks", 0))
             counters.tick_failures = int(state.get("tick_failures", 0))
+            counters.platform_excess_joules = float(state.get("platform_excess_joules", 0.0))
             counters.carried = {
                 str(family): {str(k): float(v) for k, v in counts.items()}
                 for family, counts in state.get("carried", {}).items()
@@ -158,6 +162,7 @@ class Publisher:
         _add(counters.wraps, health.wraps)
         _add(counters.resets, health.resets)
         counters.exited_tasks += health.exited_tasks
+        counters.platform_excess_joules += health.platform_excess_joules
         counters.host_grams += record.host_grams
         for delta in record.devices:
             key = (delta.component, delta.device, delta.source)
@@ -211,6 +216,8 @@ class Publisher:
             last_tick_timestamp_seconds=record.wall_time,
             ledger_errors_total=int(counters.plus_carried(
                 "ledger_errors", {"": health.ledger_errors_total}).get("", 0)),
+            coverage_ratio=health.coverage_ratio,
+            platform_excess_joules_total=counters.platform_excess_joules,
         )
 
     def state(self) -> dict[str, Any]:
@@ -221,6 +228,7 @@ class Publisher:
             "resets": snap.counter_resets_total,
             "exited_tasks": snap.exited_tasks_total,
             "tick_failures": snap.tick_failures_total,
+            "platform_excess_joules": snap.platform_excess_joules_total,
             "carried": {
                 "meter_errors": snap.meter_errors_total,
                 "fetch_errors": snap.intensity_fetch_errors_total,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from carbond.attribution import ATTRIBUTED, is_platform_meter
 from carbond.carbon.intensity import Intensity
 from carbond.exporter.series import SeriesSample
 from carbond.types import Consumer
@@ -68,11 +69,18 @@ class Snapshot:
     tick_failures_total: int = 0
     last_tick_timestamp_seconds: float = 0.0  # wall clock of the last successful tick
     ledger_errors_total: int = 0
+    coverage_ratio: float | None = None  # measured parts / platform, where one measures
+    platform_excess_joules_total: float = 0.0  # parts beyond the platform reading
 
 
 def host_watts(snapshot: Snapshot) -> float:
-    """Host power as carbond attributes it: psys (`platform`) overlaps cpu + dram, not added."""
-    return math.fsum(d.watts for d in snapshot.devices if d.component != "platform")
+    """Host power as attribution counts it: the platform meter's where one had power in the
+    tick (only the chosen one does), else cpu + dram + gpu; psys overlaps and is never added."""
+    platform = math.fsum(d.watts for d in snapshot.devices
+                         if is_platform_meter(d) and d.watts > 0)
+    if platform > 0:
+        return platform
+    return math.fsum(d.watts for d in snapshot.devices if d.component in ATTRIBUTED)
 
 
 def status_line(snapshot: Snapshot) -> str:

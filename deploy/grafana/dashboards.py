@@ -70,8 +70,26 @@ GRAMS_PER_HOUR = "suffix: g/h"
 GRAMS_PER_KWH = "suffix: g/kWh"
 SECONDS = "s"
 
-# Host power as carbond attributes it: psys (component "platform") overlaps cpu + dram.
+# The measured parts, cpu + dram + gpu: psys (component "platform") overlaps cpu + dram.
 HOST = 'component!="platform"'
+# A whole-node meter: where one measured, it is the host total and the parts are inside it.
+PLATFORM_METER = 'component="platform", source=~"acpi|ipmi|redfish"'
+PERCENT = "percentunit"
+
+
+RANGE, RATE = "increase({}[$__range])", "rate({}[$__rate_interval])"
+BY_COMPONENT = ("What the consumers were attributed, which sums to the host total: cpu, "
+                "dram, gpu as measured and, where a platform meter works, platform for the "
+                "rest of the node.")
+
+
+def host_total(metric: str, selector: str, wrap: str = "{}") -> str:
+    """Per host (instance, job): the platform meter's figure where it measured (> 0), else the
+    parts, as carbond counts them and as deploy/prometheus/recording.yml records them.
+    `wrap` puts a range function around each selector, e.g. "rate({}[5m])"."""
+    platform = wrap.format(f"{metric}{{{selector}, {PLATFORM_METER}}}")
+    parts = wrap.format(f"{metric}{{{selector}, {HOST}}}")
+    return f"(sum by (instance, job) ({platform}) > 0) or sum by (instance, job) ({parts})"
 
 
 class Layout:
@@ -248,21 +266,21 @@ def fleet() -> dashboard.Dashboard:
         .with_variable(kind_variable(inst))
         .with_row(row(lay, "Fleet now"))
         .with_panel(single(lay, "Power", WATTS, [query(
-            f"sum(carbond_host_power_watts{{{inst}, {HOST}}})")],
-            description="Mean over each host's last tick: cpu + dram + gpu (psys excluded, "
-                        "it overlaps cpu + dram)."))
+            f"sum({host_total('carbond_host_power_watts', inst)})")],
+            description="Mean over each host's last tick: its platform meter where one "
+                        "measures the whole node, else cpu + dram + gpu (psys excluded, it "
+                        "overlaps cpu + dram)."))
         .with_panel(single(lay, "CO2e rate", GRAMS_PER_HOUR, [query(
             f"sum(rate(carbond_host_emissions_grams_total{{{inst}}}[$__rate_interval])) * 3600")]))
         .with_panel(single(lay, "Energy in range", KWH, [query(
-            f"sum(increase(carbond_host_energy_joules_total{{{inst}, {HOST}}}[$__range])) "
-            "/ 3.6e6", instant=True)]))
+            f"sum({host_total('carbond_host_energy_joules_total', inst, RANGE)}) / 3.6e6",
+            instant=True)]))
         .with_panel(single(lay, "CO2e in range", KG, [query(
             f"sum(increase(carbond_host_emissions_grams_total{{{inst}}}[$__range])) / 1000",
             instant=True)]))
         .with_panel(single(lay, "Effective intensity", GRAMS_PER_KWH, [query(
             f"sum(rate(carbond_host_emissions_grams_total{{{inst}}}[$__rate_interval])) / "
-            f"(sum(rate(carbond_host_energy_joules_total{{{inst}, {HOST}}}[$__rate_interval])) "
-            "/ 3.6e6)")],
+            f"(sum({host_total('carbond_host_energy_joules_total', inst, RATE)}) / 3.6e6)")],
             description="CO2e per kWh the fleet actually drew, PUE included."))
         .with_panel(single(lay, "Hosts", "none", [query(
             f"count(carbond_build_info{{{inst}}})")]))
@@ -273,9 +291,9 @@ def fleet() -> dashboard.Dashboard:
             'zone:carbond_host_emissions_grams:rate5m{zone=~"$zone"} * 3600', "{{zone}}")],
             stacked=True))
         .with_panel(series(lay, "Energy per interval", KWH, [query(
-            f"sum by (component) (increase(carbond_host_energy_joules_total{{{inst}, {HOST}}}"
+            f"sum by (component) (increase(carbond_consumer_energy_joules_total{{{inst}}}"
             "[$__interval])) / 3.6e6", "{{component}}")], stacked=True, bars=True,
-            interval="1h"))
+            interval="1h", description=BY_COMPONENT))
         .with_panel(series(lay, "Grid intensity by zone", GRAMS_PER_KWH, [query(
             f'max by (zone, provider) (carbond_grid_intensity_grams_per_kwh{{zone=~"$zone", '
             f"{inst}}})", "{{zone}} ({{provider}})")]))
@@ -283,11 +301,11 @@ def fleet() -> dashboard.Dashboard:
             'kind:carbond_consumer_power_watts:sum{kind=~"$kind"}', "{{kind}}")],
             stacked=True))
         .with_panel(series(lay, "Power by component", WATTS, [query(
-            f"sum by (component) (carbond_host_power_watts{{{inst}, {HOST}}})",
-            "{{component}}")], stacked=True))
+            f"sum by (component) (carbond_consumer_power_watts{{{inst}}})",
+            "{{component}}")], stacked=True, description=BY_COMPONENT))
         .with_row(row(lay, "Top hosts and consumers"))
         .with_panel(bars(lay, "Top hosts by power", WATTS, [query(
-            f"topk(10, sum by (instance) (carbond_host_power_watts{{{inst}, {HOST}}}))",
+            f"topk(10, sum by (instance) ({host_total('carbond_host_power_watts', inst)}))",
             "{{instance}}", instant=True)]))
         .with_panel(bars(lay, "Top hosts by CO2e in range", KG, [query(
             f"topk(10, sum by (instance) (increase(carbond_host_emissions_grams_total{{{inst}}}"
@@ -320,7 +338,7 @@ def host() -> dashboard.Dashboard:
         .with_variable(kind_variable(inst))
         .with_row(row(lay, "Now"))
         .with_panel(single(lay, "Power", WATTS, [query(
-            f"sum(carbond_host_power_watts{{{inst}, {HOST}}})")]))
+            f"sum({host_total('carbond_host_power_watts', inst)})")]))
         .with_panel(single(lay, "CO2e rate", GRAMS_PER_HOUR, [query(
             f"sum(rate(carbond_host_emissions_grams_total{{{inst}}}[$__rate_interval])) * 3600")]))
         .with_panel(single(lay, "Grid intensity", GRAMS_PER_KWH, [query(
@@ -338,12 +356,20 @@ def host() -> dashboard.Dashboard:
         .with_row(row(lay, "Power"))
         .with_panel(series(lay, "Power by component and device", WATTS, [query(
             f"carbond_host_power_watts{{{inst}}}", "{{component}} {{device}} ({{source}})")],
-            description="psys (component platform) covers package + DRAM + platform: it "
-                        "overlaps the others and is not part of the host total."))
+            description="psys (component platform, source rapl) covers package + DRAM + "
+                        "platform: it overlaps the others and is not part of the host total. "
+                        "A platform meter (source acpi, ipmi or redfish) is the whole node: "
+                        "the others are inside it, and it is the host total."))
         .with_panel(series(lay, "Energy per interval", KWH, [query(
-            f"sum by (component) (increase(carbond_host_energy_joules_total{{{inst}, {HOST}}}"
+            f"sum by (component) (increase(carbond_consumer_energy_joules_total{{{inst}}}"
             "[$__interval])) / 3.6e6", "{{component}}")], stacked=True, bars=True,
-            interval="5m"))
+            interval="5m", description=BY_COMPONENT))
+        .with_panel(series(lay, "Coverage: measured parts / platform", PERCENT, [query(
+            f"carbond_host_coverage_ratio{{{inst}}}", "coverage")], width=24, height=6,
+            description="cpu + dram + gpu as measured, over the platform meter's reading, "
+                        "where a platform meter works (docs/attribution.md). It moves with "
+                        "load; a step down is a part meter lost, above 100 % the platform "
+                        "meter reads low. The rest is component platform of the consumers."))
         .with_row(row(lay, "Consumers"))
         .with_panel(series(lay, "Power by consumer", WATTS, [query(
             f'topk(15, sum by (consumer, kind) (carbond_consumer_power_watts{{{inst}, '

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from carbond.exporter.collectors.families import counter_by, energy_and_power, labels
+from carbond.exporter.collectors.families import counter, counter_by, energy_and_power, labels
 from carbond.exporter.snapshot import Snapshot
 from carbond.types import name_text
 
@@ -40,3 +40,14 @@ class HostCollector:
         for gpu in snap.gpus:
             gpu_info.add_metric(labels((gpu.device, gpu.uuid, gpu.name)), 1.0)
         yield gpu_info
+        coverage = GaugeMetricFamily(
+            "carbond_host_coverage_ratio",
+            "Energy the CPU, DRAM and GPU counters measured over the platform meter's, last "
+            "tick (absent without a platform meter).")
+        if snap.coverage_ratio is not None:
+            coverage.add_metric([], snap.coverage_ratio)
+        yield coverage
+        yield counter("carbond_platform_excess_joules",
+                      "Energy the parts measured beyond the platform meter's reading (sampling "
+                      "skew): never attributed as negative rest.",
+                      snap.platform_excess_joules_total)
