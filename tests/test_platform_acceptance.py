@@ -1,6 +1,6 @@
 """Issue 22's first "done when", up to the daemon: a fake 1,000 W platform (ACPI power meter in
 a fake hwmon tree) over a fake RAPL tree and the stand-in NVML library summing to 700 W, read by
-carbond's real meters, turned into deltas by DeviceTotals and attributed: every tick the
+carbond's real meters, turned into deltas by DeviceDeltas and attributed: every tick the
 consumers sum to the platform energy within 1e-9, the 300 W rest is split in proportion to
 each consumer's measured energy (within 1 % per consumer), and the coverage is 0.70.
 
@@ -19,7 +19,7 @@ from carbond.attribution import GpuWeights, Policy, TickInput, attribute
 from carbond.meters.acpi import AcpiMeter
 from carbond.meters.base import DeviceEnergy
 from carbond.meters.rapl import RaplMeter
-from carbond.pipeline.deltas import DeviceTotals
+from carbond.pipeline.deltas import DeviceDeltas
 from carbond.types import IDLE, Consumer
 from tests.fakes.nvml import Driver, FakeGpu, Scenario
 from tests.hwmon import FakeHwmon
@@ -54,11 +54,12 @@ def test_thousand_watt_node_with_seven_hundred_watts_of_parts(tmp_path: Path, fa
 
     acpi = AcpiMeter(hwmon.root, clock=clock, start_sampler=False)
     rapl = RaplMeter(powercap.root, clock=clock)
-    totals = DeviceTotals()
+    totals = DeviceDeltas()
+    counted: set[tuple[str, str, str]] = set()  # every host series the exporter would show
     usage = {A: 3.0, B: 1.0}  # CPU seconds per tick
     gpus = {"gpu-0": GpuWeights(sm={JOB: 400.0})}
     ticks = []
-    with Driver(fake_lib, scenario_file, {"start_sampler": False}) as nvml:
+    with Driver(fake_lib, scenario_file, {"start_sampler": False}, fake_clock=True) as nvml:
         acpi.sample()
         for tick in range(13):
             if tick:  # the hardware draws for one tick; the ACPI meter is sampled each second
@@ -69,6 +70,7 @@ def test_thousand_watt_node_with_seven_hundred_watts_of_parts(tmp_path: Path, fa
                 dram.advance_uj(round(DRAM_WATTS * TICK_SECONDS * 1e6))
                 scenario.gpus[0].energy_millijoules += round(GPU_WATTS * TICK_SECONDS * 1e3)
                 scenario.write(scenario_file)
+                nvml.call("advance", seconds=TICK_SECONDS)  # the GPU drew it over a tick
             readings = [*rapl.read().devices, *acpi.read().devices]
             gpu = nvml.call("read")
             readings += [DeviceEnergy(device, "gpu", "nvml", joules)
@@ -77,7 +79,7 @@ def test_thousand_watt_node_with_seven_hundred_watts_of_parts(tmp_path: Path, fa
             result = attribute(TickInput(TICK_SECONDS, deltas, usage, gpus,
                                          frozenset({"cpu", "dram"}), cpu_idle_watts=80.0),
                                Policy(platform=policy))
-            totals.add(result.counted)
+            counted |= {(d.component, d.device, d.source) for d in result.counted}
             ticks.append(result)
     acpi.close()
 
@@ -103,7 +105,7 @@ def test_thousand_watt_node_with_seven_hundred_watts_of_parts(tmp_path: Path, fa
     if policy == "proportional":  # 250 W of 700 W measured: 250/700 of the 300 W rest
         assert job["platform"] == pytest.approx(300.0 * 250 / 700 * TICK_SECONDS, rel=0.01)
     # the platform series and the parts are all exported as host series
-    exported = {(c, d, s) for (c, d, s) in totals.joules_total}
+    exported = counted
     assert ("platform", "platform", "acpi") in exported
     assert {("cpu", "package-0", "rapl"), ("dram", "dram-0", "rapl"),
             ("gpu", "gpu-0", "nvml")} <= exported

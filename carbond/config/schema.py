@@ -19,10 +19,9 @@ import yaml
 
 from carbond.carbon.providers import PROVIDER_OPTIONS, provider_specs_from_config
 from carbond.carbon.zone import validate_zone
-from carbond.config import strict_yaml
+from carbond.config import platform, strict_yaml
 from carbond.config.units import parse_grams, parse_seconds
 from carbond.ledger.periods import PERIODS, get_zone
-from carbond.meters import settings as platform
 from carbond.types import ConfigError, did_you_mean, shown
 from carbond.workloads.naming import Rule, compile_rules
 

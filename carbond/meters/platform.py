@@ -15,13 +15,13 @@ import stat
 
 from carbond.carbon.providers.base import read_secret_file
 from carbond.config import Config
+from carbond.config.platform import RedfishSettings
 from carbond.meters.acpi import AcpiMeter
 from carbond.meters.acpi import discover as discover_acpi
 from carbond.meters.base import Meter
 from carbond.meters.ipmi import IpmiDevice, IpmiMeter
 from carbond.meters.redfish import RedfishMeter
 from carbond.meters.redfish_client import RedfishClient, tls_context
-from carbond.meters.settings import RedfishSettings
 from carbond.types import ConfigError
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from carbond.carbon.http import HttpClient, origin_text, redirect_refusal
 from carbond.carbon.intensity import FetchError
 from carbond.carbon.providers.base import Secret
-from carbond.meters.settings import AUTH_BASIC, AUTH_SESSION
+from carbond.config.platform import AUTH_BASIC, AUTH_SESSION
 
 log = logging.getLogger(__name__)
 
