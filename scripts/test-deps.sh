@@ -3,7 +3,8 @@
 # benchmark spinner), setpriv (drops capabilities to test permission errors as root), prometheus
 # (the real server that `carbond report --prometheus` and the exporter are tested against),
 # openssl (self-signed certificates for the TLS tests), chromium (opens `report --format html`
-# headless over the DevTools protocol), tmux (a real terminal for `carbond top`). Installed with
+# headless over the DevTools protocol), tmux (a real terminal for `carbond top`), podman, runc and
+# busybox-static (a real container for the identity tests). Installed with
 # apt-get when missing.
 set -euo pipefail
 missing=()
@@ -16,6 +17,11 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v make >/dev/null || missing+=(make)
 command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
 command -v tmux >/dev/null || missing+=(tmux)
+# A real rootful Podman container (tests/test_identity_podman.py): podman, runc (crun refuses
+# hybrid cgroup hosts) and busybox-static for an image made locally (no registry is reachable).
+command -v podman >/dev/null || missing+=(podman)
+command -v runc >/dev/null || missing+=(runc)
+[ -x /bin/busybox ] || missing+=(busybox-static)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test-deps: need ${missing[*]}; run as root or install them" >&2
