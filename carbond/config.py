@@ -21,6 +21,7 @@ from carbond.carbon.zone import validate_zone
 from carbond.errors import ConfigError, did_you_mean
 from carbond.periods import PERIODS, get_zone
 from carbond.units import parse_grams, parse_seconds
+from carbond.workloads.identity import settings as identity_settings
 from carbond.workloads.naming import Rule, compile_rules
 
 DEFAULT_CONFIG_PATH = "/etc/carbond/carbond.yaml"
@@ -248,7 +249,8 @@ def _section(value: Any, key: str, schema: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-MATCH_SCHEMA: dict[str, Any] = {"kind": _string, "consumer": _string, "project": _string}
+MATCH_SCHEMA: dict[str, Any] = {"kind": _string, "consumer": _string, "project": _string,
+                                "namespace": _string, "account": _string, "user": _string}
 BUDGET_SCHEMA: dict[str, Any] = {
     "name": _string, "match": MATCH_SCHEMA, "period": _choice(*PERIODS), "limit": _mass,
 }
@@ -261,6 +263,7 @@ LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
     "intensity.providers[]": PROVIDER_OPTIONS,
     "ledger": LEDGER_SCHEMA,
     "embodied": EMBODIED_SCHEMA,
+    "metadata": identity_settings.SCHEMA,
 }
 
 
@@ -309,6 +312,7 @@ KEYS: tuple[Key, ...] = (
     _key("ledger", "ledger_flush_seconds ledger_retention_seconds", _ledger),
     _key("budgets_timezone", "budgets_timezone", _timezone),
     _key("budgets", "budgets", _budgets),
+    _key("metadata", "metadata", identity_settings.parse),
 )
 
 
@@ -410,6 +414,8 @@ class Config:
     ledger_retention_seconds: float = 400 * 86400.0
     budgets_timezone: str = "UTC"
     budgets: tuple[Budget, ...] = field(default=())
+    metadata: identity_settings.MetadataSettings = field(
+        default_factory=identity_settings.MetadataSettings)
     source: str | None = None  # the file read, for `carbond check`
 
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from carbond.errors import ConfigError
+from carbond.errors import ConfigError, did_you_mean
 from carbond.units import parse_seconds
 from carbond.workloads.identity.cri import DEFAULT_SOCKETS, CriSource
 from carbond.workloads.identity.engine import DOCKER_SOCKET, PODMAN_SOCKET, EngineSource
@@ -122,7 +122,8 @@ def _mapping(value: Any, key: str, schema: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {value!r}")
     for name in value:
         if name not in schema:
-            raise ConfigError(f"{key}.{name}", f"unknown key {name!r}")
+            raise ConfigError(f"{key}.{name}",
+                              f"unknown key {name!r}{did_you_mean(str(name), schema)}")
     return value
 
 
