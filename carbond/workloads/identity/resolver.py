@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from carbond.consumers import Consumer
 from carbond.workloads.identity.errors import SourceError
@@ -39,7 +39,7 @@ from carbond.workloads.identity.metadata import (
     clean,
     id_key,
     id_metadata,
-    named,
+    name_for,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,25 @@ def table_key(key: tuple[str, str]) -> tuple[str, str]:
     """Where a source's table keeps an ID: the CRI keys containers of both runtimes as "cri"."""
     space, ident = key
     return ("cri", ident) if space in ("containerd", "crio") else key
+
+
+class Prepared(NamedTuple):
+    """One table entry as the resolver keeps it: the metadata cleaned for export, and the
+    names it gives a pod or a container consumer (None: the ID name stands). Made on the
+    source's thread, so a tick's first lookup of an ID only picks them up."""
+
+    metadata: Metadata
+    as_pod: Consumer | None
+    as_container: Consumer | None
+
+
+def prepared(table: object) -> Mapping[Any, Any]:
+    """A source's table with each Metadata `Prepared`; other values (GPU holders) as they
+    are. SourceError if the source returned no table."""
+    if not isinstance(table, Mapping):
+        raise SourceError("the source returned no table")
+    return {key: Prepared(clean(value), name_for("pod", value), name_for("container", value))
+            if isinstance(value, Metadata) else value for key, value in table.items()}
 
 
 def backoff_seconds(failures: int, cap_seconds: float) -> float:
@@ -141,8 +160,9 @@ class MetadataResolver:
         found = self._find(key)
         base = id_metadata(key)
         if found is not None:
-            raw = base.merged(found)
-            return self._remember(consumer, Identity(named(consumer, raw), clean(raw)))
+            name = found.as_pod if consumer.kind == "pod" else found.as_container
+            return self._remember(consumer, Identity(name or consumer,
+                                                     base.merged(found.metadata)))
         self._request(key)
         identity = Identity(consumer, base)
         if len(self._unresolved) >= self._max_entries:
@@ -175,7 +195,7 @@ class MetadataResolver:
         self._unresolved.pop(consumer, None)
         return identity
 
-    def _find(self, key: tuple[str, str]) -> Metadata | None:
+    def _find(self, key: tuple[str, str]) -> Prepared | None:
         state = self._states.get(ROUTES[key[0]])
         if state is None:
             return None
@@ -183,7 +203,7 @@ class MetadataResolver:
         found = state.table.get(where)
         if found is None:
             found = state.previous.get(where)
-        return found if isinstance(found, Metadata) else None
+        return found if isinstance(found, Prepared) else None
 
     def _request(self, key: tuple[str, str]) -> None:
         state = self._states.get(ROUTES[key[0]])
@@ -249,9 +269,7 @@ class MetadataResolver:
         with state.lock:
             asked, state.pending = state.pending, set()
         try:
-            table = state.source.fetch(asked - {_LIST_NOW}, self.timeout_seconds)
-            if not isinstance(table, Mapping):
-                raise SourceError("the source returned no table")
+            table = prepared(state.source.fetch(asked - {_LIST_NOW}, self.timeout_seconds))
         except SourceError as exc:
             with state.lock:
                 state.pending |= asked
@@ -278,9 +296,7 @@ class MetadataResolver:
             if remaining <= 0:
                 return  # the rest next round
             try:
-                found = state.source.fetch([key], remaining)
-                if not isinstance(found, Mapping):
-                    raise SourceError("the source returned no table")
+                found = prepared(state.source.fetch([key], remaining))
             except SourceError as exc:
                 attempts = state.attempts.get(key, 0) + 1
                 with state.lock:
