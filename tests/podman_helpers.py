@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tests.cgroup_helpers import CPUACCT, UNIFIED, remove_tree
+from tests.cgroup_helpers import remove_tree
 
 IMAGE = "localhost/carbond-test-busybox:1"
 BUSYBOX = "/bin/busybox"
@@ -108,20 +108,31 @@ class Podman:
         for ident in self.containers:
             with contextlib.suppress(Exception):
                 self.run("rm", "-f", "-t", "0", ident)
-            for root in (UNIFIED, CPUACCT):
-                path = os.path.join(root, "libpod_parent", f"libpod-{ident}")
+        # What podman made in every hierarchy (each v1 controller, and v2): the containers'
+        # cgroups, then conmon's and libpod_parent once nothing is left in them.
+        for root in hierarchies():
+            parent = os.path.join(root, "libpod_parent")
+            leftovers = [os.path.join(parent, f"libpod-{ident}") for ident in self.containers]
+            for path in [*leftovers, os.path.join(parent, "conmon"), parent]:
                 if os.path.isdir(path):
                     with contextlib.suppress(OSError):
                         remove_tree(path)
-        for root in (UNIFIED, CPUACCT):  # what podman made around them, if nothing is left in it
-            for leftover in ("libpod_parent/conmon", "libpod_parent"):
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.join(root, leftover))
         with contextlib.suppress(Exception):
             self.run("rmi", "-f", IMAGE)
         with contextlib.suppress(Exception):
             self.run("system", "reset", "-f")
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def hierarchies() -> list[str]:
+    """Every mounted cgroup hierarchy's root (v1 controllers and the v2 tree)."""
+    roots = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[fields.index("-") + 1] in ("cgroup", "cgroup2"):
+                roots.append(fields[4])
+    return roots
 
 
 @contextlib.contextmanager
