@@ -7,7 +7,8 @@
 # linux-libc-dev (<linux/ipmi.h>: the IPMI meter's ctypes structures are checked against it);
 # for the package (issue 23): dpkg-dev (dpkg-shlibdeps), python3-venv (the .deb's venv on
 # Debian's python3), lintian, debootstrap and systemd-container (systemd-nspawn boots the
-# package under a real systemd), victoria-metrics (the remote_write fleet test). Installed with
+# package under a real systemd), victoria-metrics (the remote_write fleet test);
+# podman, runc and busybox-static (a real container for the identity tests). Installed with
 # apt-get when missing.
 set -euo pipefail
 missing=()
@@ -27,6 +28,11 @@ command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
 [ -f /usr/include/linux/ipmi.h ] || missing+=(linux-libc-dev)
+# A real rootful Podman container (tests/test_identity_podman.py): podman, runc (crun refuses
+# hybrid cgroup hosts) and busybox-static for an image made locally (no registry is reachable).
+command -v podman >/dev/null || missing+=(podman)
+command -v runc >/dev/null || missing+=(runc)
+[ -x /bin/busybox ] || missing+=(busybox-static)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test-deps: need ${missing[*]}; run as root or install them" >&2

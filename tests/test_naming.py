@@ -31,10 +31,26 @@ TABLE = [
     ("init.scope", Consumer("unit", "init.scope")),
     ("system.slice/run-r1234.scope", Consumer("unit", "run-r1234.scope")),
     ("system.slice/foo.service/payload", Consumer("unit", "foo.service")),
+    # virtual machines: libvirt/QEMU (systemd-escaped scope names) and Proxmox
+    ("machine.slice/machine-qemu\\x2d1\\x2dvm.scope", Consumer("vm", "vm")),
     (
-        "machine.slice/machine-qemu\\x2d1\\x2dvm.scope",
+        "machine.slice/machine-qemu\\x2d12\\x2dweb\\x2dfrontend.scope",
+        Consumer("vm", "web-frontend"),
+    ),
+    ("machine.slice/machine-qemu\\x2d3\\x2dgpu\\x2dbox.scope/libvirt/vcpu0",
+     Consumer("vm", "gpu-box")),
+    ("machine.slice/machine-qemu\\x2d4\\x2dcaf\\xc3\\xa9.scope", Consumer("vm", "caf\u00e9")),
+    ("machine.slice/machine-qemu\\x2d5\\x2dbad\\xff.scope", Consumer("vm", "bad\\xff")),
+    ("machine.slice/machine-qemu\\x2dold.scope", Consumer("vm", "old")),
+    ("machine.slice/systemd-nspawn@box.service", Consumer("unit", "systemd-nspawn@box.service")),
+    (
+        "system.slice/machine-qemu\\x2d1\\x2dvm.scope",
         Consumer("unit", "machine-qemu\\x2d1\\x2dvm.scope"),
     ),
+    ("qemu.slice/101.scope", Consumer("vm", "101")),
+    ("qemu.slice/101.scope/vcpu0", Consumer("vm", "101")),
+    ("qemu.slice", Consumer("cgroup", "qemu.slice")),
+    ("system.slice/101.scope", Consumer("unit", "101.scope")),
     # Docker: systemd and cgroupfs drivers
     (f"system.slice/docker-{D}.scope", Consumer("container", f"docker/{D[:12]}")),
     (f"docker/{D}", Consumer("container", f"docker/{D[:12]}")),

@@ -23,6 +23,7 @@ from carbond.config import platform, strict_yaml
 from carbond.config.units import parse_grams, parse_seconds
 from carbond.ledger.periods import PERIODS, get_zone
 from carbond.types import ConfigError, did_you_mean, shown
+from carbond.workloads.identity import settings as identity_settings
 from carbond.workloads.naming import Rule, compile_rules
 
 DEFAULT_CONFIG_PATH = "/etc/carbond/carbond.yaml"
@@ -251,7 +252,8 @@ def _section(value: Any, key: str, schema: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-MATCH_SCHEMA: dict[str, Any] = {"kind": _string, "consumer": _string, "project": _string}
+MATCH_SCHEMA: dict[str, Any] = {"kind": _string, "consumer": _string, "project": _string,
+                                "namespace": _string, "account": _string, "user": _string}
 BUDGET_SCHEMA: dict[str, Any] = {
     "name": _string, "match": MATCH_SCHEMA, "period": _choice(*PERIODS), "limit": _mass,
 }
@@ -265,6 +267,7 @@ LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
     "ledger": LEDGER_SCHEMA,
     "embodied": EMBODIED_SCHEMA,
     **platform.PLATFORM_SCHEMAS,
+    "metadata": identity_settings.SCHEMA,
 }
 
 
@@ -324,6 +327,7 @@ KEYS: tuple[Key, ...] = (
     _key("ledger", "ledger_flush_seconds ledger_retention_seconds", _ledger, RESTART),
     _key("budgets_timezone", "budgets_timezone", _timezone, BUDGETS),
     _key("budgets", "budgets", _budgets, BUDGETS),
+    _key("metadata", "metadata", identity_settings.parse, RESTART),
 )
 
 
@@ -434,6 +438,8 @@ class Config:
     ledger_retention_seconds: float = 400 * 86400.0
     budgets_timezone: str = "UTC"
     budgets: tuple[Budget, ...] = field(default=())
+    metadata: identity_settings.MetadataSettings = field(
+        default_factory=identity_settings.MetadataSettings)
     source: str | None = None  # the file read, for `carbond check`
     # sha256 of the file's bytes as parsed: what `carbond reload` waits to see in force.
     source_sha256: str | None = None

@@ -28,6 +28,15 @@ from carbond.ledger.periods import (
 from carbond.types import Consumer, TickRecord
 
 BURN_WINDOW_SECONDS = 86400.0
+OWNER_KEYS = ("namespace", "account", "user")
+"""`match` keys on a consumer's metadata (carbond_consumer_info labels), each a shell glob."""
+
+MetadataLookup = Callable[[tuple[str, str]], Mapping[str, str]]
+"""A consumer's metadata labels (namespace, account, user, ...), {} when none are known."""
+
+
+def no_metadata(consumer: tuple[str, str]) -> Mapping[str, str]:
+    return {}
 
 
 class BudgetSpec(Protocol):
@@ -73,16 +82,31 @@ class BudgetStatus:
         }
 
 
-def matches(match: Mapping[str, str], consumer: tuple[str, str]) -> bool:
+def matches(match: Mapping[str, str], consumer: tuple[str, str],
+            metadata: Mapping[str, str] | None = None) -> bool:
     """`kind` exactly, `consumer` as a shell glob on the name, `project` as a glob on the
-    name of a consumer of kind `project`; every given key must hold. No keys: everything."""
+    name of a consumer of kind `project`; `namespace`, `account`, `user` as globs on the
+    consumer's metadata (a `user` consumer's own name is its user); every given key must hold,
+    and an owner key holds only where that metadata is known. No keys: everything."""
     kind, name = consumer
     if "kind" in match and kind != match["kind"]:
         return False
     if "consumer" in match and not fnmatch.fnmatchcase(name, match["consumer"]):
         return False
+    for key in OWNER_KEYS:
+        if key in match:
+            value = (metadata or {}).get(key) or (name if key == "user" and kind == "user"
+                                                  else "")
+            if not value or not fnmatch.fnmatchcase(value, match[key]):
+                return False
     return "project" not in match or (
         kind == "project" and fnmatch.fnmatchcase(name, match["project"]))
+
+
+def owner_of(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The metadata a match can depend on: part of the key of cached match results, so a
+    consumer whose account becomes known later starts counting for that account's budget."""
+    return tuple(metadata.get(key, "") for key in OWNER_KEYS)
 
 
 def burn_window_start(period_start: float, now: float, observed_since: float) -> float:
@@ -125,11 +149,13 @@ class BudgetTracker:
         timezone: str = "UTC",
         ledger: GramsSource | None = None,
         clock: Callable[[], float] = time.time,
+        metadata: MetadataLookup = no_metadata,
     ) -> None:
         self._zone = get_zone(timezone)
         self._clock = clock
+        self._metadata = metadata
         self._lock = threading.Lock()
-        self._matching: dict[tuple[str, str], tuple[_State, ...]] = {}
+        self._matching: dict[tuple[tuple[str, str], tuple[str, ...]], tuple[_State, ...]] = {}
         now = clock()
         first = ledger.first_record if ledger is not None else None
         self._observed_since = first if first is not None else None
@@ -144,9 +170,11 @@ class BudgetTracker:
                 if start not in used_by_period:
                     used_by_period[start] = ledger.consumer_grams(start, now)
                 state.used_grams = math.fsum(
-                    g for c, g in used_by_period[start].items() if matches(spec.match, c))
+                    g for c, g in used_by_period[start].items()
+                    if matches(spec.match, c, metadata(c)))
                 for hour, row in hourly.items():
-                    grams = math.fsum(g for c, g in row.items() if matches(spec.match, c))
+                    grams = math.fsum(g for c, g in row.items()
+                                      if matches(spec.match, c, metadata(c)))
                     if grams:
                         state.hours[hour] = grams
             self._states.append(state)
@@ -173,12 +201,15 @@ class BudgetTracker:
             for key, value in grams.items():
                 if not 0.0 < value < math.inf:
                     continue
-                states = self._matching.get(key)
+                labels = self._metadata(key)
+                cached = (key, owner_of(labels))
+                states = self._matching.get(cached)
                 if states is None:
                     if len(self._matching) > 10_000:
                         self._matching.clear()
-                    states = tuple(s for s in self._states if matches(s.spec.match, key))
-                    self._matching[key] = states
+                    states = tuple(s for s in self._states
+                                   if matches(s.spec.match, key, labels))
+                    self._matching[cached] = states
                 for state in states:
                     state.used_grams += value * shares[id(state)]
                     for hour, share in hours:

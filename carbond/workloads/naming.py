@@ -24,7 +24,8 @@ from carbond.types import ConfigError, Consumer, name_text, shown
 ROOT_CONSUMER = Consumer("cgroup", "/")
 """The root cgroup's own time that no process claims (kernel threads, irq, untracked tasks)."""
 
-RULE_KINDS = frozenset({"unit", "container", "pod", "job", "user", "project", "process", "cgroup"})
+RULE_KINDS = frozenset(
+    {"unit", "container", "pod", "job", "vm", "user", "project", "process", "cgroup"})
 
 _HEX64 = r"[0-9a-f]{64}"
 _CONTAINER_SCOPES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -41,6 +42,12 @@ _POD = re.compile(
 )
 _SLURM_PARENT = re.compile(r"^(?:slurm(?:_.+)?|(?:.+_)?slurmstepd\.scope)$")
 _SLURM_JOB = re.compile(r"^job_(?P<id>\d+)$")
+# libvirt: machine-qemu\x2d<N>\x2d<NAME>.scope (systemd-escaped "qemu-N-NAME"), also the older
+# machine-qemu\x2d<NAME>.scope; Proxmox: qemu.slice/<VMID>.scope.
+_LIBVIRT_SCOPE = re.compile(r"^machine-qemu\\x2d(?P<name>.+)\.scope$")
+_LIBVIRT_NUMBERED = re.compile(r"^[0-9]+-(?P<name>.+)$")
+_PROXMOX_SCOPE = re.compile(r"^(?P<id>[0-9]+)\.scope$")
+_SYSTEMD_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 _USER_SLICE = re.compile(r"^user-(?P<uid>\d+)\.slice$")
 _UNIT = re.compile(r"^.+\.(?:service|scope)$")
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -176,6 +183,28 @@ def _container(parts: list[str]) -> Consumer | None:
     return None
 
 
+def systemd_unescape(text: str) -> str:
+    """`systemd-escape --unescape`: each `\\xNN` is the byte NN (bytes that are not UTF-8 stay
+    visible as `\\xNN`, as `name_text` writes them)."""
+    raw = _SYSTEMD_ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), os.fsencode(text))
+    return name_text(raw)
+
+
+def _vm(parts: list[str]) -> Consumer | None:
+    """A libvirt/QEMU domain (its name) or a Proxmox VM (its ID), at any depth below."""
+    for index, part in enumerate(parts):
+        found = _LIBVIRT_SCOPE.match(part)
+        if found and index > 0 and parts[index - 1] == "machine.slice":
+            name = systemd_unescape(found["name"])
+            numbered = _LIBVIRT_NUMBERED.match(name)
+            name = numbered["name"] if numbered else name
+            return Consumer("vm", name) if name else None
+        found = _PROXMOX_SCOPE.match(part)
+        if found and index > 0 and parts[index - 1] == "qemu.slice":
+            return Consumer("vm", found["id"])
+    return None
+
+
 def _project(parts: list[str]) -> Consumer | None:
     """The deepest `carbond exec` run: EXEC_PARENT/<project>[/<run>[/…]]."""
     for index in range(len(parts) - 2, -1, -1):
@@ -192,6 +221,9 @@ def _builtin(parts: list[str]) -> Consumer:
     container = _container(parts)
     if container is not None:
         return container
+    vm = _vm(parts)
+    if vm is not None:
+        return vm
     if any(p.startswith("kubepods") for p in parts):
         for part in reversed(parts):
             found = _POD.match(part)
