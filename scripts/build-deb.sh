@@ -68,6 +68,9 @@ if grep -rlI -- "$stage" "$venv" >/dev/null; then
     echo "build-deb: the staging path is left in: $(grep -rlI -- "$stage" "$venv" | head -3)" >&2
     exit 1
 fi
+# Files some wheels ship executable (protobuf's modules and metadata): imported or read, never
+# run; only the shared objects keep their mode.
+find "$venv/lib" -type f -perm /111 ! -name '*.so' -exec chmod a-x {} +
 # Shared objects of binary wheels: debug symbols out (lintian: unstripped-binary-or-object).
 find "$venv" -name '*.so' -type f -exec strip --strip-unneeded --remove-section=.comment \
     --remove-section=.note {} +

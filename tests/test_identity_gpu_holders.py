@@ -61,7 +61,7 @@ def test_held_gpu_goes_whole_to_its_container_and_shared_gpu_by_sm(node, fake_li
         samples=[*samples_for(1, 4001, 60, 1_000_000, 6), *samples_for(1, 4002, 20, 1_000_001, 6)])
     path = tmp_path / "scenario.txt"
     scenario.write(path)
-    with Driver(fake_lib, path, proc_root=str(proc)) as driver:
+    with Driver(fake_lib, path, proc_root=str(proc), fake_clock=True) as driver:
         driver.call("usage")  # the baseline sample
         first = driver.call("read")["devices"]
         scenario.gpu(0).energy_millijoules += 500_000  # 500 J, and no process on it at all
@@ -69,6 +69,7 @@ def test_held_gpu_goes_whole_to_its_container_and_shared_gpu_by_sm(node, fake_li
         scenario.samples += [*samples_for(1, 4001, 60, 2_000_000, 6),
                              *samples_for(1, 4002, 20, 2_000_001, 6)]
         scenario.write(path)
+        driver.call("advance", seconds=5)  # the GPUs drew that over 5 s, as hardware can
         usage = driver.call("usage")
         second = driver.call("read")["devices"]
         infos = [GpuInfo(**{**g, "mig_instances": tuple(MigInstance(**m)
