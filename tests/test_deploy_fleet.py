@@ -42,6 +42,7 @@ from tests.deploy_helpers import (
 )
 from tests.fakes.nvml import FakeGpu, FakeProcess, Scenario
 from tests.helpers import carbond_run, free_port, wait_for
+from tests.hwmon import FakeHwmon
 from tests.powercap import INTEL_DRAM_RANGE_UJ, ConstantPower, FakePowercap, FakeZone
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc needed for fake NVML")
@@ -54,12 +55,15 @@ FLEET_WATTS = A_PACKAGE_WATTS + A_DRAM_WATTS + A_GPU_WATTS + B_PACKAGE_WATTS + B
 # Grafana's built-in intervals, as it would set them for a 1 s scrape interval.
 RATE_INTERVAL, INTERVAL, RANGE = "10s", "10s", "1m"
 
-# Panel metrics the daemon does not export yet (issue 22 phase 1 built the coverage gauge's
-# computation, attribution.Attribution.coverage_ratio; the exporter wires it): their panels
-# are checked empty on purpose, and this list must shrink once they are exported, which
-# the assertion below enforces. Then host A needs a platform meter (a fake hwmon tree with a
-# power_meter, --config meters.acpi.root) for the coverage panel to have data.
-AWAITING_EXPORT = ("carbond_host_coverage_ratio",)
+# Host A's whole node, from an ACPI power meter (a fake hwmon tree): the parts (1,860 W) are
+# 77.5 % of it, and the 540 W rest is attributed as component platform.
+A_PLATFORM_WATTS = 2400.0
+A_PARTS_WATTS = A_PACKAGE_WATTS + A_DRAM_WATTS + A_GPU_WATTS
+# Host power as carbond and the recording rules count it: a platform meter's where one
+# measures (only host A's), else cpu + dram + gpu (psys, component platform from RAPL, never).
+HOST_WATTS = ('sum by (instance) (carbond_host_power_watts{component="platform",'
+              'source="acpi"}) or sum by (instance) (carbond_host_power_watts'
+              '{component!="platform"})')
 
 RULES = ["attribution:",
          "  processes: off",
@@ -176,6 +180,7 @@ def fleet(tmp_path: Path, fake_lib: Path) -> Iterator[tuple[Prometheus, str, str
         a_dir, b_dir = tmp_path / "a", tmp_path / "b"
         a_dir.mkdir()
         b_dir.mkdir()
+        FakeHwmon(str(a_dir / "hwmon")).add(0, "power_meter", watts=A_PLATFORM_WATTS)
         tree_a = FakePowercap(str(a_dir / "powercap"))
         package = tree_a.add("intel-rapl:0", "package-0", A_PACKAGE_RANGE_UJ)
         dram = tree_a.add("intel-rapl:0:0", "dram", INTEL_DRAM_RANGE_UJ)
@@ -187,6 +192,7 @@ def fleet(tmp_path: Path, fake_lib: Path) -> Iterator[tuple[Prometheus, str, str
                  processes=[FakeProcess(0, burners[0].pid, 2 * GIB)]).write(scenario)
         (a_dir / "carbond.yaml").write_text("\n".join([
             *RULES,
+            f"meters: {{acpi: {{enabled: on, root: '{a_dir / 'hwmon'}'}}}}",
             "intensity: {zone: DE, providers: [{constant: {grams_per_kwh: 1000}}]}",
             "embodied: {kgco2e: 1500, lifetime: 4y}",
             "budgets: [{name: tiny, match: {}, period: day, limit: 1g}]", ""]))
@@ -243,11 +249,14 @@ def test_fleet_dashboards_rules_and_budget_alert(tmp_path, fake_lib):
 
         # ---- recording rules ------------------------------------------------------------
         ts, fleet_watts = prom.recorded("job:carbond_host_power_watts:sum", now)
-        _, hosts_watts = prom.value('sum(carbond_host_power_watts{component!="platform"})', ts)
+        _, hosts_watts = prom.value(f"sum({HOST_WATTS})", ts)
         assert fleet_watts == pytest.approx(hosts_watts, rel=0.01)
-        per_host = {r["metric"]["instance"]: float(r["value"][1]) for r in prom.query(
-            'sum by (instance) (carbond_host_power_watts{component!="platform"})', ts)}
+        per_host = {r["metric"]["instance"]: float(r["value"][1])
+                    for r in prom.query(HOST_WATTS, ts)}
         assert set(per_host) == {a, b}
+        assert per_host[a] == pytest.approx(A_PLATFORM_WATTS, rel=0.01)
+        _, coverage = prom.value(f'carbond_host_coverage_ratio{{instance="{a}"}}', ts)
+        assert coverage == pytest.approx(A_PARTS_WATTS / A_PLATFORM_WATTS, rel=0.05)
         assert fleet_watts == pytest.approx(per_host[a] + per_host[b], rel=0.01)
         zones = {r["metric"]["zone"]: float(r["value"][1])
                  for r in prom.query("zone:carbond_host_power_watts:sum", ts)}
@@ -270,7 +279,9 @@ def test_fleet_dashboards_rules_and_budget_alert(tmp_path, fake_lib):
         # than 5 minutes of data, compare with the same window, not with the wattage) ...
         ts, energy_rule = prom.recorded("job:carbond_host_energy_joules:rate5m", now)
         _, energy_hosts = prom.value(
-            'sum(rate(carbond_host_energy_joules_total{component!="platform"}[5m]))', ts)
+            'sum(sum by (instance) (rate(carbond_host_energy_joules_total{component="platform",'
+            'source="acpi"}[5m])) or sum by (instance) (rate(carbond_host_energy_joules_total'
+            '{component!="platform"}[5m])))', ts)
         assert energy_rule == pytest.approx(energy_hosts, rel=0.01)
         ts, grams_rule = prom.recorded('zone:carbond_host_emissions_grams:rate5m{zone="DE"}',
                                        now)
@@ -284,7 +295,7 @@ def test_fleet_dashboards_rules_and_budget_alert(tmp_path, fake_lib):
         assert rates == pytest.approx(nominal, rel=0.05), prom.query("up", ts)
         _, grams_per_second = prom.value(
             f'rate(carbond_host_emissions_grams_total{{instance="{a}"}}[30s])', ts)
-        host_a_kwh_per_second = (A_PACKAGE_WATTS + A_DRAM_WATTS + A_GPU_WATTS) / 3.6e6
+        host_a_kwh_per_second = A_PLATFORM_WATTS / 3.6e6  # the whole node's
         assert grams_per_second == pytest.approx(host_a_kwh_per_second * 1000, rel=0.05)
 
         # ---- every dashboard variable and panel query returns data ----------------------
@@ -298,11 +309,6 @@ def test_fleet_dashboards_rules_and_budget_alert(tmp_path, fake_lib):
                 expr = substitute(query.expr, values, multi, all_values,
                                   interval=INTERVAL, rate_interval=RATE_INTERVAL, range_=RANGE)
                 checked += 1
-                waiting = [m for m in AWAITING_EXPORT if m in expr]
-                if waiting:
-                    assert not prom.query(waiting[0], now), f"{waiting[0]} is exported now: " \
-                        "drop it from AWAITING_EXPORT and give a fleet host a platform meter"
-                    continue
                 if not prom.query(expr, now):
                     empty.append(f"{name} / {query.panel} / {query.ref_id}: {expr}")
         assert empty == [] and checked == sum(

@@ -44,6 +44,7 @@ from tests.deploy_helpers import (
 )
 from tests.fakes.nvml import FakeGpu, FakeProcess, Scenario
 from tests.helpers import Carbond, carbond_run, free_port, total
+from tests.hwmon import FakeHwmon, FakePowerMeter
 from tests.powercap import INTEL_DRAM_RANGE_UJ, FakePowercap, FakeZone
 from tests.test_deploy_fleet import (
     INTERVAL,
@@ -66,6 +67,12 @@ B_PACKAGE_WATTS, B_DRAM_WATTS = 200.0, 15.0
 A_PACKAGE_RANGE_UJ = 4_000_000_000  # 4 kJ: wraps every 10 s at 400 W, never within a tick
 FLEET_WATTS = A_PACKAGE_WATTS + A_DRAM_WATTS + A_GPU_WATTS + B_PACKAGE_WATTS + B_DRAM_WATTS
 ENERGY = "carbond_host_energy_joules_total"
+# Host A's whole node from an ACPI power meter (fake hwmon): the parts are 740 W of it.
+A_PLATFORM_WATTS = 1000.0
+# Host power as carbond and the recording rules count it (deploy/prometheus/recording.yml).
+HOST_WATTS = ('sum by (instance) (carbond_host_power_watts{component="platform",'
+              'source="acpi"}) or sum by (instance) (carbond_host_power_watts'
+              '{component!="platform"})')
 
 
 class Hardware:
@@ -73,9 +80,11 @@ class Hardware:
     off (no counter moves), like a machine whose load comes and goes."""
 
     def __init__(self, zones: list[tuple[FakeZone, float]], scenario: Scenario,
-                 scenario_path: Path, gpu_milliwatts: int) -> None:
+                 scenario_path: Path, gpu_milliwatts: int, platform: FakePowerMeter,
+                 platform_watts: float) -> None:
         self.zones, self.scenario, self.scenario_path = zones, scenario, scenario_path
         self.gpu_milliwatts = gpu_milliwatts
+        self.platform, self.platform_watts = platform, platform_watts
         self._on = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-hardware", daemon=True)
@@ -92,6 +101,9 @@ class Hardware:
     def switch(self, on: bool) -> None:
         self.scenario.gpu(0).power_milliwatts = self.gpu_milliwatts if on else 0
         self.scenario.write(self.scenario_path)
+        # Off, the power meter reads 0 W: no reading (a node never draws nothing), so the
+        # platform counter stands still as the others do.
+        self.platform.set_watts(self.platform_watts if on else 0.0)
         if on:
             self._on.set()
         else:
@@ -187,6 +199,7 @@ def test_agent_remote_write_into_victoriametrics(tmp_path, fake_lib):
         a_dir, b_dir = tmp_path / "a", tmp_path / "b"
         a_dir.mkdir()
         b_dir.mkdir()
+        platform = FakeHwmon(str(a_dir / "hwmon")).add(0, "power_meter", watts=0.0)
         tree_a, tree_b = FakePowercap(str(a_dir / "powercap")), FakePowercap(
             str(b_dir / "powercap"))
         zones = [(tree_a.add("intel-rapl:0", "package-0", A_PACKAGE_RANGE_UJ), A_PACKAGE_WATTS),
@@ -200,7 +213,8 @@ def test_agent_remote_write_into_victoriametrics(tmp_path, fake_lib):
                           faults={"energy_not_supported"})],
             processes=[FakeProcess(0, burners[0].pid, 2 * GIB)])
         (a_dir / "carbond.yaml").write_text("\n".join([
-            *RULES, "intensity: {zone: DE, providers: [{constant: {grams_per_kwh: 1000}}]}",
+            *RULES, f"meters: {{acpi: {{enabled: on, root: '{a_dir / 'hwmon'}'}}}}",
+            "intensity: {zone: DE, providers: [{constant: {grams_per_kwh: 1000}}]}",
             "embodied: {kgco2e: 1500, lifetime: 4y}",
             "budgets: [{name: tiny, match: {}, period: day, limit: 1g}]", ""]))
         (b_dir / "carbond.yaml").write_text("\n".join([
@@ -208,7 +222,8 @@ def test_agent_remote_write_into_victoriametrics(tmp_path, fake_lib):
             "budgets: [{name: generous, match: {kind: unit}, period: month, limit: 1t}]", ""]))
         common = ("--cgroup-root", tree.root, "--interval", "1s")
         started = time.time()
-        with Hardware(zones, scenario, scenario_path, int(A_GPU_WATTS * 1000)) as hardware, \
+        with Hardware(zones, scenario, scenario_path, int(A_GPU_WATTS * 1000), platform,
+                      A_PLATFORM_WATTS) as hardware, \
                 contextlib.ExitStack() as hosts:
             host_a = hosts.enter_context(carbond_run(
                 "--config", str(a_dir / "carbond.yaml"), "--powercap-root",
@@ -250,8 +265,10 @@ def fleet_checks(vm: Prometheus, hardware: Hardware, a: str, b: str) -> float:
     now = time.time()
     # The recorded fleet power is the sum of the hosts', and the hardware's.
     ts, fleet_watts = vm.recorded("job:carbond_host_power_watts:sum", now)
-    _, hosts_watts = vm.value('sum(carbond_host_power_watts{component!="platform"})', ts)
+    _, hosts_watts = vm.value(f"sum({HOST_WATTS})", ts)
     assert fleet_watts == pytest.approx(hosts_watts, rel=0.01)
+    per_host = {r["metric"]["instance"]: float(r["value"][1]) for r in vm.query(HOST_WATTS, ts)}
+    assert per_host[a] == pytest.approx(A_PLATFORM_WATTS, rel=0.02)
     _, mean_watts = vm.value('sum(avg_over_time(carbond_host_power_watts'
                              '{component!="platform"}[20s]))', ts)
     assert mean_watts == pytest.approx(FLEET_WATTS, rel=0.05)
