@@ -10,7 +10,7 @@ import difflib
 import math
 import reprlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
@@ -121,7 +121,8 @@ ConsumerEnergy = dict[Consumer, dict[str, float]]  # joules per consumer and com
 class TickRecord:
     """One accounted tick, as every sink receives it (ledger, budgets, exported series):
     the energy per consumer and component, its operational and embodied grams, the host energy
-    per device that was counted, and the grid intensity (with its provider) it was priced at."""
+    per device that was counted, the grid intensity (with its provider) it was priced at, and
+    what is known of each consumer's owner (its `carbond_consumer_info` labels, where any)."""
 
     wall_time: float
     seconds: float
@@ -131,6 +132,7 @@ class TickRecord:
     devices: tuple[DeviceDelta, ...] = ()
     grams_per_kwh: float | None = None
     provider: str | None = None
+    metadata: Mapping[Consumer, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def host_grams(self) -> float:
