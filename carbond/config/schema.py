@@ -8,177 +8,33 @@ so a config file written today keeps working when they land.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from carbond.carbon.providers import PROVIDER_OPTIONS, provider_specs_from_config
-from carbond.carbon.zone import validate_zone
+from carbond.carbon.providers import PROVIDER_OPTIONS
 from carbond.config import platform, strict_yaml
-from carbond.config.units import parse_grams, parse_seconds
-from carbond.ledger.periods import PERIODS, get_zone
-from carbond.types import ConfigError, did_you_mean, shown
+from carbond.config import validators as v
+from carbond.config.validators import SECONDS_PER_YEAR
+from carbond.ledger.periods import PERIODS
+from carbond.types import ConfigError, shown
 from carbond.workloads.identity import settings as identity_settings
-from carbond.workloads.naming import Rule, compile_rules
+from carbond.workloads.naming import Rule
 
 DEFAULT_CONFIG_PATH = "/etc/carbond/carbond.yaml"
 DEFAULT_PORT = 9877
-MIN_INTERVAL_SECONDS = 0.1
-SECONDS_PER_YEAR = 365.25 * 86400  # an average year, leap days included
 MIN_RETENTION_SECONDS = 3600.0
 MAX_FLUSH_SECONDS = 3600.0
-
-Validator = Callable[[Any, str], Any]
-
-
-# ---- leaf validators: (value, key) -> normalised value, or ConfigError --------------------
-
-
-def _duration(value: Any, key: str) -> float:
-    try:
-        return parse_seconds(value)
-    except ValueError as exc:
-        raise ConfigError(key, str(exc)) from None
-
-
-_LONG_UNITS_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0,
-                       "y": SECONDS_PER_YEAR}
-_LONG = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
-
-
-def _long_duration(value: Any, key: str) -> float:
-    """Durations of days to years (retention, hardware lifetime): also `w` and `y`."""
-    if isinstance(value, str):
-        match = _LONG.match(value)
-        unit = match.group(2) if match else ""
-        if match and unit in ("w", "y"):
-            number = float(match.group(1))
-            if number <= 0:
-                raise ConfigError(key, f"must be positive, got {shown(value)}")
-            return number * _LONG_UNITS_SECONDS[unit]
-        if match and unit and unit not in _LONG_UNITS_SECONDS:
-            raise ConfigError(key, f"unknown unit {shown(unit)} in {shown(value)}; use one of "
-                              f"{', '.join(_LONG_UNITS_SECONDS)}")
-    return _duration(value, key)
-
-
-def _timezone(value: Any, key: str) -> str:
-    text = _string(value, key)
-    try:
-        get_zone(text)
-    except ValueError as exc:
-        raise ConfigError(key, str(exc)) from None
-    return text
-
-
-def _mass(value: Any, key: str) -> float:
-    try:
-        return parse_grams(value)
-    except ValueError as exc:
-        raise ConfigError(key, str(exc)) from None
-
-
-def _interval(value: Any, key: str) -> float:
-    """A tick reads every cgroup and process counter: far below a second the agent would cost
-    more than it measures (1 ms burned 82% of a core)."""
-    seconds = _duration(value, key)
-    if seconds < MIN_INTERVAL_SECONDS:
-        raise ConfigError(key, f"must be at least {MIN_INTERVAL_SECONDS:g}s, got {seconds:g}s")
-    return seconds
-
-
-def _string(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"expected a non-empty string, got {_show(value)}")
-    return value
-
-
-def _optional_string(value: Any, key: str) -> str | None:
-    return None if value is None else _string(value, key)
-
-
-def _number(minimum: float, *, inclusive: bool = True) -> Validator:
-    def check(value: Any, key: str) -> float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(key, f"expected a number, got {shown(value)}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {_show(value)}")
-        if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
-            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-            raise ConfigError(key, f"must be {bound}, got {shown(value)}")
-        return float(value)
-
-    return check
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(key, f"expected a positive integer, got {_show(value)}")
-    return value
-
-
-def _choice(*choices: str) -> Validator:
-    def check(value: Any, key: str) -> str:
-        if value not in choices:
-            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {_show(value)}")
-        return str(value)
-
-    return check
-
-
-def _switch(value: Any, key: str) -> str:
-    """`auto`, or a YAML boolean: normalised to 'auto', 'on' or 'off'."""
-    if value is True or value in ("on", "true", "yes"):
-        return "on"
-    if value is False or value in ("off", "false", "no"):
-        return "off"
-    if value == "auto":
-        return "auto"
-    raise ConfigError(key, f"expected auto, true or false, got {_show(value)}")
-
-
-def _auto_or_watts(value: Any, key: str) -> float | None:
-    return None if value == "auto" else _number(0.0)(value, key)
-
-
-def _listen(value: Any, key: str) -> tuple[str, int]:
-    text = _string(value, key)
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(key, f"expected HOST:PORT, got {shown(text)}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _zone(value: Any, key: str) -> str | None:
-    return None if value is None else validate_zone(value, key)
-
-
-def _rules(value: Any, key: str) -> tuple[Rule, ...]:
-    return compile_rules(value, key)
-
-
-def _providers(value: Any, key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
-    """Names, option names and option values, by the providers' one validation (the same
-    that `build_providers` runs); credential files are read when the providers are built,
-    still before anything runs."""
-    return tuple(provider_specs_from_config(value, key))
 
 
 def _budgets(value: Any, key: str) -> tuple[Budget, ...]:
     budgets = []
     names: set[str] = set()
-    for index, item in enumerate(_list(value, key)):
-        entry = _section(item, f"{key}[{index}]", BUDGET_SCHEMA)
+    for index, item in enumerate(v.list_of(value, key)):
+        entry = v.section(item, f"{key}[{index}]", BUDGET_SCHEMA)
         _check_match(entry.get("match", {}), f"{key}[{index}].match")
         for required in ("name", "limit"):
             if required not in entry:
@@ -201,7 +57,7 @@ def _check_match(match: dict[str, str], key: str) -> None:
 
 
 def _ledger(value: Any, key: str) -> tuple[float, float]:
-    ledger = _section(value, key, LEDGER_SCHEMA)
+    ledger = v.section(value, key, LEDGER_SCHEMA)
     if ledger.get("flush", 0.0) > MAX_FLUSH_SECONDS:
         raise ConfigError(f"{key}.flush", f"must be at most 1h (a crash loses one flush "
                           f"interval), got {ledger['flush']:g}s")
@@ -213,52 +69,19 @@ def _ledger(value: Any, key: str) -> tuple[float, float]:
 
 
 def _embodied(value: Any, key: str) -> tuple[float, float]:
-    embodied = _section(value, key, EMBODIED_SCHEMA)
+    embodied = v.section(value, key, EMBODIED_SCHEMA)
     if "kgco2e" not in embodied:
         raise ConfigError(f"{key}.kgco2e", "is required (the host's embodied kg CO2e)")
     return embodied["kgco2e"], embodied.get("lifetime", Config.embodied_lifetime_seconds)
 
 
-# ---- structure ------------------------------------------------------------------------------
-
-
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {shown(value)}" if value is not None else "nothing"
-
-
-def _list(value: Any, key: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ConfigError(key, f"expected a list, got {_show(value)}")
-    return value
-
-
-def _unknown(name: str, known: Mapping[str, Any], what: str = "key") -> str:
-    return f"unknown {what} {shown(name)}{did_you_mean(name, known)}"
-
-
-def _section(value: Any, key: str, schema: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a mapping against a schema of validators and nested schemas."""
-    if not isinstance(value, dict):
-        raise ConfigError(key, f"expected a mapping, got {_show(value)}")
-    result: dict[str, Any] = {}
-    for name, item in value.items():
-        item_key = f"{key}.{name}" if key else str(name)
-        spec = schema.get(name)
-        if spec is None:
-            raise ConfigError(item_key, _unknown(str(name), schema))
-        result[name] = _section(item, item_key, spec) if isinstance(spec, dict) else spec(
-            item, item_key
-        )
-    return result
-
-
-MATCH_SCHEMA: dict[str, Any] = {"kind": _string, "consumer": _string, "project": _string,
-                                "namespace": _string, "account": _string, "user": _string}
+MATCH_SCHEMA: dict[str, Any] = {"kind": v.string, "consumer": v.string, "project": v.string,
+                                "namespace": v.string, "account": v.string, "user": v.string}
 BUDGET_SCHEMA: dict[str, Any] = {
-    "name": _string, "match": MATCH_SCHEMA, "period": _choice(*PERIODS), "limit": _mass,
+    "name": v.string, "match": MATCH_SCHEMA, "period": v.choice(*PERIODS), "limit": v.mass,
 }
-LEDGER_SCHEMA: dict[str, Any] = {"flush": _duration, "retention": _long_duration}
-EMBODIED_SCHEMA: dict[str, Any] = {"kgco2e": _number(0.0), "lifetime": _long_duration}
+LEDGER_SCHEMA: dict[str, Any] = {"flush": v.duration, "retention": v.long_duration}
+EMBODIED_SCHEMA: dict[str, Any] = {"kgco2e": v.number(0.0), "lifetime": v.long_duration}
 # Keys validated inside a list or by a function rather than by a nested schema above.
 LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
     "budgets[]": BUDGET_SCHEMA,
@@ -285,7 +108,7 @@ class Key:
 
     path: tuple[str, ...]
     fields: tuple[str, ...]
-    check: Any  # a Validator, or a nested schema validated by `_section`
+    check: Any  # a Validator, or a nested schema validated by `v.section`
     on_reload: str = LIVE
 
 
@@ -295,37 +118,37 @@ def _key(path: str, fields: str, check: Any, on_reload: str = LIVE) -> Key:
 
 # Every top-level and nested key, once: SCHEMA and `_build` are derived from this table.
 KEYS: tuple[Key, ...] = (
-    _key("listen", "listen_host listen_port", _listen, RESTART),
-    _key("interval", "interval_seconds", _interval, RESTART),
-    _key("state_dir", "state_dir", _string, RESTART),
-    _key("cgroup_root", "cgroup_root", _optional_string, RESTART),
-    _key("proc_root", "proc_root", _string, RESTART),
-    _key("web_config_file", "web_config_file", _optional_string, RESTART),
-    _key("log_level", "log_level", _choice("debug", "info", "warning", "error")),
-    _key("meters.rapl.enabled", "rapl_enabled", _switch, METERS),
-    _key("meters.rapl.root", "powercap_root", _string, METERS),
-    _key("meters.nvml.enabled", "nvml_enabled", _switch, METERS),
-    _key("meters.model.enabled", "model_enabled", _switch, METERS),
-    _key("meters.model.cpu_watts_min", "model_cpu_watts_min", _number(0.0), METERS),
-    _key("meters.model.cpu_watts_max", "model_cpu_watts_max", _number(0.0), METERS),
-    _key("meters.model.memory_watts_per_gb", "model_memory_watts_per_gb", _number(0.0),
+    _key("listen", "listen_host listen_port", v.listen, RESTART),
+    _key("interval", "interval_seconds", v.interval, RESTART),
+    _key("state_dir", "state_dir", v.string, RESTART),
+    _key("cgroup_root", "cgroup_root", v.optional_string, RESTART),
+    _key("proc_root", "proc_root", v.string, RESTART),
+    _key("web_config_file", "web_config_file", v.optional_string, RESTART),
+    _key("log_level", "log_level", v.choice("debug", "info", "warning", "error")),
+    _key("meters.rapl.enabled", "rapl_enabled", v.switch, METERS),
+    _key("meters.rapl.root", "powercap_root", v.string, METERS),
+    _key("meters.nvml.enabled", "nvml_enabled", v.switch, METERS),
+    _key("meters.model.enabled", "model_enabled", v.switch, METERS),
+    _key("meters.model.cpu_watts_min", "model_cpu_watts_min", v.number(0.0), METERS),
+    _key("meters.model.cpu_watts_max", "model_cpu_watts_max", v.number(0.0), METERS),
+    _key("meters.model.memory_watts_per_gb", "model_memory_watts_per_gb", v.number(0.0),
          METERS),
     *(_key(path, fields, check, METERS) for path, fields, check in platform.PLATFORM_KEYS),
-    _key("attribution.idle", "idle_policy", _choice("separate", "proportional")),
-    _key("attribution.platform", "platform_policy", _choice("proportional", "idle")),
-    _key("attribution.idle_watts.cpu", "idle_watts_cpu", _auto_or_watts),
-    _key("attribution.idle_watts.gpu", "idle_watts_gpu", _auto_or_watts),
-    _key("attribution.max_consumers", "max_consumers", _positive_int),
-    _key("attribution.processes", "processes", _switch, RESTART),
-    _key("attribution.rules", "rules", _rules, NAMER),
-    _key("intensity.zone", "zone", _zone, FEED),
-    _key("intensity.refresh", "intensity_refresh_seconds", _duration, FEED),
-    _key("intensity.max_age", "intensity_max_age_seconds", _duration, FEED),
-    _key("intensity.providers", "providers", _providers, FEED),
-    _key("pue", "pue", _number(1.0)),
+    _key("attribution.idle", "idle_policy", v.choice("separate", "proportional")),
+    _key("attribution.platform", "platform_policy", v.choice("proportional", "idle")),
+    _key("attribution.idle_watts.cpu", "idle_watts_cpu", v.auto_or_watts),
+    _key("attribution.idle_watts.gpu", "idle_watts_gpu", v.auto_or_watts),
+    _key("attribution.max_consumers", "max_consumers", v.positive_int),
+    _key("attribution.processes", "processes", v.switch, RESTART),
+    _key("attribution.rules", "rules", v.rules, NAMER),
+    _key("intensity.zone", "zone", v.zone, FEED),
+    _key("intensity.refresh", "intensity_refresh_seconds", v.duration, FEED),
+    _key("intensity.max_age", "intensity_max_age_seconds", v.duration, FEED),
+    _key("intensity.providers", "providers", v.providers, FEED),
+    _key("pue", "pue", v.number(1.0)),
     _key("embodied", "embodied_kgco2e embodied_lifetime_seconds", _embodied),
     _key("ledger", "ledger_flush_seconds ledger_retention_seconds", _ledger, RESTART),
-    _key("budgets_timezone", "budgets_timezone", _timezone, BUDGETS),
+    _key("budgets_timezone", "budgets_timezone", v.timezone, BUDGETS),
     _key("budgets", "budgets", _budgets, BUDGETS),
     _key("metadata", "metadata", identity_settings.parse, RESTART),
 )
@@ -502,7 +325,7 @@ def parse_file(path: str, data: bytes) -> dict[str, Any]:
         raise ConfigError("--config", f"malformed YAML in {path}: {exc}") from None
     if tree is None:
         return {}
-    return _section(tree, "", SCHEMA)
+    return v.section(tree, "", SCHEMA)
 
 
 def read_file(path: str) -> dict[str, Any]:

@@ -16,82 +16,39 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import email.utils
 import logging
-import re
 import resource
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http import HTTPStatus
-from urllib.parse import urlsplit
 
-from carbond import __version__
 from carbond.web.auth import BasicAuth
 from carbond.web.config import WebConfig, WebConfigWatcher
+from carbond.web.http1 import (
+    HEAD_END,
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    METHODS,
+    PLAIN,
+    App,
+    BadRequest,
+    Request,
+    Response,
+    accepts_gzip,
+    busy,
+    error_response,
+    parse_head,
+    render_head,
+    request_line,
+    unauthorized,
+    wants_keep_alive,
+)
+
+# Re-exported: the HTTP app and tests take the wire types from the server they run on.
+__all__ = ["App", "HttpServer", "Request", "Response", "accepts_gzip", "listen"]
 
 log = logging.getLogger(__name__)
-
-MAX_HEADER_BYTES = 16 * 1024
-MAX_BODY_BYTES = 64 * 1024  # a GET with a body is odd; read and ignore a small one
-METHODS = ("GET", "HEAD")
-SERVER = f"carbond/{__version__}"
-PLAIN = "text/plain; charset=utf-8"
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    target: str
-    version: str  # HTTP/1.0 or HTTP/1.1
-    headers: Mapping[str, str]  # lower-case names; repeated headers joined with ", "
-    peer: str = ""
-
-    @property
-    def path(self) -> str:
-        if self.target.startswith("/"):
-            return self.target.split("?", 1)[0]
-        return urlsplit(self.target).path or "/"
-
-    def header(self, name: str) -> str:
-        return self.headers.get(name, "")
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    content_type: str
-    body: bytes
-    gzip: bool = False  # the body is gzip-encoded
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-App = Callable[[Request], Response]
-
-
-def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding value allows gzip (q-values honoured, `*` counts)."""
-    gzip_q: float | None = None
-    star_q: float | None = None
-    for part in accept_encoding.split(","):
-        coding, _, params = part.partition(";")
-        q = 1.0
-        for param in params.split(";"):
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        coding = coding.strip().lower()
-        if coding in ("gzip", "x-gzip"):
-            gzip_q = q
-        elif coding == "*":
-            star_q = q
-    chosen = gzip_q if gzip_q is not None else star_q
-    return chosen is not None and chosen > 0  # NaN is not > 0
 
 
 def listen(host: str, port: int, family: socket.AddressFamily, backlog: int) -> socket.socket:
@@ -105,107 +62,6 @@ def default_max_connections() -> int:
     if soft == resource.RLIM_INFINITY:
         return 1024
     return max(16, min(1024, soft - 128))
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, why: str) -> None:
-        super().__init__(why)
-        self.status = status
-
-
-_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-# The end of a request header: an empty line, each line ending in LF with an optional CR before
-# it, as Go's net/http reads them (a hand-typed `GET / HTTP/1.1\n\n` is answered).
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-
-
-def request_line(line: str) -> tuple[str, str, str]:
-    """(method, target, version) of a request line without its line end; _BadRequest when it
-    is not one, so a bad line (HTTP/0.9's `GET /`) is answered as soon as it is complete."""
-    parts = line.split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise _BadRequest(400, "malformed request line")
-    method, target, version = parts
-    if not set(method) <= _TOKEN:
-        raise _BadRequest(400, "malformed method")
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        if version.startswith("HTTP/"):
-            raise _BadRequest(505, "HTTP version not supported")
-        raise _BadRequest(400, "malformed version")
-    return method, target, version
-
-
-def parse_head(head: bytes, peer: str = "") -> tuple[Request, int]:
-    """The request line and headers (without the blank line) -> (request, body length).
-
-    Strict where leniency lets requests be smuggled: no folded lines, no space before a
-    colon, one Content-Length, no Transfer-Encoding.
-    """
-    text = head.decode("latin-1")
-    lines = text.split("\n")
-    method, target, version = request_line(lines[0].removesuffix("\r"))
-    headers: dict[str, str] = {}
-    for raw in lines[1:]:
-        line = raw.removesuffix("\r")
-        name, colon, value = line.partition(":")
-        if not colon or not name or not set(name) <= _TOKEN:
-            raise _BadRequest(400, "malformed header line")
-        key = name.lower()
-        value = value.strip(" \t")
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    if "transfer-encoding" in headers:
-        raise _BadRequest(501, "request bodies are not supported")
-    length = 0
-    if "content-length" in headers:
-        text_length = headers["content-length"]
-        if not text_length.isdigit() or not text_length.isascii():
-            raise _BadRequest(400, "bad Content-Length")
-        length = int(text_length)
-        if length > MAX_BODY_BYTES:
-            raise _BadRequest(413, "request body too large")
-    return Request(method, target, version, headers, peer), length
-
-
-def _keep_alive(request: Request) -> bool:
-    tokens = {t.strip().lower() for t in request.header("connection").split(",")}
-    if request.version == "HTTP/1.1":
-        return "close" not in tokens
-    return "keep-alive" in tokens
-
-
-def render_head(response: Response, *, keep_alive: bool, length: int) -> bytes:
-    status = HTTPStatus(response.status)
-    lines = [
-        f"HTTP/1.1 {status.value} {status.phrase}",
-        f"Server: {SERVER}",
-        f"Date: {email.utils.formatdate(usegmt=True)}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {length}",
-    ]
-    if response.gzip:
-        lines.append("Content-Encoding: gzip")
-    if response.status == 200:
-        lines.append("Vary: Accept-Encoding")
-    lines.extend(f"{name}: {value}" for name, value in response.headers)
-    lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def _error(status: int, text: str = "") -> Response:
-    body = (text or HTTPStatus(status).phrase).encode() + b"\n"
-    return Response(status, PLAIN, body)
-
-
-def _unauthorized() -> Response:
-    return Response(401, PLAIN, b"Unauthorized\n",
-                    headers=(("WWW-Authenticate", 'Basic realm="carbond"'),))
-
-
-def _busy() -> Response:
-    """Every bcrypt slot is taken by attempts not known good: no hash for this one."""
-    return Response(429, PLAIN, b"Too Many Requests\n", headers=(("Retry-After", "1"),))
 
 
 def _with_headers(response: Response, config: WebConfig | None) -> Response:
@@ -381,14 +237,14 @@ class _Connection(asyncio.Protocol):
     def _next_request(self) -> None:
         if self._busy or self._closed or not self._ready or not self._buffer:
             return
-        found = _HEAD_END.search(self._buffer, 0, MAX_HEADER_BYTES + 4)
+        found = HEAD_END.search(self._buffer, 0, MAX_HEADER_BYTES + 4)
         if found is None:
             line_end = self._buffer.find(b"\n", 0, MAX_HEADER_BYTES)
             if line_end >= 0:  # the request line is complete: refuse a bad one at once
                 try:
                     request_line(bytes(self._buffer[:line_end]).decode("latin-1")
                                  .removesuffix("\r"))
-                except _BadRequest as exc:
+                except BadRequest as exc:
                     self._reply_error(exc.status, str(exc))
                     return
             if len(self._buffer) > MAX_HEADER_BYTES:
@@ -400,7 +256,7 @@ class _Connection(asyncio.Protocol):
             return
         try:
             request, body_bytes = parse_head(bytes(self._buffer[:end]), self.peer)
-        except _BadRequest as exc:
+        except BadRequest as exc:
             self._reply_error(exc.status, str(exc))
             return
         needed = found.end() + body_bytes
@@ -423,10 +279,10 @@ class _Connection(asyncio.Protocol):
         if error is not None:  # the worker wrapper answers 500 itself; this is the pool failing
             log.error("request %s %s from %s failed: %s", request.method, request.path,
                       self.peer, error)
-            response = _error(500)
+            response = error_response(500)
         else:
             response = done.result()
-        keep_alive = _keep_alive(request) and not (self._server.stopping or self._eof)
+        keep_alive = wants_keep_alive(request) and not (self._server.stopping or self._eof)
         self._write(response, keep_alive=keep_alive, head_only=request.method == "HEAD")
         self._served += 1
         if log.isEnabledFor(logging.DEBUG):
@@ -457,7 +313,7 @@ class _Connection(asyncio.Protocol):
 
     def _reply_error(self, status: int, why: str) -> None:
         log.debug("bad request from %s: %s", self.peer, why)
-        self._write(_error(status, why), keep_alive=False)
+        self._write(error_response(status, why), keep_alive=False)
 
 
 class HttpServer:
@@ -582,7 +438,7 @@ class HttpServer:
             return self.loop.run_in_executor(self._pool, self._handle, request, config)
         if verdict is False or verdict is None:
             answer = self.loop.create_future()
-            answer.set_result(_with_headers(_unauthorized() if verdict is False else _busy(),
+            answer.set_result(_with_headers(unauthorized() if verdict is False else busy(),
                                             config))
             return answer
         task = self.loop.create_task(self._after_check(request, config, verdict))
@@ -593,7 +449,7 @@ class HttpServer:
     async def _after_check(self, request: Request, config: WebConfig,
                            verdict: concurrent.futures.Future[bool]) -> Response:
         if not await asyncio.wrap_future(verdict, loop=self.loop):
-            return _with_headers(_unauthorized(), config)
+            return _with_headers(unauthorized(), config)
         return await self.loop.run_in_executor(self._pool, self._handle, request, config)
 
     # -- on a worker -------------------------------------------------------------------------
@@ -603,7 +459,7 @@ class HttpServer:
             response = self._answer(request)
         except Exception:
             log.exception("%s %s from %s failed", request.method, request.path, request.peer)
-            return _error(500)
+            return error_response(500)
         return _with_headers(response, config)
 
     def _answer(self, request: Request) -> Response:
