@@ -169,3 +169,48 @@ class ConstantPower:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def busy_cpu_seconds(proc_stat: str = "/proc/stat") -> float:
+    """The host's CPU seconds spent working (user, nice, system, irq, softirq), all CPUs."""
+    with open(proc_stat) as handle:
+        fields = handle.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadPower:
+    """A package and a DRAM zone whose power follows the host's CPU use, as RAPL's does:
+    package `idle_watts + watts_per_core x busy cores`, DRAM `dram_share` of that. With
+    `attribution.idle_watts.cpu` set to `idle_watts`, every dynamic joule was drawn by some CPU
+    second (and DRAM, which follows the CPU split, idle included, splits the same way), so a
+    consumer's energy does not depend on where the ticks fall. ConstantPower's draw, the same
+    whatever runs, is split by the shares of each tick instead."""
+
+    def __init__(self, root: str, idle_watts: float = 10.0, watts_per_core: float = 15.0,
+                 dram_share: float = 0.125) -> None:
+        tree = FakePowercap(root)
+        self.idle_watts, self.watts_per_core = idle_watts, watts_per_core
+        self.dram_share = dram_share
+        self.package = tree.add("intel-rapl:0", "package-0")
+        self.dram = tree.add("intel-rapl:0:0", "dram", INTEL_DRAM_RANGE_UJ)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last, busy = time.monotonic(), busy_cpu_seconds()
+        while not self._stop.wait(0.05):
+            now, busy_now = time.monotonic(), busy_cpu_seconds()
+            joules = self.idle_watts * (now - last) + self.watts_per_core * max(0.0,
+                                                                                busy_now - busy)
+            self.package.advance_uj(round(joules * 1e6))
+            self.dram.advance_uj(round(self.dram_share * joules * 1e6))
+            last, busy = now, busy_now
+
+    def __enter__(self) -> LoadPower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -127,6 +127,9 @@ class RunMeasurement:
         self.pipeline: Pipeline = build_pipeline(config, meters, usage, pid_consumers,
                                                  interval_seconds=tick_seconds)
         self.pipeline.prime()
+        # Named now: a meter stuck in a read later holds the lock its GPU list is behind.
+        self._gpu_models = [g.name for meter in self.pipeline.meters
+                            for g in getattr(meter, "gpus", list)() if g.name]
         self.joules: dict[str, float] = dict.fromkeys(COMPONENTS, 0.0)
         self.cpu_seconds = 0.0
         self.host_cpu_seconds = 0.0
@@ -147,8 +150,7 @@ class RunMeasurement:
         return math.fsum(mine.values())
 
     def gpu_models(self) -> list[str]:
-        return [g.name for meter in self.pipeline.meters
-                for g in getattr(meter, "gpus", list)() if g.name]
+        return list(self._gpu_models)
 
     def close(self) -> None:
         self.pipeline.close()

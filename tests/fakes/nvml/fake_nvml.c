@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 typedef int nvmlReturn_t;
 
@@ -82,6 +83,7 @@ struct dev {
     unsigned int gi, ci;
     int mig_mode;
     int lost, energy_unsupported, energy_noperm, power_unsupported, procutil_unsupported;
+    int hang; /* the energy call blocks while the scenario says so */
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -204,6 +206,7 @@ static void load(void) {
             if (has_word(line, "energy_no_permission")) d->energy_noperm = 1;
             if (has_word(line, "power_not_supported")) d->power_unsupported = 1;
             if (has_word(line, "procutil_not_supported")) d->procutil_unsupported = 1;
+            if (has_word(line, "hang")) d->hang = 1;
         } else if (strcmp(kind, "proc") == 0 && proc_count < MAX_PROCS) {
             struct proc *p = &procs[proc_count++];
             char type[32] = "compute";
@@ -375,6 +378,14 @@ nvmlReturn_t nvmlDeviceGetUUID(void *device, char *uuid, unsigned int length) {
 
 nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(void *device, unsigned long long *energy) {
     DEVICE(device, g);
+    /* A hung driver call (a GPU falling off the bus): block, without the lock, until the
+     * scenario no longer says `hang`; other calls go on meanwhile. */
+    while (g->hang) {
+        pthread_mutex_unlock(&lock);
+        usleep(20000);
+        pthread_mutex_lock(&lock);
+        load();
+    }
     if (!energy) RETURN(NVML_ERROR_INVALID_ARGUMENT);
     if ((struct dev *)device != g) RETURN(NVML_ERROR_NOT_SUPPORTED); /* no per-MIG counter */
     if (g->energy_unsupported) RETURN(NVML_ERROR_NOT_SUPPORTED);
