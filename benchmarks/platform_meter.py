@@ -1,6 +1,6 @@
 """What a Redfish platform meter costs on the tick path (issue 22: at most 5 % of tick CPU).
 
-Run: .venv/bin/python benchmarks/platform.py [--rounds 300] [--interval 1] [--cgroups 100]
+Run: .venv/bin/python benchmarks/platform_meter.py [--rounds 300] [--interval 1] [--cgroups 100]
 
 Two in-process daemons tick alternately on the same fake two-socket Intel powercap tree: one
 with the RAPL meter only, one with RAPL and a Redfish meter polling a stand-in BMC over TLS on
