@@ -88,15 +88,17 @@ def _cell(text: str) -> str:
 
 
 def render_table(report: Report, zone: tzinfo) -> str:
+    """kWh and kg; the PLATFORM column (the node beyond its measured parts) only where a
+    platform meter measured some."""
     columns = [c.upper() for c in KEY_COLUMNS[report.by]]
-    header = [*columns, "CPU kWh", "DRAM kWh", "GPU kWh", "PLATFORM kWh", "ENERGY kWh", "CO2e kg",
-              "EMBODIED kg", "g/kWh", "PROVIDERS"]
+    platform = report.total.platform_joules > 0
+    header = [*columns, "CPU kWh", "DRAM kWh", "GPU kWh", *(["PLATFORM kWh"] if platform else []),
+              "ENERGY kWh", "CO2e kg", "EMBODIED kg", "g/kWh", "PROVIDERS"]
 
     def cells(key: tuple[str, ...], usage: Usage) -> list[str]:
-        return [*(_cell(k) for k in key),
-                *(_number(j / JOULES_PER_KWH) for j in (
-                    usage.cpu_joules, usage.dram_joules, usage.gpu_joules,
-                    usage.platform_joules, usage.joules)),
+        parts = [usage.cpu_joules, usage.dram_joules, usage.gpu_joules,
+                 *([usage.platform_joules] if platform else []), usage.joules]
+        return [*(_cell(k) for k in key), *(_number(j / JOULES_PER_KWH) for j in parts),
                 _number(usage.grams / 1000), _number(usage.embodied_grams / 1000),
                 _number(_grams_per_kwh(usage)), ",".join(sorted(usage.providers)) or "-"]
 
