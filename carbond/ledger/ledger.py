@@ -67,6 +67,12 @@ RETENTION_EVERY_SECONDS = 3600.0
 # Totals of a consumer not booked for this long leave memory (they stay in the file and are
 # read back when it returns): memory holds the consumers of the last hours, not of 400 days.
 DEFAULT_KEEP_SECONDS = 6 * 3600.0
+ERRORS_STATE = "ledger_errors_total"  # the error counter continues across restarts too
+
+
+def _count(value: object) -> int:
+    """A stored counter, or 0 for anything that is not one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 class Ledger:
@@ -150,6 +156,7 @@ class Ledger:
             if not self._loaded:
                 book.totals, book.labels = totals, labels
                 self._loaded = True
+                self._errors_total += _count(totals.state.get(ERRORS_STATE))
 
     def _load_readonly(self) -> None:
         """Totals from a ledger this process cannot write (read-only directory)."""
@@ -166,6 +173,7 @@ class Ledger:
                 if not self._loaded:
                     self._book.totals = read_totals(conn)
                     self._loaded = True
+                    self._errors_total += _count(self._book.totals.state.get(ERRORS_STATE))
                 for name, index in conn.execute("SELECT name, id FROM providers"):
                     self._book.provider_bits.setdefault(name, index)
         except sqlite3.Error as exc:
@@ -183,6 +191,7 @@ class Ledger:
             with self._lock:
                 self._book.totals = totals
                 self._loaded = True
+                self._errors_total += _count(totals.state.get(ERRORS_STATE))
 
     # ---- the tick path: memory only ---------------------------------------------------------
 
@@ -259,6 +268,8 @@ class Ledger:
                     self._connect()
                 self._resolve_returning()
                 with self._lock:
+                    if self._book.totals.state.get(ERRORS_STATE, 0) != self._errors_total:
+                        self._book.put_state(ERRORS_STATE, self._errors_total)
                     batch = self._book.take()
                 if not batch.empty():
                     self._store.write(batch)

@@ -1,0 +1,120 @@
+"""The ledger's file under a running `carbond run`: deleted while it runs (noticed, logged,
+counted, written again from memory, counters continuous across a restart afterwards), and a
+state directory whose name is not UTF-8 (report works, a corrupt ledger there is moved aside)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from carbond.ledger.ledger import LEDGER_FILE, Ledger
+from carbond.types import Consumer, TickRecord
+from tests.helpers import Samples, carbond_run, total, wait_for
+from tests.powercap import ConstantPower
+
+HOST = "carbond_host_energy_joules_total"
+CONSUMER = "carbond_consumer_energy_joules_total"
+ERRORS = "carbond_ledger_errors_total"
+
+
+def counters(samples: Samples) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {key: value for key, value in samples.items()
+            if key[0].startswith("carbond_") and key[0].endswith("_total")}
+
+
+def config(tmp_path: Path) -> str:
+    path = tmp_path / "carbond.yaml"
+    path.write_text("attribution: {idle_watts: {cpu: 0}}\nledger: {flush: 1s}\n"
+                    "intensity: {providers: [{constant: {grams_per_kwh: 1000}}]}\n")
+    return str(path)
+
+
+def report(state: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "carbond", "report", "--state-dir", state,
+                           "--since", "1d", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a_ledger_deleted_while_running_is_noticed_and_written_again(tmp_path) -> None:
+    state = tmp_path / "state"
+    args = ("--powercap-root", str(tmp_path / "powercap"), "--state-dir", str(state),
+            "--zone", "DE", "--config", config(tmp_path), "--interval", "1s")
+    started = time.time()
+    with ConstantPower(str(tmp_path / "powercap"), package_watts=100.0):
+        with carbond_run(*args) as daemon:
+            daemon.wait_ticks(3)
+            assert wait_for(lambda: (state / LEDGER_FILE).exists())
+            assert total(daemon.scrape(), ERRORS) == 0
+            for path in state.glob(f"{LEDGER_FILE}*"):  # rm ledger.db*
+                path.unlink()
+            assert wait_for(lambda: total(daemon.scrape(), ERRORS) >= 1, timeout=20)
+            assert wait_for(lambda: (state / LEDGER_FILE).exists(), timeout=20)
+            daemon.wait_ticks(2)  # and a flush after it: rows of this hour are back
+            last = daemon.scrape()
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(timeout=10) == 0
+            log = daemon.process.stderr.read()
+        assert "deleted or replaced" in log and str(state / LEDGER_FILE) in log
+        # what the file holds now: the whole run (one hour at most, which it keeps)
+        result = report(str(state), "--by", "kind", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        reported = json.loads(result.stdout)["total"]["joules"]
+        with carbond_run(*args) as daemon:
+            first = daemon.scrape()
+    before, after = counters(last), counters(first)
+    assert total(last, HOST) > 0
+    for key, value in before.items():  # every counter continues, the error counter too
+        assert key in after, key
+        assert after[key] >= value - 1e-9 * max(1.0, value), key
+    assert total(first, ERRORS) >= 1
+    # the report saw the consumers' energy up to the stop, unless the run crossed an hour
+    # (the earlier hour's rows were only in the deleted file)
+    if int(started // 3600) == int(time.time() // 3600):
+        assert reported >= total(last, CONSUMER) * 0.999
+
+
+def non_utf8_dir(tmp_path: Path) -> str:
+    raw = os.fsencode(str(tmp_path)) + b"/st\xff\xfeate"
+    return os.fsdecode(raw)  # surrogates, as a shell hands such a name to Python
+
+
+def test_report_from_a_state_dir_whose_name_is_not_utf8(tmp_path) -> None:
+    state = non_utf8_dir(tmp_path)
+    a = Consumer("unit", "a.service")
+    with Ledger.open(state) as ledger:
+        ledger.record(TickRecord(time.time(), 60.0, {a: {"cpu": 360.0}}, {a: 0.05}, {}))
+    assert os.path.isfile(os.path.join(os.fsencode(state), b"ledger.db"))
+    result = subprocess.run([sys.executable, "-m", "carbond", "report", "--state-dir", state,
+                             "--since", "1d", "--format", "json"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert [(r["consumer"], r["joules"]) for r in rows] == [("a.service", 360.0)]
+
+
+def test_a_corrupt_ledger_in_a_non_utf8_state_dir_is_moved_aside_at_startup(tmp_path) -> None:
+    state = non_utf8_dir(tmp_path)
+    os.makedirs(state)
+    garbage = b"this is not a database\n" * 200
+    Path(state, LEDGER_FILE).write_bytes(garbage)
+    args = ("--powercap-root", str(tmp_path / "powercap"), "--state-dir", state,
+            "--zone", "DE", "--config", config(tmp_path), "--interval", "1s")
+    with ConstantPower(str(tmp_path / "powercap")), carbond_run(*args) as daemon:
+        daemon.wait_ticks(2)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=10) == 0
+        log = daemon.process.stderr.read()
+    assert "corrupt" in log and "Traceback" not in log
+    moved = [name for name in os.listdir(os.fsencode(state))
+             if name.startswith(b"ledger.db.corrupt-") and not name.endswith(b"-wal")]
+    assert len(moved) == 1
+    assert Path(state, os.fsdecode(moved[0])).read_bytes() == garbage
+    result = subprocess.run([sys.executable, "-m", "carbond", "report", "--state-dir", state,
+                             "--since", "1d", "--format", "json"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
