@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from carbond.ledger.ledger import LEDGER_FILE, Ledger
+import pytest
+
+from carbond.ledger.ledger import LEDGER_FILE, Ledger, connect_readonly
 from carbond.types import Consumer, TickRecord
 from tests.helpers import Samples, carbond_run, total, wait_for
 from tests.powercap import ConstantPower
@@ -118,3 +120,54 @@ def test_a_corrupt_ledger_in_a_non_utf8_state_dir_is_moved_aside_at_startup(tmp_
                              "--since", "1d", "--format", "json"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_deleted_in_process_this_hours_rows_and_every_total_come_back(tmp_path, caplog) -> None:
+    """The same in one process, on a simulated clock: after `rm ledger.db*` the next flush
+    writes a new file holding every total and this hour's rows (flushed ones too)."""
+    hour = 1_714_521_600 + 10 * 3600
+    a, b = Consumer("unit", "a.service"), Consumer("job", "slurm/9")
+    clock = Clock(hour + 60)
+    state = tmp_path / "state"
+
+    def tick(wall: float, joules: float) -> None:
+        clock.now = wall
+        ledger.record(TickRecord(wall, 10.0, {a: {"cpu": joules}, b: {"gpu": 2 * joules}},
+                                 {a: joules / 1e4, b: joules / 5e3}, {}))
+
+    with Ledger.open(str(state), clock=clock) as ledger:
+        tick(hour - 100, 1.0)  # the hour before: its row is only in the file that goes
+        assert ledger.flush()
+        tick(hour + 100, 10.0)
+        assert ledger.flush()
+        tick(hour + 200, 100.0)
+        assert ledger.flush()
+        for path in state.glob(f"{LEDGER_FILE}*"):
+            path.unlink()
+        tick(hour + 300, 1000.0)
+        with caplog.at_level("ERROR", logger="carbond.ledger.ledger"):
+            assert ledger.flush()
+        assert ledger.errors_total == 1
+        assert "deleted or replaced" in caplog.text
+        assert (state / LEDGER_FILE).exists()
+        tick(hour + 400, 10000.0)
+    conn = connect_readonly(str(state))
+    rows = dict(conn.execute("SELECT c.name || '@' || h.hour, h.cpu_joules + h.gpu_joules"
+                             " FROM consumer_hours h JOIN consumers c ON c.id = h.consumer")
+                .fetchall())
+    conn.close()
+    assert rows == {f"a.service@{hour}": 11110.0, f"slurm/9@{hour}": 22220.0}
+    with Ledger.open(str(state), clock=clock) as ledger:
+        totals = ledger.restore()
+        assert ledger.errors_total == 1  # the count continues across the restart
+    assert totals.consumer_joules[a] == {"cpu": 11111.0}
+    assert totals.consumer_joules[b] == {"gpu": 22222.0}
+    assert totals.host_grams == pytest.approx(11111.0 / 1e4 + 11111.0 / 5e3)
