@@ -171,3 +171,28 @@ def test_deleted_in_process_this_hours_rows_and_every_total_come_back(tmp_path, 
     assert totals.consumer_joules[a] == {"cpu": 11111.0}
     assert totals.consumer_joules[b] == {"gpu": 22222.0}
     assert totals.host_grams == pytest.approx(11111.0 / 1e4 + 11111.0 / 5e3)
+
+
+def test_a_log_deleted_after_the_file_was_written_again_is_noticed_too(tmp_path) -> None:
+    """`rm ledger.db*` racing a flush: the file goes, the flush writes a new one, then the
+    rm takes the new one's write-ahead log (holding its commits): noticed the same way."""
+    a = Consumer("unit", "a.service")
+    clock = Clock(1_714_521_600 + 60)
+    state = tmp_path / "state"
+    with Ledger.open(str(state), clock=clock) as ledger:
+        ledger.record(TickRecord(clock.now, 10.0, {a: {"cpu": 1.0}}, {a: 1e-4}, {}))
+        assert ledger.flush()
+        (state / LEDGER_FILE).unlink()
+        ledger.record(TickRecord(clock.now, 10.0, {a: {"cpu": 2.0}}, {a: 1e-4}, {}))
+        assert ledger.flush() and ledger.errors_total == 1
+        for suffix in ("-wal", "-shm"):
+            Path(f"{state / LEDGER_FILE}{suffix}").unlink()
+        ledger.record(TickRecord(clock.now, 10.0, {a: {"cpu": 4.0}}, {a: 1e-4}, {}))
+        assert ledger.flush() and ledger.errors_total == 2
+    # the file left without its log is kept aside, never added to
+    assert len(list(state.glob(f"{LEDGER_FILE}.replaced-*"))) >= 1
+    with Ledger.open(str(state), clock=clock) as ledger:
+        assert ledger.restore().consumer_joules[a] == {"cpu": 7.0}
+    conn = connect_readonly(str(state))
+    assert conn.execute("SELECT SUM(cpu_joules) FROM consumer_hours").fetchone()[0] == 7.0
+    conn.close()

@@ -313,10 +313,13 @@ class Ledger:
         """The file at the path is not the one open (deleted, or another put there): say so,
         count it, and start a file there from memory: every total and this hour's rows."""
         self._errors_total += 1
-        log.error("ledger %s was deleted or replaced while open: writing a new one from "
-                  "memory (all totals, this hour's rows; earlier hours' rows are lost)",
-                  self.path)
         self._store.close_conn()
+        # What is at the path now (another file, or ours without its log) is not what was
+        # written: kept aside, never added to.
+        aside = self._store.set_aside("replaced")
+        log.error("ledger %s was deleted or replaced while open: writing a new one from "
+                  "memory (all totals, this hour's rows; earlier hours' rows are lost)%s",
+                  self.path, f"; what was there is now {aside}" if aside else "")
         with self._lock:
             self._book.rewrite_everything()
 

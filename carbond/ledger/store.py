@@ -49,6 +49,7 @@ class Store:
         self.conn: sqlite3.Connection | None = None
         self.lock_fd: int | None = None
         self.identity: FileIdentity | None = None  # of the file `conn` has open
+        self.wal_identity: FileIdentity | None = None  # of its write-ahead log, once written
         self.ids: dict[Consumer, int] = {}  # of the consumers memory holds
         self._clock = clock
 
@@ -104,20 +105,27 @@ class Store:
             raise
         self.conn = conn
         self.identity = file_identity(self.path)
+        self.wal_identity = None
         self.ids = {}
         return conn
 
     def replaced(self) -> bool:
         """True when the file at the path is no longer the one open: deleted (`rm
-        ledger.db*`), or replaced by another file. Checked before every flush."""
-        return self.conn is not None and file_identity(self.path) != self.identity
+        ledger.db*`), or replaced by another file; the same for its write-ahead log, which
+        holds the latest commits until a checkpoint. Checked before every flush."""
+        if self.conn is None:
+            return False
+        if file_identity(self.path) != self.identity:
+            return True
+        return self.wal_identity is not None and \
+            file_identity(self.path + "-wal") != self.wal_identity
 
     def close_conn(self) -> None:
         if self.conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.close()
             self.conn = None
-            self.identity = None
+            self.identity = self.wal_identity = None
             self.ids = {}
 
     def checkpoint(self) -> None:
@@ -175,11 +183,20 @@ class Store:
         return None
 
     def move_aside(self, exc: BaseException) -> None:
+        target = self.set_aside("corrupt")
+        log.error("ledger %s is corrupt (%s): moved to %s, starting a fresh ledger",
+                  self.path, describe(exc), target)
+
+    def set_aside(self, tag: str) -> str | None:
+        """Rename the file at the path (with its log) to `PATH.TAG-STAMP`, never overwriting
+        an earlier one; the name it got, or None when there was no file."""
+        if not os.path.lexists(self.path):
+            return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
-        target = f"{self.path}.corrupt-{stamp}"
+        target = f"{self.path}.{tag}-{stamp}"
         serial = 1
-        while os.path.exists(target):  # never overwrite an earlier one
-            target = f"{self.path}.corrupt-{stamp}.{serial}"
+        while os.path.exists(target):
+            target = f"{self.path}.{tag}-{stamp}.{serial}"
             serial += 1
         os.replace(self.path, target)
         for suffix in ("-wal", "-shm"):
@@ -188,8 +205,7 @@ class Store:
                     os.replace(self.path + suffix, target + suffix)
                 else:
                     os.unlink(self.path + suffix)
-        log.error("ledger %s is corrupt (%s): moved to %s, starting a fresh ledger",
-                  self.path, describe(exc), target)
+        return target
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -261,6 +277,8 @@ class Store:
                 conn.execute("ROLLBACK")
             raise
         self.ids.update(staged)
+        if self.wal_identity is None:  # the log exists while the connection is open
+            self.wal_identity = file_identity(self.path + "-wal")
 
     def retention(self, cutoff: int) -> bool:
         """Drop rows and consumers older than `cutoff`; True when consumers went."""
