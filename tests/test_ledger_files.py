@@ -16,6 +16,7 @@ import pytest
 
 from carbond.ledger.ledger import LEDGER_FILE, Ledger, connect_readonly
 from carbond.types import Consumer, TickRecord
+from tests.cgroup_helpers import TestTree
 from tests.helpers import Samples, carbond_run, total, wait_for
 from tests.powercap import ConstantPower
 
@@ -41,10 +42,16 @@ def report(state: str, *args: str) -> subprocess.CompletedProcess[str]:
                            "--since", "1d", *args], capture_output=True, text=True, timeout=60)
 
 
-def test_a_ledger_deleted_while_running_is_noticed_and_written_again(tmp_path) -> None:
+def test_a_ledger_deleted_while_running_is_noticed_and_written_again(tree: TestTree,
+                                                                     tmp_path) -> None:
+    """A private cgroup tree with a busy job: the host's own cgroups (other work on this
+    machine) would fold into the exporter's `other`, which the ledger keeps per consumer."""
+    tree.make("job")
+    tree.burners.start(0.5, tree.procs("job"))
     state = tmp_path / "state"
     args = ("--powercap-root", str(tmp_path / "powercap"), "--state-dir", str(state),
-            "--zone", "DE", "--config", config(tmp_path), "--interval", "1s")
+            "--zone", "DE", "--config", config(tmp_path), "--interval", "1s",
+            "--cgroup-root", tree.root)
     started = time.time()
     with ConstantPower(str(tmp_path / "powercap"), package_watts=100.0):
         with carbond_run(*args) as daemon:

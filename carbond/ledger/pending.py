@@ -86,12 +86,11 @@ class Batch:
         yield from (row[0] for row in self.labels)
 
 
-def _merge_rows(into: dict[HourKey, HourRow], rows: Mapping[HourKey, HourRow],
-                copy: bool = False) -> None:
+def _merge_rows(into: dict[HourKey, HourRow], rows: Mapping[HourKey, HourRow]) -> None:
     for key, row in rows.items():
         mine = into.get(key)
         if mine is None:
-            into[key] = row.copy() if copy else row
+            into[key] = row
         else:
             mine.add(row)
 
@@ -344,10 +343,17 @@ class Book:
             self.written_rows = {k: r for k, r in self.written_rows.items() if k[0] >= hour}
             self.written_devices = {s: j for s, j in self.written_devices.items()
                                     if s[0] >= hour}
-        _merge_rows(self.written_rows,
-                    {k: r for k, r in batch.hours.items() if k[0] >= hour}, copy=True)
-        _merge_devices(self.written_devices,
-                       {s: j for s, j in batch.devices.items() if s[0] >= hour})
+        rows = self.written_rows  # the batch's rows are no one else's now: kept, not copied
+        for key, row in batch.hours.items():
+            if key[0] >= hour:
+                mine = rows.get(key)
+                if mine is None:
+                    rows[key] = row
+                else:
+                    mine.add(row)
+        for slot, joules in batch.devices.items():
+            if slot[0] >= hour:
+                self.written_devices[slot] = self.written_devices.get(slot, 0.0) + joules
 
     def rewrite_everything(self) -> None:
         """The file is new (the old one was corrupt or deleted): every total, label and this
