@@ -5,8 +5,9 @@ The tick only calls `record()`, which adds to memory (`pending.Book`); a backgro
 delays a tick and a crash loses at most one flush interval. A failed flush keeps its data in
 memory and the next one retries it. Totals are written as absolute values and restored at
 start, so every exported `*_total` counter continues across restarts. A ledger file deleted or
-replaced under the running daemon is noticed at the next flush, logged, counted, and written
-again from memory (every total, this hour's rows). Reading: `queries` (budgets, reports).
+replaced under the running daemon is noticed at the next flush, logged, counted, and put back:
+copied whole from the deleted file the connection still has open (else every total from
+memory). Reading: `queries` (budgets, reports).
 The schema and its migrations: `schema`.
 """
 
@@ -281,9 +282,6 @@ class Ledger:
                 if isinstance(exc, sqlite3.DatabaseError) and is_corrupt(exc):
                     self._recover_corrupt(exc)
                 return False
-            now = self._clock()
-            with self._lock:
-                self._book.written(batch, now)
             if self._last_error is not None:
                 log.info("ledger %s: writes resumed", self.path)
                 self._last_error = None
@@ -311,17 +309,21 @@ class Ledger:
 
     def _recreate(self) -> None:
         """The file at the path is not the one open (deleted, or another put there): say so,
-        count it, and start a file there from memory: every total and this hour's rows."""
+        count it, and put a ledger there again: a copy of the open (deleted) file, whole;
+        failing that, one written from memory (every total; the hourly rows are lost)."""
         self._errors_total += 1
-        self._store.close_conn()
-        # What is at the path now (another file, or ours without its log) is not what was
-        # written: kept aside, never added to.
-        aside = self._store.set_aside("replaced")
-        log.error("ledger %s was deleted or replaced while open: writing a new one from "
-                  "memory (all totals, this hour's rows; earlier hours' rows are lost)%s",
-                  self.path, f"; what was there is now {aside}" if aside else "")
-        with self._lock:
-            self._book.rewrite_everything()
+        try:
+            aside = self._store.rescue()
+            how = "copied it whole from the file still open"
+        except (sqlite3.Error, OSError) as exc:
+            self._store.close_conn()
+            aside = self._store.set_aside("replaced")
+            with self._lock:
+                self._book.rewrite_everything()
+            how = f"could not copy the open file ({describe(exc)}): writing every total " \
+                "from memory, the hourly rows written so far are lost"
+        log.error("ledger %s was deleted or replaced while open: %s%s", self.path, how,
+                  f"; what was at the path is now {aside}" if aside else "")
 
     def _recover_corrupt(self, exc: BaseException) -> None:
         """Corruption found while running: start a fresh file; memory holds the totals."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import astuple, dataclass
 
-from carbond.ledger.periods import floor_hour, spread_over_hours
+from carbond.ledger.periods import spread_over_hours
 from carbond.ledger.schema import DeviceKey, Totals, positive, text
 from carbond.types import Consumer, TickRecord
 
@@ -116,10 +116,6 @@ class Book:
         self.unresolved: set[Consumer] = set()  # totals here lack what the file holds
         self.provider_bits: dict[str, int] = {}
         self.dropped_rows = 0
-        # This hour's rows as written, to rebuild a ledger file deleted under us.
-        self.written_hour: int | None = None
-        self.written_rows: dict[HourKey, HourRow] = {}
-        self.written_devices: dict[DeviceSlot, float] = {}
         self._names: dict[object, Consumer] = {}
         self._warn_once = warn_once
 
@@ -335,38 +331,15 @@ class Book:
         while len(self.hours) > MAX_PENDING_ROWS:
             self.drop_oldest()
 
-    def written(self, batch: Batch, now: float) -> None:
-        """A batch is in the file: keep (a copy of) this hour's rows, forget older ones."""
-        hour = floor_hour(now)
-        if self.written_hour != hour:
-            self.written_hour = hour
-            self.written_rows = {k: r for k, r in self.written_rows.items() if k[0] >= hour}
-            self.written_devices = {s: j for s, j in self.written_devices.items()
-                                    if s[0] >= hour}
-        rows = self.written_rows  # the batch's rows are no one else's now: kept, not copied
-        for key, row in batch.hours.items():
-            if key[0] >= hour:
-                mine = rows.get(key)
-                if mine is None:
-                    rows[key] = row
-                else:
-                    mine.add(row)
-        for slot, joules in batch.devices.items():
-            if slot[0] >= hour:
-                self.written_devices[slot] = self.written_devices.get(slot, 0.0) + joules
-
     def rewrite_everything(self) -> None:
-        """The file is new (the old one was corrupt or deleted): every total, label and this
-        hour's written rows go into it at the next flush."""
+        """The file is new (the old one was corrupt, or deleted and not copied): every total
+        and label goes into it at the next flush."""
         t = self.totals
         self.dirty_consumers.update(t.consumer_updated, t.consumer_joules, t.consumer_grams)
         self.dirty_labels.update(self.labels)
         self.dirty_devices.update(t.device_joules)
         self.dirty_state.update(t.state)
         self.host_dirty = True
-        _merge_rows(self.hours, self.written_rows)
-        _merge_devices(self.devices, self.written_devices)
-        self.written_rows, self.written_devices = {}, {}
         # Consumers evicted from memory were only in the old file; a fresh one has none.
         self.unresolved.clear()
 

@@ -175,6 +175,31 @@ class Store:
         for consumer in consumers:
             self.ids.pop(consumer, None)
 
+    def rescue(self) -> str | None:
+        """The file at the path is not the one open (deleted, or replaced): copy what the
+        open connection still reads (the deleted file and its log, whole) to a new file at
+        the path, setting aside whatever is there now. Returns the name it was set aside to;
+        raises sqlite3.Error or OSError when the copy fails (then nothing was moved)."""
+        old = self.conn
+        assert old is not None
+        copy = self.path + ".rescue"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(copy)
+        new = sqlite3.connect(os.fsencode(copy))
+        try:
+            old.backup(new)
+            new.execute("PRAGMA journal_mode=DELETE")
+        except BaseException:
+            new.close()
+            with contextlib.suppress(OSError):
+                os.unlink(copy)
+            raise
+        new.close()
+        self.close_conn()
+        aside = self.set_aside("replaced")
+        os.replace(copy, self.path)
+        return aside
+
     # ---- corruption ------------------------------------------------------------------------
 
     def salvage(self) -> Totals | None:
