@@ -74,7 +74,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE consumer_hours ADD COLUMN platform_joules REAL NOT NULL DEFAULT 0",
         "CREATE TABLE consumer_labels (consumer INTEGER NOT NULL, key TEXT NOT NULL,"
         " value TEXT NOT NULL, PRIMARY KEY (consumer, key)) WITHOUT ROWID",
-        "CREATE INDEX consumer_totals_updated ON consumer_totals (updated)",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION

@@ -30,7 +30,6 @@ from carbond.types import Consumer
 log = logging.getLogger("carbond.ledger.ledger")  # one logger for the ledger's messages
 
 FileIdentity = tuple[int, int]  # st_dev, st_ino
-LOOKUP_CHUNK = 250  # consumers looked up per statement (two bound values each)
 
 
 def file_identity(path: str) -> FileIdentity | None:
@@ -156,15 +155,11 @@ class Store:
         conn = self.conn
         assert conn is not None
         found: dict[Consumer, int] = {}
-        asked = list(consumers)
-        for start in range(0, len(asked), LOOKUP_CHUNK):  # one statement per chunk
-            chunk = asked[start:start + LOOKUP_CHUNK]
-            pairs = ", ".join("(?, ?)" for _ in chunk)
-            for consumer_id, kind, name in conn.execute(
-                f"SELECT id, kind, name FROM consumers WHERE (kind, name) IN (VALUES {pairs})",
-                [part for consumer in chunk for part in consumer],
-            ):
-                found[Consumer(kind, name)] = consumer_id
+        for consumer in consumers:  # one indexed lookup each (a row-value IN scans the table)
+            row = conn.execute("SELECT id FROM consumers WHERE kind = ? AND name = ?",
+                               consumer).fetchone()
+            if row is not None:
+                found[consumer] = row[0]
         totals = Totals()
         if found:
             read_consumer_totals(conn, totals, only=found.values())
