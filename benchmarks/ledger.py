@@ -1,14 +1,17 @@
 """The ledger: CPU of a flush of 200 consumers, and a generated 400-day ledger of 200
 consumers (size on disk, `carbond report --since 30d --by consumer` on it, open and budget
-seeding times).
+seeding times); with --churn N, RSS while N distinct consumers come and go over simulated days.
 
 Run: .venv/bin/python benchmarks/ledger.py [--rounds 200] [--days 400] [--consumers 200]
-Targets (issue 12): flush <= 20 ms CPU; ledger < 300 MB; report <= 1 s.
+     .venv/bin/python benchmarks/ledger.py --churn 120000 [--keep-hours 6] (memory only)
+Targets (issue 12): flush <= 20 ms CPU; ledger < 300 MB; report <= 1 s. Issue 21 defect 8:
+memory does not grow with every consumer ever seen.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import random
 import shutil
@@ -150,6 +153,57 @@ def bench_history(days: int, count: int, runs: int) -> None:
         shutil.rmtree(root)
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_churn(count: int, keep_hours: float | None, alive_ticks: int = 4,
+                new_per_tick: int = 100, tick_seconds: float = 300.0) -> None:
+    """`count` distinct consumers, `new_per_tick` new ones each tick, each drawing for
+    `alive_ticks` ticks (about 400 alive at once), a tick of simulated `tick_seconds` flushed
+    after each. RSS after the first 10 % of the consumers and at the end; keep_hours None:
+    whatever this ledger does by default (before defect 8: every consumer's totals kept)."""
+    root = tempfile.mkdtemp(prefix="carbond-bench-ledger-")
+    try:
+        kinds = ("container", "job", "pod")
+        who = [Consumer(kinds[i % 3], f"churn-{i:07d}/{'x' * 24}") for i in range(count)]
+        ticks = count // new_per_tick + alive_ticks
+        start_wall = time.time() - ticks * tick_seconds
+        clock = [start_wall]
+        options = {}
+        if keep_hours is not None and "keep_seconds" in inspect.signature(Ledger.open).parameters:
+            options["keep_seconds"] = keep_hours * 3600.0
+        with Ledger.open(root, clock=lambda: clock[0], **options) as ledger:
+            marks = {}
+            cpu = time.process_time()
+            for n in range(ticks):
+                first = max(0, (n - alive_ticks + 1) * new_per_tick)
+                alive = who[first:min(count, (n + 1) * new_per_tick)]
+                clock[0] = start_wall + (n + 1) * tick_seconds
+                energy = {c: {"cpu": 10.0, "dram": 1.0} for c in alive}
+                grams = {c: 11.0 / 3.6e6 * 350 for c in alive}
+                ledger.record(TickRecord(clock[0], tick_seconds, energy, grams, {}, (), 350.0,
+                                         "static"))
+                assert ledger.flush()
+                if n + 1 == ticks // 10:
+                    marks["10%"] = rss_bytes()
+            cpu = time.process_time() - cpu
+            held = getattr(ledger, "consumers_in_memory", None)
+            marks["end"] = rss_bytes()
+        label = f"keep {keep_hours:g} h" if options else "this ledger's default"
+        growth = (marks["end"] - marks["10%"]) / 2**20
+        print(f"churn {count:,} consumers over {ticks * tick_seconds / 3600:.0f} simulated h, "
+              f"{label}: RSS {marks['10%'] / 2**20:.1f} MiB at 10 %, "
+              f"{marks['end'] / 2**20:.1f} MiB at the end (+{growth:.1f} MiB); consumers in "
+              f"memory at the end: {held if held is not None else 'all'}; CPU {cpu:.1f} s")
+    finally:
+        shutil.rmtree(root)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=200)
@@ -157,7 +211,13 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=400)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--skip-history", action="store_true")
+    parser.add_argument("--churn", type=int, default=0,
+                        help="only the memory benchmark, with this many distinct consumers")
+    parser.add_argument("--keep-hours", type=float, default=None)
     args = parser.parse_args()
+    if args.churn:
+        bench_churn(args.churn, args.keep_hours)
+        return
     bench_flush(args.rounds, args.consumers)
     if not args.skip_history:
         bench_history(args.days, args.consumers, args.runs)

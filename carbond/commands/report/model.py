@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from carbond.ledger.ledger import Usage
+from carbond.ledger.ledger import OWNER_GROUPINGS, Usage
 
-GROUPS = ("consumer", "kind", "day", "project")
+# namespace, account, user: by the owner metadata the ledger keeps per consumer (from the
+# ledger only; consumers with no such owner make one UNKNOWN_OWNER row)
+OWNERS = OWNER_GROUPINGS
+GROUPS = ("consumer", "kind", "day", "project", *OWNERS)
 FORMATS = ("table", "csv", "json", "html")
 KEY_COLUMNS = {"consumer": ("consumer", "kind"), "kind": ("kind",), "day": ("day",),
-               "project": ("project",)}
+               "project": ("project",), **{owner: (owner,) for owner in OWNERS}}
 
 
 @dataclass(frozen=True)

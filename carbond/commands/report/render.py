@@ -28,7 +28,8 @@ def _grams_per_kwh(usage: Usage) -> float | None:
 def _fields(usage: Usage) -> dict[str, Any]:
     return {
         "cpu_joules": usage.cpu_joules, "dram_joules": usage.dram_joules,
-        "gpu_joules": usage.gpu_joules, "joules": usage.joules, "grams": usage.grams,
+        "gpu_joules": usage.gpu_joules, "platform_joules": usage.platform_joules,
+        "joules": usage.joules, "grams": usage.grams,
         "embodied_grams": usage.embodied_grams, "grams_per_kwh": _grams_per_kwh(usage),
         "grid_grams_per_kwh": usage.grid_grams_per_kwh,
         "providers": sorted(usage.providers),
@@ -52,7 +53,8 @@ def render_csv(report: Report) -> str:
     columns = KEY_COLUMNS[report.by]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    header = [*columns, "cpu_joules", "dram_joules", "gpu_joules", "joules", "grams",
+    header = [*columns, "cpu_joules", "dram_joules", "gpu_joules", "platform_joules", "joules",
+              "grams",
               "embodied_grams", "grams_per_kwh", "grid_grams_per_kwh", "providers"]
     writer.writerow(header)
     total_key = ("total",) + ("",) * (len(columns) - 1)
@@ -86,14 +88,17 @@ def _cell(text: str) -> str:
 
 
 def render_table(report: Report, zone: tzinfo) -> str:
+    """kWh and kg; the PLATFORM column (the node beyond its measured parts) only where a
+    platform meter measured some."""
     columns = [c.upper() for c in KEY_COLUMNS[report.by]]
-    header = [*columns, "CPU kWh", "DRAM kWh", "GPU kWh", "ENERGY kWh", "CO2e kg",
-              "EMBODIED kg", "g/kWh", "PROVIDERS"]
+    platform = report.total.platform_joules > 0
+    header = [*columns, "CPU kWh", "DRAM kWh", "GPU kWh", *(["PLATFORM kWh"] if platform else []),
+              "ENERGY kWh", "CO2e kg", "EMBODIED kg", "g/kWh", "PROVIDERS"]
 
     def cells(key: tuple[str, ...], usage: Usage) -> list[str]:
-        return [*(_cell(k) for k in key),
-                *(_number(j / JOULES_PER_KWH) for j in (
-                    usage.cpu_joules, usage.dram_joules, usage.gpu_joules, usage.joules)),
+        parts = [usage.cpu_joules, usage.dram_joules, usage.gpu_joules,
+                 *([usage.platform_joules] if platform else []), usage.joules]
+        return [*(_cell(k) for k in key), *(_number(j / JOULES_PER_KWH) for j in parts),
                 _number(usage.grams / 1000), _number(usage.embodied_grams / 1000),
                 _number(_grams_per_kwh(usage)), ",".join(sorted(usage.providers)) or "-"]
 

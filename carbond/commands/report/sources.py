@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
-from carbond.commands.report.model import Report, ReportRow
+from carbond.commands.report.model import OWNERS, Report, ReportRow
 from carbond.ledger.ledger import Usage, aggregate
 from carbond.ledger.periods import local_date, local_midnight
 from carbond.types import ConfigError
@@ -158,7 +158,7 @@ def _window(query: Query, since: float, until: float, labels: tuple[str, ...],
         metric = sample.get("metric", {})
         component = metric.get("component", "")
         target = row(metric)
-        if component in ("cpu", "dram", "gpu"):
+        if component in ("cpu", "dram", "gpu", "platform"):
             setattr(target, f"{component}_joules",
                     getattr(target, f"{component}_joules") + _value(sample))
     emitted_on: dict[tuple[str, ...], set[str]] = {}
@@ -187,6 +187,10 @@ def _window(query: Query, since: float, until: float, labels: tuple[str, ...],
 def from_prometheus(query: Query, origin: str, since: float, until: float, by: str,
                     zone: tzinfo, timezone: str) -> Report:
     rows: list[ReportRow] = []
+    if by in OWNERS:
+        raise ConfigError("--by", f"{by} comes from the owner metadata this host's ledger "
+                          "keeps; with --prometheus join carbond_consumer_info in PromQL "
+                          "(see docs/ledger.md), or report from the ledger")
     if by == "day":
         for day, start, end in days_of(since, until, zone):
             total = Usage()
