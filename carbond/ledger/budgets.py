@@ -230,6 +230,8 @@ class BudgetTracker:
         with self._lock:
             if self._observed_since is None:
                 self._observed_since = wall_time - max(0.0, seconds)
+            if not self._states:
+                return
             hours = spread_over_hours(wall_time, seconds)
             cache: dict[tuple[float, float], dict[Consumer, float]] = {}
             shares: dict[int, list[tuple[_Period, float]]] = {}
