@@ -83,15 +83,29 @@ def test_counters_never_go_backwards_and_retention() -> None:
         fold.update({unit(1): {"cpu": 10.0}}, 5.0)
         check()
     frozen = totals(fold)[(unit(1), "cpu")]
-    for _ in range(3):  # u2 takes over: u1 folded, its counter stays, frozen
+    for _ in range(3):  # u2 takes over u1's slot: u1's series goes, its new energy to other
         clock.now += 5
         fold.update({unit(1): {"cpu": 1.0}, unit(2): {"cpu": 100.0}}, 5.0)
         check()
-    assert totals(fold)[(unit(1), "cpu")] == frozen
-    assert [s.watts for s in fold.samples() if s.consumer == unit(1)] == [0.0]
-    clock.now += 601  # ten minutes later the folded series goes
-    fold.update({unit(1): {"cpu": 1.0}, unit(2): {"cpu": 100.0}}, 5.0)
-    assert (unit(1), "cpu") not in totals(fold)
+        assert {s.consumer for s in fold.samples()} == {OTHER, unit(2)}
+    assert totals(fold)[(OTHER, "cpu")] == 3.0
+    # u2 finishes: its series stays (frozen) and holds the slot for ten minutes; u1, named
+    # again after that, continues its remembered counter instead of restarting at zero
+    clock.now += 5
+    fold.update({}, 5.0)
+    clock.now += 5
+    fold.update({unit(1): {"cpu": 2.0}}, 5.0)
+    assert (unit(1), "cpu") not in totals(fold) and (unit(2), "cpu") in totals(fold)
+    clock.now += 600
+    fold.update({unit(1): {"cpu": 2.0}}, 5.0)  # u2's series expires at the end of this tick
+    clock.now += 5
+    fold.update({unit(1): {"cpu": 2.0}}, 5.0)
+    assert totals(fold)[(unit(1), "cpu")] == frozen + 2.0
+    assert (unit(2), "cpu") not in totals(fold)
+    fold = ConsumerSeries(max_consumers=1, clock=clock, retention_seconds=600,
+                          smoothing_seconds=1)
+    seen.clear()
+    fold.update({unit(2): {"cpu": 100.0}}, 5.0)
     # a finished consumer: its series stays 10 minutes, then goes
     clock.now += 5
     fold.update({}, 5.0)

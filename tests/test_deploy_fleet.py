@@ -313,6 +313,19 @@ def test_fleet_dashboards_rules_and_budget_alert(tmp_path, fake_lib):
                     empty.append(f"{name} / {query.panel} / {query.ref_id}: {expr}")
         assert empty == [] and checked == sum(
             len(panel_queries(name, board)) for name, board in dashboards().items())
+        # Host B's counters never wrapped nor reset: the Host dashboard's panel still has
+        # data there, every device at 0 (issue 21 item 10: the series exist from the start).
+        board = dashboards()["carbond-host.json"]
+        (query,) = [q for q in panel_queries("carbond-host.json", board)
+                    if q.panel == "Counter wraps and resets"]
+        expr = substitute(query.expr, resolve_variables(prom, board, [b], now),
+                          {n: bool(v.get("multi")) for n, v in variables(board).items()},
+                          {n: v.get("allValue") for n, v in variables(board).items()},
+                          interval=INTERVAL, rate_interval=RATE_INTERVAL, range_=RANGE)
+        healthy = prom.query(expr, now)
+        assert {(r["metric"]["device"], r["metric"]["event"]) for r in healthy} == {
+            (device, event) for device in ("package-0", "dram-0") for event in ("wrap", "reset")}
+        assert {float(r["value"][1]) for r in healthy} == {0.0}
 
 
 def resolve_variables(prom: Prometheus, board: dict[str, Any], instances: list[str],

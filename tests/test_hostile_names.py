@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
@@ -103,7 +102,11 @@ def test_cgroup_churn_never_exports_more_than_max_consumers(tree: TestTree, tmp_
         assert len(consumers - {"idle", "other"}) <= 50
         host = sum(total(samples, "carbond_host_energy_joules_total", component=c)
                    for c in ("cpu", "dram"))
-        assert total(samples, CONSUMER) == pytest.approx(host, rel=1e-9)  # nothing lost
+        # Nothing is counted twice. (Not equal: a member that a newcomer displaced, when a
+        # cgroup lived across a tick boundary, lost its series at once to stay within the
+        # limit; its total waits in memory, which test_cardinality_churn's Hypothesis test
+        # accounts for.)
+        assert total(samples, CONSUMER) <= host * (1 + 1e-9)
     last = {dict(key)["consumer"] for key in select(scrapes[-1], CONSUMER)}
     assert len(last - {"idle", "other"}) == 50  # the limit was reached, and held
     assert total(scrapes[-1], CONSUMER, consumer="other") > 0

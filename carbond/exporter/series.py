@@ -5,9 +5,11 @@ always exported on top), series still kept for finished consumers included; the 
 folded into `other` by energy rank. Rank is an
 exponentially smoothed power, and a consumer outside the set only displaces the weakest member
 when it beats it by a margin, so series don't flap. Counters never go backwards: a consumer that
-is folded or finishes keeps its exported counter frozen (power 0) for `retention_seconds`, then
-the series goes; only its *new* energy goes to `other` meanwhile. Totals of recently dropped
-consumers are remembered, so a consumer that comes back continues its counter.
+finishes keeps its exported counter frozen (power 0) for `retention_seconds`, then the series
+goes. A member displaced by a newcomer loses its series at once (the newcomer takes its slot:
+the named series never outnumber `max_consumers`), and its new energy goes to `other`. Totals
+of recently dropped consumers are remembered, so a consumer that comes back continues its
+counter.
 """
 
 from __future__ import annotations
@@ -115,15 +117,19 @@ class ConsumerSeries:
         self._score = scores
 
     def _select(self) -> None:
+        """Choose this tick's named set. Named series (live members, and the frozen series of
+        finished consumers) never number more than `max_consumers`: a newcomer takes a free
+        slot, or the weakest member's by the margin, and then the member's series goes (to
+        memory, so it continues if it comes back) instead of staying frozen on top."""
         score = self._score
         self._active &= score.keys()  # finished consumers leave the top set
+        self._bound()
+        # A live consumer that still holds a (frozen) series takes it up again: no new slot.
+        self._active.update(c for c in score if c in self._series and c not in (IDLE, OTHER))
         candidates = sorted(
             (c for c in score if c not in self._active), key=lambda c: (-score[c], c)
         )
-        # Series kept for finished or folded consumers are exported too: they hold their
-        # slot until they expire, so the body stays bounded whatever the churn.
-        retained = sum(1 for c in self._series if c not in self._active and c not in (IDLE, OTHER))
-        free = self.max_consumers - len(self._active) - retained
+        free = self.max_consumers - self._named()
         if free > 0:
             self._active.update(candidates[:free])
             candidates = candidates[free:]
@@ -132,7 +138,35 @@ class ConsumerSeries:
             if score[candidate] <= score[weakest] * (1 + self.margin) + self.margin_watts:
                 break
             self._active.discard(weakest)
+            self._forget(weakest)
             self._active.add(candidate)
+
+    def _named(self) -> int:
+        return len(self._series) - 2  # idle and other are always there, on top
+
+    def _bound(self) -> None:
+        """After a restore or a smaller `max_consumers`: the frozen series that were active
+        longest ago go first, then the weakest members."""
+        excess = self._named() - self.max_consumers
+        if excess <= 0:
+            return
+        frozen = sorted((c for c in self._series if c not in self._active and c not in
+                         (IDLE, OTHER)), key=lambda c: (self._series[c].last_active, c))
+        members = sorted(self._active, key=lambda c: (self._score.get(c, 0.0), c))
+        for consumer in [*frozen, *members][:excess]:
+            self._active.discard(consumer)
+            self._forget(consumer)
+
+    def _forget(self, consumer: Consumer) -> None:
+        """The series stops being exported; its totals wait in memory."""
+        series = self._series.pop(consumer, None)
+        if series is None:
+            return
+        series.active = False
+        self._memory[consumer] = series
+        self._memory.move_to_end(consumer)
+        while len(self._memory) > self._remember:
+            self._memory.popitem(last=False)
 
     def update(
         self,
@@ -183,18 +217,12 @@ class ConsumerSeries:
 
     def _expire(self, now: float) -> None:
         for consumer in list(self._series):
-            if consumer in (IDLE, OTHER):
+            if consumer in (IDLE, OTHER) or consumer in self._active:
                 continue
             series = self._series[consumer]
-            if consumer in self._active:
-                continue
             series.active = False  # folded or finished: counter frozen, power 0
             if now - series.last_active > self.retention_seconds:
-                del self._series[consumer]
-                self._memory[consumer] = series
-                self._memory.move_to_end(consumer)
-                if len(self._memory) > self._remember:
-                    self._memory.popitem(last=False)
+                self._forget(consumer)
 
     def samples(self) -> list[SeriesSample]:
         """Everything to export now, stable order (idle, other, then by consumer)."""

@@ -126,13 +126,27 @@ def projected_grams(used_grams: float, burn_grams_per_second: float, now: float,
     return used_grams + burn_grams_per_second * max(0.0, period_end - now)
 
 
+KEPT_PERIODS = 4  # per budget: the current one and those a clock step went to lately
+KEPT_HOURS = 52  # burn-rate hours kept, the nearest to the latest tick (a day each side)
+
+
+@dataclass
+class _Period:
+    end: float
+    used_grams: float = 0.0
+
+
 @dataclass
 class _State:
     spec: BudgetSpec
-    start: float
+    start: float  # the current period: the one the latest tick or status landed in
     end: float
-    used_grams: float = 0.0
+    periods: dict[float, _Period] = field(default_factory=dict)  # start -> what it holds
     hours: dict[int, float] = field(default_factory=dict)  # hour -> grams, the last 25 h
+
+    @property
+    def used_grams(self) -> float:
+        return self.periods[self.start].used_grams
 
 
 class BudgetTracker:
@@ -140,7 +154,12 @@ class BudgetTracker:
 
     Create it between ticks (at start, or when a reload brings new budgets); then call
     `add()` with each tick's grams after `Ledger.record()` and `status()` whenever the values
-    are wanted (both memory only).
+    are wanted (both memory only, but for a period first seen after start).
+
+    Each period's used grams are its own: a tick lands in the period of its wall time, and a
+    wall-clock step (forward a day and back, back over midnight) moves where ticks land, never
+    what a period holds. A period not in memory (a step back into one before the start, or
+    into one evicted) is read from the ledger's rows, which include the tick being added.
     """
 
     def __init__(
@@ -154,24 +173,21 @@ class BudgetTracker:
         self._zone = get_zone(timezone)
         self._clock = clock
         self._metadata = metadata
+        self._ledger = ledger
         self._lock = threading.Lock()
         self._matching: dict[tuple[tuple[str, str], tuple[str, ...]], tuple[_State, ...]] = {}
         now = clock()
         first = ledger.first_record if ledger is not None else None
         self._observed_since = first if first is not None else None
         self._states: list[_State] = []
-        used_by_period: dict[float, dict[Consumer, float]] = {}
         hourly = (ledger.hourly_grams(now - BURN_WINDOW_SECONDS - SECONDS_PER_HOUR, now)
                   if ledger is not None and budgets else {})
+        seeded: dict[tuple[float, float], dict[Consumer, float]] = {}
         for spec in budgets:
             start, end = period_bounds(spec.period, now, self._zone)
             state = _State(spec, start, end)
+            state.periods[start] = _Period(end, self._from_ledger(spec, start, end, seeded))
             if ledger is not None:
-                if start not in used_by_period:
-                    used_by_period[start] = ledger.consumer_grams(start, now)
-                state.used_grams = math.fsum(
-                    g for c, g in used_by_period[start].items()
-                    if matches(spec.match, c, metadata(c)))
                 for hour, row in hourly.items():
                     grams = math.fsum(g for c, g in row.items()
                                       if matches(spec.match, c, metadata(c)))
@@ -179,10 +195,31 @@ class BudgetTracker:
                         state.hours[hour] = grams
             self._states.append(state)
 
-    def _roll(self, state: _State, instant: float) -> None:
-        if not state.start <= instant < state.end:
-            state.start, state.end = period_bounds(state.spec.period, instant, self._zone)
-            state.used_grams = 0.0
+    def _from_ledger(self, spec: BudgetSpec, start: float, end: float,
+                     cache: dict[tuple[float, float], dict[Consumer, float]]) -> float:
+        """What the ledger's rows hold for [start, end) for this budget: all of them, also
+        rows later than now that a clock stepped back left behind."""
+        if self._ledger is None:
+            return 0.0
+        if (start, end) not in cache:
+            cache[(start, end)] = self._ledger.consumer_grams(start, end)
+        return math.fsum(g for c, g in cache[(start, end)].items()
+                         if matches(spec.match, c, self._metadata(c)))
+
+    def _enter(self, state: _State, instant: float,
+               cache: dict[tuple[float, float], dict[Consumer, float]]) -> bool:
+        """Make the period of `instant` current; True when it was read from the ledger just
+        now (it then holds the tick being added already)."""
+        if state.start <= instant < state.end:
+            return False
+        start, end = period_bounds(state.spec.period, instant, self._zone)
+        state.start, state.end = start, end
+        if start in state.periods:
+            return False
+        state.periods[start] = _Period(end, self._from_ledger(state.spec, start, end, cache))
+        while len(state.periods) > KEPT_PERIODS:
+            del state.periods[min(p for p in state.periods if p != start)]
+        return self._ledger is not None
 
     def add(self, wall_time: float, seconds: float,
             grams: Mapping[tuple[str, str], float]) -> None:
@@ -193,11 +230,26 @@ class BudgetTracker:
         with self._lock:
             if self._observed_since is None:
                 self._observed_since = wall_time - max(0.0, seconds)
+            if not self._states:
+                return
             hours = spread_over_hours(wall_time, seconds)
-            shares = {}
+            cache: dict[tuple[float, float], dict[Consumer, float]] = {}
+            shares: dict[int, list[tuple[_Period, float]]] = {}
             for state in self._states:
-                self._roll(state, wall_time)
-                shares[id(state)] = share_within(wall_time, seconds, state.start, state.end)
+                read = self._enter(state, wall_time, cache)
+                into = [] if read else [(state.periods[state.start],
+                                         share_within(wall_time, seconds, state.start,
+                                                      state.end))]
+                tick_start = wall_time - max(0.0, seconds)
+                if tick_start >= state.start:
+                    shares[id(state)] = into
+                    continue
+                began = period_bounds(state.spec.period, tick_start, self._zone)[0]
+                before = state.periods.get(began)
+                if began != state.start and before is not None:
+                    # the part of a tick before a boundary, where that period is still held
+                    into.append((before, share_within(wall_time, seconds, began, before.end)))
+                shares[id(state)] = into
             for key, value in grams.items():
                 if not 0.0 < value < math.inf:
                     continue
@@ -211,13 +263,15 @@ class BudgetTracker:
                                    if matches(s.spec.match, key, labels))
                     self._matching[cached] = states
                 for state in states:
-                    state.used_grams += value * shares[id(state)]
+                    for period, share in shares[id(state)]:
+                        period.used_grams += value * share
                     for hour, share in hours:
                         state.hours[hour] = state.hours.get(hour, 0.0) + value * share
-            oldest = hours[-1][0] - int(BURN_WINDOW_SECONDS) - SECONDS_PER_HOUR
+            latest = hours[-1][0]
             for state in self._states:
-                for old in [h for h in state.hours if h < oldest]:
-                    del state.hours[old]
+                if len(state.hours) > KEPT_HOURS:  # the farthest from this tick go
+                    kept = sorted(state.hours, key=lambda h: abs(h - latest))[:KEPT_HOURS]
+                    state.hours = {h: state.hours[h] for h in kept}
 
     def record(self, record: TickRecord) -> None:
         """The budgets' sink: one accounted tick."""
@@ -229,8 +283,9 @@ class BudgetTracker:
         result = []
         with self._lock:
             observed = self._observed_since if self._observed_since is not None else now
+            cache: dict[tuple[float, float], dict[Consumer, float]] = {}
             for state in self._states:
-                self._roll(state, now)
+                self._enter(state, now, cache)
                 since = burn_window_start(state.start, now, observed)
                 seconds = now - since
                 if seconds <= 0:

@@ -31,9 +31,12 @@ def energy_and_power(
     yield power
 
 
-def counter_by(name: str, help_text: str, label: str, counts: Mapping[str, int]) -> Metric:
+def counter_by(name: str, help_text: str, label: str, counts: Mapping[str, float],
+               known: Iterable[str] = ()) -> Metric:
+    """One series per label value counted, and at 0 for each `known` value not counted yet:
+    a series that appears only at its first event hides that event from `increase()`."""
     family = CounterMetricFamily(name, help_text, labels=[label])
-    for value, count in sorted(counts.items()):
+    for value, count in sorted({**dict.fromkeys(known, 0), **counts}.items()):
         family.add_metric([name_text(value)], count)
     return family
 

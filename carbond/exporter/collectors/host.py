@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from carbond.attribution import MODEL_SOURCE
 from carbond.exporter.collectors.families import counter, counter_by, energy_and_power, labels
 from carbond.exporter.snapshot import Snapshot
 from carbond.types import name_text
@@ -29,12 +30,15 @@ class HostCollector:
             up.add_metric([name_text(meter)], 1.0 if is_up else 0.0)
         yield up
         yield counter_by("carbond_meter_errors", "Failed device reads per meter.", "meter",
-                         snap.meter_errors_total)
+                         snap.meter_errors_total, known=snap.meters_up)
+        # Every device a hardware counter measures can wrap or reset: each is there at 0
+        # from the first scrape (the model's estimates have no counter).
+        counted = sorted({d.device for d in snap.devices if d.source != MODEL_SOURCE})
         yield counter_by("carbond_counter_wraps", "Hardware energy counter wraps handled.",
-                         "device", snap.counter_wraps_total)
+                         "device", snap.counter_wraps_total, known=counted)
         yield counter_by("carbond_counter_resets",
                          "Hardware energy counter resets (a counter that went backwards).",
-                         "device", snap.counter_resets_total)
+                         "device", snap.counter_resets_total, known=counted)
         gpu_info = GaugeMetricFamily("carbond_gpu_info", "GPUs seen by NVML (value 1).",
                                      labels=["device", "uuid", "name"])
         for gpu in snap.gpus:
