@@ -46,6 +46,7 @@ class Health:
     budgets: tuple[BudgetSample, ...] = ()
     coverage_ratio: float | None = None
     platform_excess_joules: float = 0.0  # this tick
+    metadata_errors_total: Mapping[str, float] = field(default_factory=dict)  # by source
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Publisher:
         self._device_joules: dict[DeviceKey, float] = {}
         self._histogram = Histogram()
         self._counters = Counters()
+        self._owners: dict[Consumer, Mapping[str, str]] = {}  # of the exported consumers
         self._snapshot = Snapshot(pue=pue)
 
     @property
@@ -169,6 +171,7 @@ class Publisher:
             self._device_joules[key] = self._device_joules.get(key, 0.0) + delta.joules
         self._series.update(dict(record.energy), record.seconds, dict(record.grams),
                             dict(record.embodied_grams))
+        self._owners.update(record.metadata)
         self._histogram.observe(health.tick_seconds)
         self._snapshot = self._snapshot_of(record, health)
         if self._keep_state is not None:
@@ -185,9 +188,20 @@ class Publisher:
                          joules_now.get(key, 0.0) / seconds if seconds > 0 else 0.0)
             for key in sorted(self._device_joules))
 
+    def _consumer_info(self, exported: tuple[tuple[Consumer, float], ...]
+                       ) -> tuple[tuple[Consumer, Mapping[str, str]], ...]:
+        """carbond_consumer_info for exactly the consumers with energy series (a folded or
+        expired consumer's info goes with its series); what is kept is bounded the same."""
+        owners = self._owners
+        kept = {consumer: owners[consumer] for consumer, _grams in exported
+                if consumer in owners}
+        self._owners = kept
+        return tuple(kept.items())
+
     def _snapshot_of(self, record: TickRecord, health: Health) -> Snapshot:
         counters = self._counters
         intensity = health.intensity
+        grams_total = tuple(self._series.emissions())
         return Snapshot(
             devices=self._devices(record),
             meters_up=dict(health.meters_up),
@@ -197,7 +211,7 @@ class Publisher:
             tick_buckets=tuple(self._histogram.cumulative()),
             tick_seconds_sum=self._histogram.sum_seconds,
             consumers=tuple(self._series.samples()),
-            consumer_grams_total=tuple(self._series.emissions()),
+            consumer_grams_total=grams_total,
             consumer_embodied_grams_total=tuple(self._series.embodied()),
             exited_tasks_total=counters.exited_tasks,
             exit_records_lost_total=int(counters.plus_carried(
@@ -218,6 +232,9 @@ class Publisher:
                 "ledger_errors", {"": health.ledger_errors_total}).get("", 0)),
             coverage_ratio=health.coverage_ratio,
             platform_excess_joules_total=counters.platform_excess_joules,
+            consumer_info=self._consumer_info(grams_total),
+            metadata_errors_total=counters.plus_carried("metadata_errors",
+                                                        health.metadata_errors_total),
         )
 
     def state(self) -> dict[str, Any]:
@@ -234,6 +251,7 @@ class Publisher:
                 "fetch_errors": snap.intensity_fetch_errors_total,
                 "ledger_errors": {"": snap.ledger_errors_total},
                 "exit_overruns": {"": snap.exit_records_lost_total},
+                "metadata_errors": snap.metadata_errors_total,
             },
         }
 
