@@ -101,10 +101,13 @@ class Names:
             return dict(weights)
         renamed = {device: GpuWeights(self.usage(w.sm), self.usage(w.memory))
                    for device, w in weights.items()}
+        devices = devices_by_id(gpus)
+        if not devices:  # no GPU: the kubelet is never asked
+            return renamed
         holders = self.resolver.gpu_holders()
         if not holders:
             return renamed
-        return held_weights(renamed, holders_by_device(holders, devices_by_id(gpus)))
+        return held_weights(renamed, holders_by_device(holders, devices))
 
     def metadata(self, consumers: Iterable[Consumer]) -> dict[Consumer, Mapping[str, str]]:
         """The labels of those of `consumers` whose owner is known: TickRecord.metadata."""
