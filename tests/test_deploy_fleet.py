@@ -180,17 +180,13 @@ def fleet(tmp_path: Path, fake_lib: Path) -> Iterator[tuple[Prometheus, str, str
     """Both hosts, their cgroups and burners, and Prometheus; all removed afterwards."""
     tree = TestTree("v2")
     burn = Burners()
-    (tmp_path / "s").mkdir()
-    pods = three_namespaces()
-    cri = CriServer(str(tmp_path / "s" / "cri.sock"), pods).start()
-    scontrol, _ = stand_in(tmp_path / "bin")
+    owners = contextlib.ExitStack()
     try:
         burners = []
-        team_a = cgroup_paths(pods[0], "systemd")[1][1]  # team-a/web-7d4b9c/nginx
-        for rel in ("system.slice/web.service", "projects/climate-model", team_a,
-                    LAYOUTS["v2"]):
+        for rel in ("system.slice/web.service", "projects/climate-model"):
             tree.make(rel)
-            burners.append(burn.start(0.15 if len(burners) < 2 else 0.05, tree.procs(rel)))
+            burners.append(burn.start(0.15, tree.procs(rel)))
+        metadata = owners.enter_context(known_owners(tree, burn, tmp_path))
 
         a_dir, b_dir = tmp_path / "a", tmp_path / "b"
         a_dir.mkdir()
@@ -214,15 +210,11 @@ def fleet(tmp_path: Path, fake_lib: Path) -> Iterator[tuple[Prometheus, str, str
         (b_dir / "carbond.yaml").write_text("\n".join([
             *RULES,
             "intensity: {zone: FR, providers: [{static: {}}]}",
-            f"metadata: {{cri: {{socket: '{cri.socket_path}'}}, podresources: {{socket: off}}, "
-            "docker: {socket: off}, podman: {socket: off}, "
-            f"slurm: {{scontrol: '{scontrol}'}}}}",
-            "budgets:",
+            metadata, "budgets:",
             "  - {name: generous, match: {kind: unit}, period: month, limit: 1t}",
-            "  - {name: team-a, match: {namespace: team-a}, period: month, limit: 1t}",
-            "  - {name: physics, match: {account: physics}, period: month, limit: 1t}", ""]))
+            *OWNER_BUDGETS, ""]))
         common = ("--cgroup-root", tree.root, "--interval", "1s")
-        with contextlib.ExitStack() as stack:
+        with owners, contextlib.ExitStack() as stack:
             stack.enter_context(Drive([(package, A_PACKAGE_WATTS), (dram, A_DRAM_WATTS),
                                        (psys, A_PSYS_WATTS)]))
             stack.enter_context(ConstantPower(str(b_dir / "powercap"), B_PACKAGE_WATTS,
@@ -238,8 +230,33 @@ def fleet(tmp_path: Path, fake_lib: Path) -> Iterator[tuple[Prometheus, str, str
             server = stack.enter_context(prometheus(tmp_path, [a, b]))
             yield server, a, b
     finally:
+        owners.close()
         burn.stop_all()
         tree.cleanup()
+
+
+OWNER_BUDGETS = ("  - {name: team-a, match: {namespace: team-a}, period: month, limit: 1t}",
+                 "  - {name: physics, match: {account: physics}, period: month, limit: 1t}")
+
+
+@contextlib.contextmanager
+def known_owners(tree: TestTree, burn: Burners, tmp_path: Path) -> Iterator[str]:
+    """Host B's owners: a stand-in CRI runtime with three namespaces of pods (a burner in
+    team-a/web-7d4b9c/nginx's real cgroup), a stand-in scontrol (job 4242 of account physics,
+    a burner in its step cgroup). Yields the `metadata:` line of host B's configuration; the
+    server stops on the way out (the burners and cgroups go with the caller's)."""
+    (tmp_path / "s").mkdir()
+    pods = three_namespaces()
+    cri = CriServer(str(tmp_path / "s" / "cri.sock"), pods).start()
+    try:
+        scontrol, _ = stand_in(tmp_path / "bin")
+        for rel in (cgroup_paths(pods[0], "systemd")[1][1], LAYOUTS["v2"]):
+            tree.make(rel)
+            burn.start(0.05, tree.procs(rel))
+        yield (f"metadata: {{cri: {{socket: '{cri.socket_path}'}}, podresources: {{socket: off}}, "
+               "docker: {socket: off}, podman: {socket: off}, "
+               f"slurm: {{scontrol: '{scontrol}'}}}}")
+    finally:
         cri.stop()
 
 
