@@ -69,7 +69,7 @@ def test_renaming_moves_every_cpu_second_and_copies_none(owned, usage_by_id):
         want = (Consumer("container", f"ns/p/{owned[i]}") if i in owned else container(i))
         assert want in named
         assert named[want] >= value
-    labels = names.metadata(named)
+    labels = names.metadata({c: {"cpu": 1.0} for c in named})
     for consumer in named:
         if consumer.name.startswith("ns/p/"):
             assert labels[consumer]["container"] == consumer.name.rsplit("/", 1)[1]
@@ -87,7 +87,8 @@ def test_a_pod_and_its_pause_container_are_one_consumer_with_the_pods_labels():
     names = resolved(table, [pause_id, pod_id])
     named = names.usage({pause_id: 1.0, pod_id: 2.0})
     assert named == {Consumer("pod", "team-a/web"): 3.0}
-    assert names.metadata(named) == {Consumer("pod", "team-a/web"): {
+    assert names.metadata({c: {"cpu": v} for c, v in named.items()}) == {
+        Consumer("pod", "team-a/web"): {
         "namespace": "team-a", "pod": "web", "pod_uid": uid}}
 
 

@@ -171,7 +171,6 @@ class Publisher:
             self._device_joules[key] = self._device_joules.get(key, 0.0) + delta.joules
         self._series.update(dict(record.energy), record.seconds, dict(record.grams),
                             dict(record.embodied_grams))
-        self._owners.update(record.metadata)
         self._histogram.observe(health.tick_seconds)
         self._snapshot = self._snapshot_of(record, health)
         if self._keep_state is not None:
@@ -188,13 +187,17 @@ class Publisher:
                          joules_now.get(key, 0.0) / seconds if seconds > 0 else 0.0)
             for key in sorted(self._device_joules))
 
-    def _consumer_info(self, exported: tuple[tuple[Consumer, float], ...]
+    def _consumer_info(self, exported: tuple[tuple[Consumer, float], ...],
+                       metadata: Mapping[Consumer, Mapping[str, str]]
                        ) -> tuple[tuple[Consumer, Mapping[str, str]], ...]:
         """carbond_consumer_info for exactly the consumers with energy series (a folded or
-        expired consumer's info goes with its series); what is kept is bounded the same."""
-        owners = self._owners
-        kept = {consumer: owners[consumer] for consumer, _grams in exported
-                if consumer in owners}
+        expired consumer's info goes with its series): this tick's labels, else the last
+        known; what is kept is bounded the same (only exported consumers are looked at)."""
+        owners, kept = self._owners, {}
+        for consumer, _grams in exported:
+            labels = metadata.get(consumer) or owners.get(consumer)
+            if labels:
+                kept[consumer] = labels
         self._owners = kept
         return tuple(kept.items())
 
@@ -232,7 +235,7 @@ class Publisher:
                 "ledger_errors", {"": health.ledger_errors_total}).get("", 0)),
             coverage_ratio=health.coverage_ratio,
             platform_excess_joules_total=counters.platform_excess_joules,
-            consumer_info=self._consumer_info(grams_total),
+            consumer_info=self._consumer_info(grams_total, record.metadata),
             metadata_errors_total=counters.plus_carried("metadata_errors",
                                                         health.metadata_errors_total),
         )

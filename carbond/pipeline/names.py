@@ -88,10 +88,14 @@ class Names:
         if self.resolver is None:
             return dict(seconds)
         named: dict[Consumer, float] = {}
-        name = self.name
+        # `name` inlined for the consumers already seen (all but new ones, every tick)
+        lookup, seen_before, name, add = (self.resolver.lookup, self._seen.get, self.name,
+                                          named.get)
         for consumer, value in seconds.items():
-            key = name(consumer)
-            named[key] = named.get(key, 0.0) + value
+            seen = seen_before(consumer)
+            key = (seen[1] if seen is not None and seen[0] is lookup(consumer)
+                   else name(consumer))
+            named[key] = add(key, 0.0) + value
         return named
 
     def gpus(self, weights: Mapping[str, GpuWeights],
@@ -109,12 +113,14 @@ class Names:
             return renamed
         return held_weights(renamed, holders_by_device(holders, devices))
 
-    def metadata(self, consumers: Iterable[Consumer]) -> dict[Consumer, Mapping[str, str]]:
-        """The labels of those of `consumers` whose owner is known: TickRecord.metadata."""
+    def metadata(self, energy: Mapping[Consumer, Mapping[str, float]]
+                 ) -> dict[Consumer, Mapping[str, str]]:
+        """TickRecord.metadata: the labels of the consumers that used energy in the tick and
+        whose owner is known (an idle cgroup's labels are not repeated every tick)."""
         known = self._labels
         if not known:
             return {}
-        return {c: known[c] for c in consumers if c in known}
+        return {c: known[c] for c, parts in energy.items() if c in known and any(parts.values())}
 
     def errors(self) -> Mapping[str, int]:
         """Failed calls per metadata source (carbond_metadata_errors_total)."""
