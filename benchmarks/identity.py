@@ -152,11 +152,13 @@ def daemon_ticks(pods: list[Pod], socket_path: str, rounds: int) -> None:
                     daemon.tick()
                     samples[label].append(time.process_time() - started)
             off_ms, on_ms = ms(samples["off"]), ms(samples["on"])
+            paired = statistics.median(b / a for a, b in zip(samples["off"], samples["on"],
+                                                             strict=True))
             exported = len(on.latest().consumer_info)
             print(f"daemon tick, {len(containers) + len(pods)} container scopes, "
                   f"{len(containers) // 10} with energy each tick: metadata off {off_ms:.1f} ms,"
-                  f" on {on_ms:.1f} ms, ratio {on_ms / off_ms:.3f} ({exported} consumer_info "
-                  "series)")
+                  f" on {on_ms:.1f} ms, ratio of medians {on_ms / off_ms:.3f}, median of "
+                  f"paired ratios {paired:.3f} ({exported} consumer_info series)")
 
             new = pod("late", "new-1", {"main": ()})
             pods.append(new)  # the runtime lists it from now on...

@@ -78,6 +78,27 @@ def test_renaming_moves_every_cpu_second_and_copies_none(owned, usage_by_id):
                                         "runtime": "containerd"}
 
 
+def test_an_id_named_later_is_renamed_from_then_on():
+    """Before its source answered, a consumer keeps its ID name (and is asked again each
+    tick); once answered, its name settles."""
+    source = Table({})
+    resolver = MetadataResolver([source], min_list_seconds=0.0, relist_seconds=0.0)
+    names = Names(resolver)
+    assert names.usage({container(3): 1.0}) == {container(3): 1.0}
+    resolver.round_now("cri")  # the runtime did not list it yet
+    assert names.usage({container(3): 1.0}) == {container(3): 1.0}
+    assert not resolver.settled(container(3))
+    source.table[("cri", f"{3:012x}")] = Metadata(namespace="ns", pod="p", container="c")
+    resolver.round_now("cri")
+    named = Consumer("container", "ns/p/c")
+    assert names.usage({container(3): 1.0}) == {named: 1.0}
+    assert resolver.settled(container(3))
+    source.table.clear()
+    for _ in range(3):  # relisted without it: the name stays
+        resolver.round_now("cri")
+        assert names.usage({container(3): 2.0}) == {named: 2.0}
+
+
 def test_a_pod_and_its_pause_container_are_one_consumer_with_the_pods_labels():
     uid = "0b1c2d3e-0000-4000-8000-000000000001"
     pod_id, pause_id = Consumer("pod", f"pod/{uid}"), container(7)
@@ -123,6 +144,9 @@ class _Holders:
     def lookup(self, consumer: Consumer) -> Any:
         return self._names.resolver.lookup(consumer)
 
+    def settled(self, consumer: Consumer) -> bool:
+        return self._names.resolver.settled(consumer)
+
     def gpu_holders(self) -> dict[str, tuple[Consumer, ...]]:
         return self._holders
 
@@ -135,6 +159,9 @@ class Broken:
 
     def lookup(self, consumer: Consumer) -> Any:
         raise RuntimeError("bug")
+
+    def settled(self, consumer: Consumer) -> bool:
+        return False
 
     def gpu_holders(self) -> dict[str, tuple[Consumer, ...]]:
         return {}

@@ -40,6 +40,8 @@ class Resolver(Protocol):
 
     def lookup(self, consumer: Consumer) -> Identity: ...
 
+    def settled(self, consumer: Consumer) -> bool: ...
+
     def gpu_holders(self) -> Mapping[str, tuple[Consumer, ...]]: ...
 
     def errors(self) -> Mapping[str, int]: ...
@@ -54,6 +56,8 @@ class Names:
         self._max = max_consumers
         # ID consumer -> (the resolver's answer it was made from, the consumer it is now)
         self._seen: dict[Consumer, tuple[Identity, Consumer]] = {}
+        # ID consumer -> its name for good (the resolver will not change it): not asked again
+        self._settled: dict[Consumer, Consumer] = {}
         self._labels: dict[tuple[str, str], Mapping[str, str]] = {}  # as exported -> labels
         self.failures = 0  # ticks whose names failed (a bug): they kept their ID names
 
@@ -72,8 +76,11 @@ class Names:
             return seen[1]
         if len(self._seen) >= self._max:
             self._seen.clear()
+            self._settled.clear()
         named = identity.consumer
         self._seen[consumer] = (identity, named)
+        if resolver.settled(consumer):
+            self._settled[consumer] = named
         labels = identity.metadata.labels()
         # Several IDs may name one consumer (a pod and its pause container): the one of the
         # same kind (the pod's own cgroup) says what the consumer's labels are.
@@ -88,13 +95,10 @@ class Names:
         if self.resolver is None:
             return dict(seconds)
         named: dict[Consumer, float] = {}
-        # `name` inlined for the consumers already seen (all but new ones, every tick)
-        lookup, seen_before, name, add = (self.resolver.lookup, self._seen.get, self.name,
-                                          named.get)
+        # one dict look-up a consumer whose name is settled (nearly all, every tick)
+        settled, name, add = self._settled.get, self.name, named.get
         for consumer, value in seconds.items():
-            seen = seen_before(consumer)
-            key = (seen[1] if seen is not None and seen[0] is lookup(consumer)
-                   else name(consumer))
+            key = settled(consumer) or name(consumer)
             named[key] = add(key, 0.0) + value
         return named
 
