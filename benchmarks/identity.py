@@ -10,7 +10,13 @@ answer shapes) on a Unix socket serves the pods. Measured, as thread CPU time (m
   cgroups, each with a sandbox and 3 container scopes, 5,000 cgroups) read by carbond's CPU
   collector, tick CPU without and with the lookups of every consumer;
 - how long after its runtime lists it a new pod is named (wall time), at the default
-  min_list_seconds.
+  min_list_seconds;
+- the whole daemon tick (`Daemon.tick()`: the CPU collector over that tree, a fake RAPL tree,
+  renaming, attribution, accounting, budgets, the exporter's snapshot with
+  carbond_consumer_info), metadata on against metadata off, process CPU time (the cgroup walk
+  runs on a worker thread), interleaved; with a low-duty spinner in every tenth container so
+  300 consumers have energy each tick; and how many ticks a new pod's container carries its
+  ID name once its cgroup and its runtime's listing exist.
 
 Run: .venv/bin/python benchmarks/identity.py [--pods 1000] [--rounds 30]
 Everything it creates (server, socket, cgroups) is removed at the end, also on failure.
@@ -30,12 +36,15 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks._host import UNIFIED, BenchHost, can_run
+from carbond.commands.build import build_cpu_usage, build_daemon, build_meters
+from carbond.config import Config
 from carbond.types import Consumer
 from carbond.workloads.cgroups import CgroupReader, cgroup_root
 from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.identity.cri import CriSource
 from carbond.workloads.identity.resolver import MetadataResolver
 from carbond.workloads.naming import CgroupNamer
+from tests import powercap
 from tests.identity_servers import CriServer, Pod, pod
 
 
@@ -64,6 +73,17 @@ def ids(pods: list[Pod]) -> list[Consumer]:
     return found
 
 
+def pod_cgroups(host: BenchHost, p: Pod) -> list[str]:
+    """The pod's container scopes (sandbox first) in the systemd driver's layout."""
+    pod_dir = ("kubepods.slice/kubepods-burstable.slice/"
+               f"kubepods-burstable-pod{p.uid.replace('-', '_')}.slice")
+    made = []
+    for ident in (p.sandbox_id, *(c.id for c in p.containers)):
+        made.append(os.path.join(host.root, pod_dir, f"cri-containerd-{ident}.scope"))
+        os.makedirs(made[-1])
+    return made
+
+
 def cgroup_tick(pods: list[Pod], resolver: MetadataResolver, rounds: int) -> None:
     why = can_run()
     if why:
@@ -71,10 +91,7 @@ def cgroup_tick(pods: list[Pod], resolver: MetadataResolver, rounds: int) -> Non
         return
     with BenchHost(UNIFIED) as host:
         for p in pods:
-            pod_dir = ("kubepods.slice/kubepods-burstable.slice/"
-                       f"kubepods-burstable-pod{p.uid.replace('-', '_')}.slice")
-            for ident in (p.sandbox_id, *(c.id for c in p.containers)):
-                os.makedirs(os.path.join(host.root, pod_dir, f"cri-containerd-{ident}.scope"))
+            pod_cgroups(host, p)
         collector = CpuUsageCollector(CgroupReader(cgroup_root(host.root), CgroupNamer()))
         collector.tick()
         usage: dict[Consumer, float] = {}
@@ -95,6 +112,69 @@ def cgroup_tick(pods: list[Pod], resolver: MetadataResolver, rounds: int) -> Non
               f"with lookups {ms(with_lookups):.2f} ms, ratio "
               f"{ms(with_lookups) / ms(without):.3f}")
         collector.close()
+
+
+def daemon_ticks(pods: list[Pod], socket_path: str, rounds: int) -> None:
+    """Whole daemon ticks, metadata off and on, over one real tree; then a new pod."""
+    why = can_run()
+    if why:
+        print(f"daemon ticks: skipped ({why})")
+        return
+    with BenchHost(UNIFIED) as host:
+        containers = [path for p in pods for path in pod_cgroups(host, p)[1:]]
+        host.spawn([host.spinner()], len(containers) // 10, containers[::10])
+        rapl = tempfile.mkdtemp(prefix="carbond-bench-rapl-")
+        runners = []
+        try:
+            zones = powercap.intel_two_socket(rapl).zones.values()
+            config = Config(powercap_root=rapl, cgroup_root=host.root, nvml_enabled="off",
+                            model_enabled="off")
+            daemons = {}
+            for label, resolver in (("off", None), ("on", MetadataResolver(
+                    [CriSource([socket_path])]))):
+                cpu = build_cpu_usage(config, CgroupNamer(config.rules))
+                daemon, runner = build_daemon(config, meters=build_meters(config), cpu=cpu,
+                                              feed=None, ledger=None, resolver=resolver)
+                runner.start()
+                runners.append(runner)
+                daemons[label] = daemon
+            on = daemons["on"]
+            named = Consumer("container", f"{pods[0].namespace}/{pods[0].name}/main")
+            while not on.pipeline.names.labels(named).get("container"):
+                on.tick()
+                time.sleep(0.2)
+            samples: dict[str, list[float]] = {"off": [], "on": []}
+            for _ in range(rounds):
+                for label, daemon in daemons.items():
+                    for zone in zones:
+                        zone.advance_uj(5_000_000)
+                    started = time.process_time()
+                    daemon.tick()
+                    samples[label].append(time.process_time() - started)
+            off_ms, on_ms = ms(samples["off"]), ms(samples["on"])
+            paired = statistics.median(b / a for a, b in zip(samples["off"], samples["on"],
+                                                             strict=True))
+            exported = len(on.latest().consumer_info)
+            print(f"daemon tick, {len(containers) + len(pods)} container scopes, "
+                  f"{len(containers) // 10} with energy each tick: metadata off {off_ms:.1f} ms,"
+                  f" on {on_ms:.1f} ms, ratio of medians {on_ms / off_ms:.3f}, median of "
+                  f"paired ratios {paired:.3f} ({exported} consumer_info series)")
+
+            new = pod("late", "new-1", {"main": ()})
+            pods.append(new)  # the runtime lists it from now on...
+            pod_cgroups(host, new)  # ... and its cgroups exist
+            late = Consumer("container", "late/new-1/main")
+            ticks = 0
+            while not on.pipeline.names.labels(late).get("container"):
+                ticks += 1
+                on.tick()
+                time.sleep(1.0)  # a 1 s interval, five times the default's pace
+            print(f"new pod: {ticks - 1} tick(s) with its ID name at a 1 s interval, named "
+                  f"from tick {ticks} after its runtime listed it")
+        finally:
+            for runner in runners:
+                runner.stop()
+            shutil.rmtree(rapl, ignore_errors=True)
 
 
 def main() -> None:
@@ -145,6 +225,7 @@ def main() -> None:
         print(f"per tick, {len(consumers)} lookups with the source down: {ms(misses):.3f} ms")
 
         cgroup_tick(pods, resolver, args.rounds)
+        daemon_ticks(pods, socket_path, args.rounds)
 
         live = MetadataResolver([CriSource([socket_path])])  # default: lists >= 1 s apart
         live.start()

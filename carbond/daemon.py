@@ -100,7 +100,7 @@ class Daemon:
         wall = self._wall_clock()
         result = measurement.attribution
         record = account(result.energy, result.counted, measurement.seconds, wall, intensity,
-                         self._pricing)
+                         self._pricing, measurement.metadata)
         for sink in self.sinks:
             sink.record(record)
         if self.budgets is not None:
@@ -143,6 +143,7 @@ class Daemon:
             budgets=budgets,
             coverage_ratio=measurement.attribution.coverage_ratio,
             platform_excess_joules=measurement.attribution.platform_excess_joules,
+            metadata_errors_total=pipeline.names.errors(),
         )
 
     def tick_failed(self) -> Snapshot:

@@ -31,7 +31,8 @@ DESIGN_METRICS = (
     "carbond_exit_records_lost_total", "carbond_tick_duration_seconds",
     "carbond_tick_failures_total", "carbond_last_tick_timestamp_seconds",
     "carbond_consumer_embodied_grams_total", "carbond_ledger_errors_total",
-    "carbond_build_info", "carbond_host_coverage_ratio",
+    "carbond_build_info", "carbond_host_coverage_ratio", "carbond_consumer_info",
+    "carbond_metadata_errors_total",
 )
 
 

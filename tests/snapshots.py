@@ -60,4 +60,16 @@ def make_snapshot(count: int = 3, tick: int = 1) -> Snapshot:
         tick_failures_total=1,
         last_tick_timestamp_seconds=1_700_000_100.0 + tick,
         ledger_errors_total=6,
+        consumer_info=(
+            (Consumer("container", "team-a/web/nginx"), {
+                "namespace": "team-a", "pod": "web", "pod_uid": "0b1c2d3e-0000-4000-8000-1",
+                "container": "nginx", "container_id": "3a9b2c" * 4, "runtime": "containerd"}),
+            (Consumer("job", "slurm/12345"), {
+                "user": "alice", "account": "physics", "partition": "gpu",
+                "job_name": 'say "hi"\n'}),
+            (Consumer("container", "docker/web-1"), {
+                "container": "web-1", "runtime": "docker", "compose_project": "shop",
+                "compose_service": "web"}),
+        ),
+        metadata_errors_total={"cri": 3, "slurm": 1},
     )

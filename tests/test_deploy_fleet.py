@@ -7,9 +7,15 @@ embodied emissions, a constant 1000 g/kWh grid and a 1 g daily budget. Host B: t
 fake tree at 200 W + 15 W, the static table for FR and a budget it stays under. Both account the
 same real cgroups (a unit and a project, each with a CPU burner).
 
+Host B also knows whose joules they are (issue 20): a stand-in CRI runtime serves three
+namespaces of pods (one of team-a's containers burns CPU in its real cgroup) and a stand-in
+scontrol says Slurm job 4242 (a burner in its step cgroup) is account physics; its budgets by
+`namespace: team-a` and `account: physics` are used and projected.
+
 Checked: every query of every dashboard panel, and every dashboard variable, returns data with
 the variables substituted as Grafana does; the fleet, zone and kind recording rules equal the
-sums over the hosts; the tiny budget's alert fires (an ALERTS series) and no other does.
+sums over the hosts; the tiny budget's alert fires (an ALERTS series) and no other does; the
+owner budgets show used and projected grams.
 """
 
 from __future__ import annotations
@@ -43,7 +49,10 @@ from tests.deploy_helpers import (
 from tests.fakes.nvml import FakeGpu, FakeProcess, Scenario
 from tests.helpers import carbond_run, free_port, wait_for
 from tests.hwmon import FakeHwmon
+from tests.identity_servers import CriServer, three_namespaces
 from tests.powercap import INTEL_DRAM_RANGE_UJ, ConstantPower, FakePowercap, FakeZone
+from tests.test_identity_kubernetes import cgroup_paths
+from tests.test_identity_slurm import LAYOUTS, stand_in
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc needed for fake NVML")
 
@@ -171,11 +180,13 @@ def fleet(tmp_path: Path, fake_lib: Path) -> Iterator[tuple[Prometheus, str, str
     """Both hosts, their cgroups and burners, and Prometheus; all removed afterwards."""
     tree = TestTree("v2")
     burn = Burners()
+    owners = contextlib.ExitStack()
     try:
         burners = []
         for rel in ("system.slice/web.service", "projects/climate-model"):
             tree.make(rel)
             burners.append(burn.start(0.15, tree.procs(rel)))
+        metadata = owners.enter_context(known_owners(tree, burn, tmp_path))
 
         a_dir, b_dir = tmp_path / "a", tmp_path / "b"
         a_dir.mkdir()
@@ -199,9 +210,11 @@ def fleet(tmp_path: Path, fake_lib: Path) -> Iterator[tuple[Prometheus, str, str
         (b_dir / "carbond.yaml").write_text("\n".join([
             *RULES,
             "intensity: {zone: FR, providers: [{static: {}}]}",
-            "budgets: [{name: generous, match: {kind: unit}, period: month, limit: 1t}]", ""]))
+            metadata, "budgets:",
+            "  - {name: generous, match: {kind: unit}, period: month, limit: 1t}",
+            *OWNER_BUDGETS, ""]))
         common = ("--cgroup-root", tree.root, "--interval", "1s")
-        with contextlib.ExitStack() as stack:
+        with owners, contextlib.ExitStack() as stack:
             stack.enter_context(Drive([(package, A_PACKAGE_WATTS), (dram, A_DRAM_WATTS),
                                        (psys, A_PSYS_WATTS)]))
             stack.enter_context(ConstantPower(str(b_dir / "powercap"), B_PACKAGE_WATTS,
@@ -217,8 +230,34 @@ def fleet(tmp_path: Path, fake_lib: Path) -> Iterator[tuple[Prometheus, str, str
             server = stack.enter_context(prometheus(tmp_path, [a, b]))
             yield server, a, b
     finally:
+        owners.close()
         burn.stop_all()
         tree.cleanup()
+
+
+OWNER_BUDGETS = ("  - {name: team-a, match: {namespace: team-a}, period: month, limit: 1t}",
+                 "  - {name: physics, match: {account: physics}, period: month, limit: 1t}")
+
+
+@contextlib.contextmanager
+def known_owners(tree: TestTree, burn: Burners, tmp_path: Path) -> Iterator[str]:
+    """Host B's owners: a stand-in CRI runtime with three namespaces of pods (a burner in
+    team-a/web-7d4b9c/nginx's real cgroup), a stand-in scontrol (job 4242 of account physics,
+    a burner in its step cgroup). Yields the `metadata:` line of host B's configuration; the
+    server stops on the way out (the burners and cgroups go with the caller's)."""
+    (tmp_path / "s").mkdir()
+    pods = three_namespaces()
+    cri = CriServer(str(tmp_path / "s" / "cri.sock"), pods).start()
+    try:
+        scontrol, _ = stand_in(tmp_path / "bin")
+        for rel in (cgroup_paths(pods[0], "systemd")[1][1], LAYOUTS["v2"]):
+            tree.make(rel)
+            burn.start(0.05, tree.procs(rel))
+        yield (f"metadata: {{cri: {{socket: '{cri.socket_path}'}}, podresources: {{socket: off}}, "
+               "docker: {socket: off}, podman: {socket: off}, "
+               f"slurm: {{scontrol: '{scontrol}'}}}}")
+    finally:
+        cri.stop()
 
 
 def test_fleet_dashboards_rules_and_budget_alert(tmp_path, fake_lib):
@@ -297,6 +336,18 @@ def test_fleet_dashboards_rules_and_budget_alert(tmp_path, fake_lib):
             f'rate(carbond_host_emissions_grams_total{{instance="{a}"}}[30s])', ts)
         host_a_kwh_per_second = A_PLATFORM_WATTS / 3.6e6  # the whole node's
         assert grams_per_second == pytest.approx(host_a_kwh_per_second * 1000, rel=0.05)
+
+        # ---- budgets by owner (host B names its pods and jobs) --------------------------
+        for budget in ("team-a", "physics"):
+            for gauge in ("used", "projected"):
+                _, grams = prom.value(
+                    f'carbond_budget_{gauge}_grams{{instance="{b}", budget="{budget}"}}', now)
+                assert grams > 0, (budget, gauge)
+        owners = {(r["metric"]["consumer"], r["metric"].get("namespace"),
+                   r["metric"].get("account"))
+                  for r in prom.query(f'carbond_consumer_info{{instance="{b}"}}', now)}
+        assert ("team-a/web-7d4b9c/nginx", "team-a", None) in owners
+        assert ("slurm/4242", None, "physics") in owners
 
         # ---- every dashboard variable and panel query returns data ----------------------
         empty, checked = [], 0

@@ -48,10 +48,12 @@ from tests.hwmon import FakeHwmon, FakePowerMeter
 from tests.powercap import INTEL_DRAM_RANGE_UJ, FakePowercap, FakeZone
 from tests.test_deploy_fleet import (
     INTERVAL,
+    OWNER_BUDGETS,
     RANGE,
     RATE_INTERVAL,
     RULES,
     Prometheus,
+    known_owners,
     resolve_variables,
     waited,
 )
@@ -191,11 +193,13 @@ def report(*args: str) -> dict[str, Any]:
 
 def test_agent_remote_write_into_victoriametrics(tmp_path, fake_lib):
     tree, burn = TestTree("v2"), Burners()
+    owners = contextlib.ExitStack()
     try:
         burners = []
         for rel in ("system.slice/web.service", "projects/climate-model"):
             tree.make(rel)
             burners.append(burn.start(0.15, tree.procs(rel)))
+        metadata = owners.enter_context(known_owners(tree, burn, tmp_path))
         a_dir, b_dir = tmp_path / "a", tmp_path / "b"
         a_dir.mkdir()
         b_dir.mkdir()
@@ -218,12 +222,13 @@ def test_agent_remote_write_into_victoriametrics(tmp_path, fake_lib):
             "embodied: {kgco2e: 1500, lifetime: 4y}",
             "budgets: [{name: tiny, match: {}, period: day, limit: 1g}]", ""]))
         (b_dir / "carbond.yaml").write_text("\n".join([
-            *RULES, "intensity: {zone: FR, providers: [{static: {}}]}",
-            "budgets: [{name: generous, match: {kind: unit}, period: month, limit: 1t}]", ""]))
+            *RULES, "intensity: {zone: FR, providers: [{static: {}}]}", metadata,
+            "budgets:", "  - {name: generous, match: {kind: unit}, period: month, limit: 1t}",
+            *OWNER_BUDGETS, ""]))
         common = ("--cgroup-root", tree.root, "--interval", "1s")
         started = time.time()
-        with Hardware(zones, scenario, scenario_path, int(A_GPU_WATTS * 1000), platform,
-                      A_PLATFORM_WATTS) as hardware, \
+        with owners, Hardware(zones, scenario, scenario_path, int(A_GPU_WATTS * 1000),
+                              platform, A_PLATFORM_WATTS) as hardware, \
                 contextlib.ExitStack() as hosts:
             host_a = hosts.enter_context(carbond_run(
                 "--config", str(a_dir / "carbond.yaml"), "--powercap-root",
@@ -242,6 +247,7 @@ def test_agent_remote_write_into_victoriametrics(tmp_path, fake_lib):
         ledgers = [report("--state-dir", str(d / "state"), "--since", iso(started - 60),
                           "--until", iso(time.time())) for d in (a_dir, b_dir)]
     finally:
+        owners.close()
         burn.stop_all()
         tree.cleanup()
     compare(fleet, ledgers)

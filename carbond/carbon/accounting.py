@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from carbond.carbon.embodied import embodied_grams_per_second, share_embodied
@@ -26,9 +26,11 @@ class Pricing:
 
 
 def account(energy: ConsumerEnergy, devices: Sequence[DeviceDelta], seconds: float,
-            wall_time: float, intensity: Intensity | None, pricing: Pricing) -> TickRecord:
+            wall_time: float, intensity: Intensity | None, pricing: Pricing,
+            metadata: Mapping[Consumer, Mapping[str, str]] | None = None) -> TickRecord:
     """The tick's energy with its grams at the intensity valid during it (none yet: no grams),
-    and the embodied grams of its seconds shared by energy."""
+    and the embodied grams of its seconds shared by energy; `metadata` (each consumer's
+    owner labels, where known) is carried as it is."""
     consumer_grams: dict[Consumer, float] = {}
     if intensity is not None:  # only consumers that used energy: most cgroups idle most ticks
         for consumer, parts in energy.items():
@@ -38,4 +40,5 @@ def account(energy: ConsumerEnergy, devices: Sequence[DeviceDelta], seconds: flo
     embodied = share_embodied(pricing.embodied_grams_per_second * seconds, energy)
     return TickRecord(
         wall_time, seconds, energy, consumer_grams, embodied, tuple(devices),
-        intensity.grams_per_kwh if intensity else None, intensity.provider if intensity else None)
+        intensity.grams_per_kwh if intensity else None, intensity.provider if intensity else None,
+        metadata if metadata is not None else {})

@@ -17,7 +17,7 @@ from carbond.carbon.zone import ZoneChoice
 from carbond.config import BUDGETS, FEED, METERS, NAMER, Config, fields_on_reload, load
 from carbond.daemon import Daemon, Reconfiguration, policy_of
 from carbond.exporter.publisher import COUNTERS_STATE, Publisher
-from carbond.ledger.budgets import BudgetTracker
+from carbond.ledger.budgets import BudgetTracker, MetadataLookup, no_metadata
 from carbond.ledger.ledger import Ledger, LedgerError
 from carbond.meters.base import Meter
 from carbond.meters.nvml import NvmlMeter
@@ -25,12 +25,15 @@ from carbond.meters.platform import build_platform_meters
 from carbond.meters.power_model import ModelMeter
 from carbond.meters.rapl import RaplMeter
 from carbond.pipeline.idle import IdleBaseline
+from carbond.pipeline.names import Names
 from carbond.pipeline.tick import READ_DEADLINE_SECONDS, CpuSource, Pipeline
 from carbond.runtime.lifecycle import Part, Periodic, Runner
 from carbond.types import ConfigError
 from carbond.workloads.cgroups import CgroupReader, CgroupRoot, detect_cgroup_root
 from carbond.workloads.cpu import CpuUsageCollector
 from carbond.workloads.gpu import GpuUsageTracker, PidConsumers
+from carbond.workloads.identity.resolver import MetadataResolver
+from carbond.workloads.identity.settings import build_resolver
 from carbond.workloads.naming import CgroupNamer
 from carbond.workloads.processes import ProcessTracker, read_pids
 from carbond.workloads.taskstats import TaskstatsListener
@@ -112,9 +115,11 @@ def gpu_usage_of(meters: list[Meter]) -> GpuUsageTracker | None:
 
 
 def reconfigure(config_path: str | None, flags: Mapping[str, Any], old: Config,
-                ledger: Ledger | None = None) -> Reconfiguration:
+                ledger: Ledger | None = None, metadata: MetadataLookup = no_metadata
+                ) -> Reconfiguration:
     """SIGHUP: the configuration read again, and the parts its changes need rebuilt. Bad
-    input raises ConfigError before anything is touched."""
+    input raises ConfigError before anything is touched. `metadata`: the running daemon's
+    owner labels, for new budgets that match by namespace, account or user."""
     new = load(config_path, flags)
 
     def changed(on_reload: str) -> bool:
@@ -123,7 +128,7 @@ def reconfigure(config_path: str | None, flags: Mapping[str, Any], old: Config,
     feed = build_feed(new)[0] if changed(FEED) else None
     meters = build_meters(new) if changed(METERS) else None
     namer = CgroupNamer(new.rules) if changed(NAMER) else None
-    budgets = (BudgetTracker(new.budgets, new.budgets_timezone, ledger)
+    budgets = (BudgetTracker(new.budgets, new.budgets_timezone, ledger, metadata=metadata)
                if changed(BUDGETS) else None)
     return Reconfiguration(new, meters, gpu_usage_of(meters) if meters is not None else None,
                            feed, namer, budgets)
@@ -148,25 +153,29 @@ def idle_state_path(config: Config) -> str:
 
 def build_pipeline(config: Config, meters: list[Meter], cpu: CpuSource | None,
                    pid_consumers: PidConsumers | None, interval_seconds: float | None = None,
-                   clock: Callable[[], float] = time.monotonic) -> Pipeline:
+                   clock: Callable[[], float] = time.monotonic,
+                   names: Names | None = None) -> Pipeline:
     """The tick both the daemon and exec run: meters and usage under deadlines, the idle
-    baseline the daemon learns (from its state file; exec learns on from it, never saving)."""
+    baseline the daemon learns (from its state file; exec learns on from it, never saving),
+    and, in the daemon, the consumers' names from the metadata resolver."""
     cpu_idle = IdleBaseline.load(idle_state_path(config), time.time(), clock(),
                                  fixed_watts=config.idle_watts_cpu)
     return Pipeline(meters, cpu, gpu_usage_of(meters), pid_consumers, policy_of(config),
                     cpu_idle, config.idle_watts_gpu or 0.0,
                     read_deadline_seconds=min(READ_DEADLINE_SECONDS,
                                               (interval_seconds or config.interval_seconds) / 2),
-                    vcpus=os.cpu_count() or 1, clock=clock)
+                    vcpus=os.cpu_count() or 1, clock=clock, names=names)
 
 
 def build_daemon(config: Config, *, meters: list[Meter] | None = None,
                  cpu: CpuUsageCollector | None = _DETECT, feed: IntensityFeed | None = _DETECT,
                  ledger: Ledger | None = _DETECT, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> tuple[Daemon, Runner]:
-    """The daemon and the runner of its parts (start order: pipeline baselines, intensity
-    feed, ledger flushing, state saving; stop in reverse). Bad input raises ConfigError
-    before anything starts. A test passes its own meters, or None for a part to leave out."""
+                 wall_clock: Callable[[], float] = time.time,
+                 resolver: MetadataResolver | None = _DETECT) -> tuple[Daemon, Runner]:
+    """The daemon and the runner of its parts (start order: metadata sources, pipeline
+    baselines, intensity feed, ledger flushing, state saving; stop in reverse). Bad input
+    raises ConfigError before anything starts. A test passes its own meters, or None for a
+    part to leave out."""
     if ledger is _DETECT:
         ledger = open_ledger(config)  # first: a second daemon on this state dir stops here
     try:
@@ -176,11 +185,14 @@ def build_daemon(config: Config, *, meters: list[Meter] | None = None,
             log.info("intensity zone %s (%s)", choice.zone, choice.how)
         if cpu is _DETECT:
             cpu = build_cpu_usage(config, namer)
+        if resolver is _DETECT:
+            resolver = build_resolver(config.metadata) if config.metadata.enabled else None
+        names = Names(resolver)
         meters = build_meters(config) if meters is None else meters
         rel = cpu.reader.root.rel if cpu else "/"
         pid_consumers = PidConsumers(namer, rel, config.proc_root,
                                      cpu is not None and cpu.processes is not None)
-        pipeline = build_pipeline(config, meters, cpu, pid_consumers, clock=clock)
+        pipeline = build_pipeline(config, meters, cpu, pid_consumers, clock=clock, names=names)
         publisher = Publisher(config.max_consumers, config.pue,
                               ledger.put_state if ledger is not None else None, clock)
         if ledger is not None:
@@ -192,7 +204,7 @@ def build_daemon(config: Config, *, meters: list[Meter] | None = None,
                               totals.device_joules, totals.host_grams,
                               ledger.get_state(COUNTERS_STATE))
         budgets = BudgetTracker(config.budgets, config.budgets_timezone, ledger,
-                                clock=wall_clock)
+                                clock=wall_clock, metadata=names.labels)
     except BaseException:
         if ledger is not None:
             ledger.close()
@@ -215,6 +227,9 @@ def build_daemon(config: Config, *, meters: list[Meter] | None = None,
                         exc.strerror or exc)
 
     runner = Runner([
+        # first: a tick may ask for a name as soon as there is one (lookups never wait)
+        Part("metadata sources", lambda: resolver and resolver.start(),
+             lambda: resolver and resolver.stop()),
         Part("pipeline", pipeline.prime, pipeline.close),
         Part("intensity feed", lambda: daemon.feed and daemon.feed.start(),
              lambda: daemon.feed and daemon.feed.stop()),

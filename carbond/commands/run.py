@@ -64,7 +64,8 @@ def main(cfg: Config, args: argparse.Namespace, flags: Callable[[], dict[str, st
             loop = threading.Thread(
                 target=daemon.run, name="carbond-tick",
                 args=(stop, reload,
-                      lambda: reconfigure(args.config, flags(), daemon.config, daemon.ledger)))
+                      lambda: reconfigure(args.config, flags(), daemon.config, daemon.ledger,
+                                          daemon.pipeline.names.labels)))
             loop.start()
             while not stop.wait(1.0) and loop.is_alive():
                 pass

@@ -46,6 +46,7 @@ class Health:
     budgets: tuple[BudgetSample, ...] = ()
     coverage_ratio: float | None = None
     platform_excess_joules: float = 0.0  # this tick
+    metadata_errors_total: Mapping[str, float] = field(default_factory=dict)  # by source
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Publisher:
         self._device_joules: dict[DeviceKey, float] = {}
         self._histogram = Histogram()
         self._counters = Counters()
+        self._owners: dict[Consumer, Mapping[str, str]] = {}  # of the exported consumers
         self._snapshot = Snapshot(pue=pue)
 
     @property
@@ -185,9 +187,24 @@ class Publisher:
                          joules_now.get(key, 0.0) / seconds if seconds > 0 else 0.0)
             for key in sorted(self._device_joules))
 
+    def _consumer_info(self, exported: tuple[tuple[Consumer, float], ...],
+                       metadata: Mapping[Consumer, Mapping[str, str]]
+                       ) -> tuple[tuple[Consumer, Mapping[str, str]], ...]:
+        """carbond_consumer_info for exactly the consumers with energy series (a folded or
+        expired consumer's info goes with its series): this tick's labels, else the last
+        known; what is kept is bounded the same (only exported consumers are looked at)."""
+        owners, kept = self._owners, {}
+        for consumer, _grams in exported:
+            labels = metadata.get(consumer) or owners.get(consumer)
+            if labels:
+                kept[consumer] = labels
+        self._owners = kept
+        return tuple(kept.items())
+
     def _snapshot_of(self, record: TickRecord, health: Health) -> Snapshot:
         counters = self._counters
         intensity = health.intensity
+        grams_total = tuple(self._series.emissions())
         return Snapshot(
             devices=self._devices(record),
             meters_up=dict(health.meters_up),
@@ -197,7 +214,7 @@ class Publisher:
             tick_buckets=tuple(self._histogram.cumulative()),
             tick_seconds_sum=self._histogram.sum_seconds,
             consumers=tuple(self._series.samples()),
-            consumer_grams_total=tuple(self._series.emissions()),
+            consumer_grams_total=grams_total,
             consumer_embodied_grams_total=tuple(self._series.embodied()),
             exited_tasks_total=counters.exited_tasks,
             exit_records_lost_total=int(counters.plus_carried(
@@ -218,6 +235,9 @@ class Publisher:
                 "ledger_errors", {"": health.ledger_errors_total}).get("", 0)),
             coverage_ratio=health.coverage_ratio,
             platform_excess_joules_total=counters.platform_excess_joules,
+            consumer_info=self._consumer_info(grams_total, record.metadata),
+            metadata_errors_total=counters.plus_carried("metadata_errors",
+                                                        health.metadata_errors_total),
         )
 
     def state(self) -> dict[str, Any]:
@@ -234,6 +254,7 @@ class Publisher:
                 "fetch_errors": snap.intensity_fetch_errors_total,
                 "ledger_errors": {"": snap.ledger_errors_total},
                 "exit_overruns": {"": snap.exit_records_lost_total},
+                "metadata_errors": snap.metadata_errors_total,
             },
         }
 

@@ -6,6 +6,7 @@ Scrapes read the latest Snapshot by reference and never trigger measurement.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from carbond.attribution import ATTRIBUTED, is_platform_meter
@@ -71,6 +72,10 @@ class Snapshot:
     ledger_errors_total: int = 0
     coverage_ratio: float | None = None  # measured parts / platform, where one measures
     platform_excess_joules_total: float = 0.0  # parts beyond the platform reading
+    # carbond_consumer_info: the owner's labels of exported consumers (the energy series'
+    # set, at most max_consumers), where known
+    consumer_info: tuple[tuple[Consumer, Mapping[str, str]], ...] = ()
+    metadata_errors_total: dict[str, float] = field(default_factory=dict)  # source -> count
 
 
 def host_watts(snapshot: Snapshot) -> float:

@@ -1,7 +1,8 @@
 """One tick of DESIGN.md's pipeline, the same for the daemon and for `carbond exec`.
 
 meters (each under a deadline) -> device deltas; CPU usage (each source under a deadline) and
-each GPU's pid weights named as consumers -> `attribution.attribute` -> one `Measurement`.
+each GPU's pid weights named as consumers, renamed from the metadata resolver's cache
+(`names.Names`, which never waits) -> `attribution.attribute` -> one `Measurement`.
 What happens to a measurement (carbon, ledger, exporter, a run's summary) is the caller's.
 A source that blocks or fails misses its own sample for the tick; everything else is counted,
 and cumulative counters bring the missed energy with the next good reading.
@@ -13,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -30,6 +31,7 @@ from carbond.meters.base import Meter, MeterReading
 from carbond.pipeline.deadline import DeadlineWorker, Missed
 from carbond.pipeline.deltas import DeviceDeltas
 from carbond.pipeline.idle import IdleBaseline
+from carbond.pipeline.names import Names
 from carbond.types import Consumer
 from carbond.workloads.cpu import CpuUsage
 from carbond.workloads.gpu import GpuUsageTracker, PidConsumers, consumer_weights
@@ -62,6 +64,8 @@ class Measurement:
     meters_up: dict[str, bool] = field(default_factory=dict)
     wraps: dict[str, int] = field(default_factory=dict)  # device -> wraps in this tick
     resets: dict[str, int] = field(default_factory=dict)
+    # the owner's labels (carbond_consumer_info) of the consumers given energy, where known
+    metadata: Mapping[Consumer, Mapping[str, str]] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -69,6 +73,7 @@ class Pipeline:
 
     `prime()` takes the baselines, so the first tick already has deltas. The caller owns the
     meters and sources and closes them (`close()`); a reload swaps meters with `set_meters`.
+    `names` renames ID consumers (none: the cgroup names stand, as in `carbond exec`).
     """
 
     def __init__(
@@ -83,8 +88,10 @@ class Pipeline:
         read_deadline_seconds: float = READ_DEADLINE_SECONDS,
         vcpus: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        names: Names | None = None,
     ) -> None:
         self.cpu = cpu
+        self.names = names if names is not None else Names(None)
         self.policy = policy
         self.cpu_idle = cpu_idle
         self.gpu_idle_watts = gpu_idle_watts
@@ -198,19 +205,45 @@ class Pipeline:
             deltas += self._totals.deltas(reading.devices)
         cpu = self._collect("cgroups", self.cpu.tick if self.cpu else None)
         gpus = self._collect("gpu", self._gpu_weights if self.gpu_usage else None) or {}
+        usage, gpus = self._named(cpu.usage if cpu else None, gpus)
         result = attribute(
-            TickInput(seconds, deltas, cpu.usage if cpu else None, gpus, measured,
+            TickInput(seconds, deltas, usage, gpus, measured,
                       self.cpu_idle.watts(), self.gpu_idle_watts),
             self.policy,
         )
-        if cpu and seconds > 0 and complete and result.cpu_joules > 0:
-            used = math.fsum(cpu.usage.values()) / (self._vcpus * seconds)
+        if usage is not None and seconds > 0 and complete and result.cpu_joules > 0:
+            used = math.fsum(usage.values()) / (self._vcpus * seconds)
             self.cpu_idle.observe(result.cpu_joules / seconds, min(1.0, used), started)
         up = {meter.name: self._up.get(meter.name, False) for meter in self.meters}
         if MODEL_SOURCE in up:  # the model is up when it stands in, not merely when it can
             up[MODEL_SOURCE] = result.model_used
-        return Measurement(started, seconds, result, cpu.usage if cpu else None,
-                           cpu.exited_tasks if cpu else 0, complete, up, wraps, resets)
+        return Measurement(started, seconds, result, usage, cpu.exited_tasks if cpu else 0,
+                           complete, up, wraps, resets, self.names.metadata(result.energy))
+
+    def _named(self, usage: dict[Consumer, float] | None, gpus: dict[str, GpuWeights]
+               ) -> tuple[dict[Consumer, float] | None, dict[str, GpuWeights]]:
+        """The tick's CPU seconds and GPU weights by named consumer, with the GPUs held by one
+        container given to it; on a bug in naming, the ID names (the tick is not lost)."""
+        names = self.names
+        if names.resolver is None:
+            return usage, gpus
+        try:
+            named = names.usage(usage) if usage is not None else None
+            if self.gpu_usage is None:
+                return named, gpus
+            return named, names.gpus(gpus, self._gpu_infos())
+        except Exception:
+            names.failed()
+            return usage, gpus
+
+    def _gpu_infos(self) -> list[Any]:
+        """The GPUs the meters know (UUIDs, MIG devices), to match the kubelet's device IDs."""
+        found: list[Any] = []
+        for meter in self.meters:
+            listed = getattr(meter, "gpus", None)
+            if listed is not None:
+                found += listed()
+        return found
 
     def close(self) -> None:
         """Close the sources and meters, each meter under the read deadline: one whose read

@@ -442,7 +442,10 @@ def host() -> dashboard.Dashboard:
                   "ledger errors"),
             query(f"increase(carbond_exit_records_lost_total{{{inst}}}[$__rate_interval])",
                   "exit records lost"),
-        ], bars=True, width=8))
+            query(f"sum by (source) (increase(carbond_metadata_errors_total{{{inst}}}"
+                  "[$__rate_interval]))", "metadata {{source}}"),
+        ], bars=True, width=8, description="Metadata errors: a source of names (CRI, kubelet, "
+                                           "Docker, Podman, Slurm) that failed; ID names stand."))
         .with_panel(series(lay, "Exited tasks", "short", [query(
             f"rate(carbond_exited_tasks_total{{{inst}}}[$__rate_interval])", "exits/s")],
             width=8, description="Tasks whose final CPU time came from taskstats exit "
@@ -501,6 +504,37 @@ def budgets() -> dashboard.Dashboard:
     return d
 
 
+def by_owner(label: str, metric: str, selector: str, window: str) -> str:
+    """`metric`'s increase over `window` summed by an owner label of carbond_consumer_info
+    (namespace, account), joined with group_left on the consumer. The info of every consumer
+    seen in the window counts (max_over_time), also one that has ended since; an ID series
+    and its named successor carry the same owner only once named, so nothing is counted
+    twice (docs/attribution.md)."""
+    owners = (f"max by (instance, kind, consumer, {label}) (max_over_time("
+              f'carbond_consumer_info{{{selector}, {label}=~"${label}", {label}!=""}}[{window}]))')
+    return (f"sum by ({label}) (increase({metric}{{{selector}}}[{window}]) "
+            f"* on (instance, kind, consumer) group_left ({label}) {owners})")
+
+
+def owner_panels(d: dashboard.Dashboard, lay: Layout, label: str, title: str,
+                 inst: str) -> dashboard.Dashboard:
+    """A row of energy and CO2e per owner: a table and bars over the range, and a series."""
+    energy, grams = "carbond_consumer_energy_joules_total", "carbond_consumer_emissions_grams_total"
+    legend = "{{" + label + "}}"
+    return (
+        d.with_row(row(lay, f"{title}s"))
+        .with_panel(grid(lay, f"{title}s in range", [
+            query(f"{by_owner(label, energy, inst, '$__range')} / 3.6e6"),
+            query(f"{by_owner(label, grams, inst, '$__range')} / 1000"),
+        ], {label: title, "Value #A": "Energy (kWh)", "Value #B": "CO2e (kg)"}, width=12))
+        .with_panel(bars(lay, f"CO2e per {label} in range", GRAMS, [query(
+            f"sort_desc({by_owner(label, grams, inst, '$__range')})", legend, instant=True)]))
+        .with_panel(series(lay, f"CO2e per {label} per interval", GRAMS, [query(
+            by_owner(label, grams, inst, "$__interval"), legend)], stacked=True, bars=True,
+            interval="1h", width=24))
+    )
+
+
 def projects() -> dashboard.Dashboard:
     lay = Layout()
     inst = 'instance=~"$instance"'
@@ -508,7 +542,8 @@ def projects() -> dashboard.Dashboard:
     kind = f'{inst}, kind=~"$kind"'
     d = (
         base("carbond / Projects", "carbond-projects",
-             "Energy and CO2e per project (`carbond exec --project`) and per consumer kind "
+             "Energy and CO2e per project (`carbond exec --project`), per Kubernetes "
+             "namespace and Slurm account (carbond_consumer_info) and per consumer kind "
              "over the chosen time range, from the counters.", "now-30d")
         .with_variable(instance_variable())
         .with_variable(kind_variable(inst))
@@ -516,6 +551,12 @@ def projects() -> dashboard.Dashboard:
             "project", "Project",
             f'label_values(carbond_consumer_energy_joules_total{{{inst}, kind="project"}}, '
             "consumer)"))
+        .with_variable(query_variable(
+            "namespace", "Namespace",
+            f'label_values(carbond_consumer_info{{{inst}, namespace!=""}}, namespace)'))
+        .with_variable(query_variable(
+            "account", "Account",
+            f'label_values(carbond_consumer_info{{{inst}, account!=""}}, account)'))
         .with_row(row(lay, "Projects"))
         .with_panel(grid(lay, "Projects in range", [
             query(f"sum by (consumer) (increase(carbond_consumer_energy_joules_total{{{proj}}}"
@@ -544,7 +585,8 @@ def projects() -> dashboard.Dashboard:
             f"sort_desc(sum by (kind) (increase(carbond_consumer_embodied_grams_total"
             f"{{{kind}}}[$__range]))) / 1000", "{{kind}}", instant=True)], width=8))
     )
-    return d
+    d = owner_panels(d, lay, "namespace", "Namespace", inst)
+    return owner_panels(d, lay, "account", "Account", inst)
 
 
 DASHBOARDS: dict[str, Callable[[], dashboard.Dashboard]] = {

@@ -1,4 +1,5 @@
-"""carbond about itself: exits read, ticks and their failures, the ledger, the build."""
+"""carbond about itself: exits read, ticks and their failures, the ledger, the metadata
+sources, the build."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from carbond import __version__
-from carbond.exporter.collectors.families import counter, gauge
+from carbond.exporter.collectors.families import counter, counter_by, gauge
 from carbond.exporter.snapshot import Snapshot
+from carbond.workloads.identity.resolver import SOURCES
 
 
 class SelfCollector:
@@ -33,6 +35,9 @@ class SelfCollector:
                     "Wall clock (epoch seconds) of the last successful tick.",
                     snap.last_tick_timestamp_seconds)
         yield counter("carbond_ledger_errors", "Failed ledger writes.", snap.ledger_errors_total)
+        yield counter_by("carbond_metadata_errors",
+                         "Failed calls to a metadata source (names fall back to IDs).", "source",
+                         {**dict.fromkeys(SOURCES, 0), **snap.metadata_errors_total})
         info = GaugeMetricFamily("carbond_build_info", "carbond build.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info

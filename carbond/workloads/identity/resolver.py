@@ -170,6 +170,11 @@ class MetadataResolver:
         self._unresolved[consumer] = (generation, identity)
         return identity
 
+    def settled(self, consumer: Consumer) -> bool:
+        """Whether `lookup(consumer)` will answer as now for the life of the daemon (a
+        source has answered for it, or nothing can): its caller may stop asking."""
+        return consumer in self._resolved
+
     def gpu_holders(self) -> Mapping[str, tuple[Consumer, ...]]:
         """GPU device ID -> the containers the kubelet gave it to (podresources.Holders), as
         last listed; asking starts the listing, so hosts without GPUs never ask the kubelet."""

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from carbond.config.units import parse_seconds
 from carbond.types import ConfigError, did_you_mean
 from carbond.workloads.identity.cri import DEFAULT_SOCKETS, CriSource
 from carbond.workloads.identity.engine import DOCKER_SOCKET, PODMAN_SOCKET, EngineSource
@@ -66,6 +65,10 @@ def _path(value: Any, key: str, auto: bool) -> str:
 
 
 def _seconds(value: Any, key: str, low: float, high: float) -> float:
+    # Imported here: carbond.config's package imports this module (its key table), so a
+    # module-level import made `import carbond.workloads.identity.settings` a cycle.
+    from carbond.config.units import parse_seconds
+
     try:
         seconds = parse_seconds(value)
     except ValueError as exc:
