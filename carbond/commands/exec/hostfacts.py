@@ -49,17 +49,25 @@ def _first_line_value(path: str, key: str) -> str:
     return ""
 
 
+def _gib(meminfo_value: str) -> float | None:
+    """A /proc/meminfo figure ("24576000 kB") in GiB, as CodeCarbon reports memory."""
+    try:
+        return int(meminfo_value.split()[0]) * 1024 / (1 << 30)
+    except (IndexError, ValueError):
+        return None
+
+
 def host_facts(zone: str, proc_root: str, gpu_models: Sequence[str]) -> HostFacts:
     """The host columns of a CodeCarbon row, from the zone and /proc."""
     cloud = split_cloud_zone(zone)
     iso2 = zone.split("-", 1)[0].upper() if cloud is None else _cloud_country(*cloud)
     iso3, country = _country_rows().get(iso2, ("", ""))
     region = zone if cloud is None and zone.upper() != iso2 else ""
-    memory = _first_line_value(os.path.join(proc_root, "meminfo"), "MemTotal")
-    try:
-        ram_gb = int(memory.split()[0]) * 1024 / 1e9
-    except (IndexError, ValueError):
-        ram_gb = 0.0
+    meminfo = os.path.join(proc_root, "meminfo")
+    total_gb = _gib(_first_line_value(meminfo, "MemTotal"))
+    available_gb = _gib(_first_line_value(meminfo, "MemAvailable"))
+    used_gb = (total_gb - available_gb if total_gb is not None and available_gb is not None
+               else None)
     models = sorted(set(gpu_models))
     return HostFacts(
         country_name=country, country_iso_code=iso3, region=region,
@@ -67,5 +75,6 @@ def host_facts(zone: str, proc_root: str, gpu_models: Sequence[str]) -> HostFact
         os=platform.platform(), python_version=platform.python_version(),
         version=f"carbond {__version__}", cpu_count=os.cpu_count() or 0,
         cpu_model=_first_line_value(os.path.join(proc_root, "cpuinfo"), "model name"),
-        gpu_count=len(gpu_models), gpu_model=", ".join(models), ram_total_gb=ram_gb,
+        gpu_count=len(gpu_models), gpu_model=", ".join(models), ram_total_gb=total_gb or 0.0,
+        ram_used_gb=used_gb,
     )
