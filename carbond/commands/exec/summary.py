@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from carbond.commands.exec.plan import Plan
+from carbond.figures import decimal, human_grams, human_joules
 
 JOULES_PER_KWH = 3.6e6
 
@@ -65,38 +66,6 @@ class RunSummary:
     @property
     def total_joules(self) -> float:
         return math.fsum(self.joules.get(c, 0.0) for c in ("cpu", "dram", "gpu"))
-
-
-def decimal(value: float, significant: int = 3) -> str:
-    """`value` with about `significant` digits, never in exponent form (0.00000243, 1234)."""
-    if value == 0 or not math.isfinite(value):
-        return "0" if value == 0 else str(value)
-    places = max(0, significant - 1 - math.floor(math.log10(abs(value))))
-    return f"{value:.{places}f}"
-
-
-def human_joules(joules: float) -> str:
-    """J below 1 kJ, kJ below 100 kJ, Wh below 1 kWh, then kWh."""
-    if not math.isfinite(joules):
-        return "unknown"
-    if abs(joules) < 1e3:
-        return f"{decimal(joules)} J"
-    if abs(joules) < 1e5:
-        return f"{decimal(joules / 1e3)} kJ"
-    if abs(joules) < JOULES_PER_KWH:
-        return f"{decimal(joules / 3600)} Wh"
-    return f"{decimal(joules / JOULES_PER_KWH, 4)} kWh"
-
-
-def human_grams(grams: float | None) -> str:
-    """g below 1 kg (three significant digits, however small), then kg, then t."""
-    if grams is None or not math.isfinite(grams):
-        return "unknown"
-    if abs(grams) < 1e3:
-        return f"{decimal(grams)} g"
-    if abs(grams) < 1e6:
-        return f"{decimal(grams / 1e3, 4)} kg"
-    return f"{decimal(grams / 1e6, 4)} t"
 
 
 def human_seconds(seconds: float) -> str:

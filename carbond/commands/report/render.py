@@ -11,6 +11,7 @@ from typing import Any
 from carbond.commands.report.html import render_html
 from carbond.commands.report.model import KEY_COLUMNS, DayUsage, PageInfo, Report
 from carbond.commands.report.sources import days_of
+from carbond.figures import decimal, human_grams, human_joules
 from carbond.ledger.ledger import Usage
 
 JOULES_PER_KWH = 3.6e6
@@ -69,15 +70,7 @@ def _csv_number(value: float | None) -> str:
 
 
 def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value == 0:
-        return "0"
-    if abs(value) >= 100:
-        return f"{value:,.1f}"
-    if abs(value) >= 0.001:
-        return f"{value:.3f}"
-    return f"{value:.2e}"
+    return "-" if value is None else decimal(value)
 
 
 def _cell(text: str) -> str:
@@ -86,15 +79,16 @@ def _cell(text: str) -> str:
 
 
 def render_table(report: Report, zone: tzinfo) -> str:
+    """Scaled units, three significant digits (carbond.figures), and a TOTAL row."""
     columns = [c.upper() for c in KEY_COLUMNS[report.by]]
-    header = [*columns, "CPU kWh", "DRAM kWh", "GPU kWh", "ENERGY kWh", "CO2e kg",
-              "EMBODIED kg", "g/kWh", "PROVIDERS"]
+    header = [*columns, "CPU", "DRAM", "GPU", "ENERGY", "CO2e", "EMBODIED", "g/kWh",
+              "PROVIDERS"]
 
     def cells(key: tuple[str, ...], usage: Usage) -> list[str]:
         return [*(_cell(k) for k in key),
-                *(_number(j / JOULES_PER_KWH) for j in (
+                *(human_joules(j) for j in (
                     usage.cpu_joules, usage.dram_joules, usage.gpu_joules, usage.joules)),
-                _number(usage.grams / 1000), _number(usage.embodied_grams / 1000),
+                human_grams(usage.grams), human_grams(usage.embodied_grams),
                 _number(_grams_per_kwh(usage)), ",".join(sorted(usage.providers)) or "-"]
 
     lines = [header, *(cells(row.key, row.usage) for row in report.rows),
