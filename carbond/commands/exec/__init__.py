@@ -35,10 +35,16 @@ from carbond.carbon.intensity import FetchError
 from carbond.carbon.static import split_cloud_zone
 from carbond.carbon.zone import ZoneChoice
 from carbond.commands.build import build_feed
-from carbond.commands.exec.cgroup import CgroupUnavailable, RunCgroup
+from carbond.commands.exec.cgroup import (
+    CgroupUnavailable,
+    DaemonRunCgroup,
+    RunCgroup,
+    create_run_cgroup,
+)
 from carbond.commands.exec.measure import FeedStarter, RunMeasurement, RunPricing
 from carbond.commands.exec.plan import Plan, plan_greenest
 from carbond.commands.exec.remote import (
+    DocumentSource,
     ProjectBaseline,
     ProjectCounters,
     daemon_client,
@@ -59,8 +65,9 @@ from carbond.commands.exec.summary import (
 from carbond.commands.intensity import format_age
 from carbond.config import Config
 from carbond.config.units import parse_seconds
+from carbond.runs.client import SocketDocuments
 from carbond.types import ConfigError, Consumer, name_text
-from carbond.web.client import Client, ClientConfig
+from carbond.web.client import ClientConfig
 from carbond.workloads.cgroups import CgroupRoot, detect_cgroup_root
 from carbond.workloads.naming import encode_project
 
@@ -188,11 +195,15 @@ def greenest_start(feed: IntensityFeed, zone: str, options: ExecOptions, signals
 # ---- the run ---------------------------------------------------------------------------------
 
 
-def _spawn(command: Sequence[str], cgroup: RunCgroup, old_mask: set[int],
+def _spawn(command: Sequence[str], cgroup: RunCgroup | DaemonRunCgroup, old_mask: set[int],
            err: IO[str]) -> subprocess.Popen[bytes] | int:
     """Start CMD inside the run's cgroup: the child writes itself into cgroup.procs and
     restores the signal mask between fork and exec. An exit status when it cannot start."""
-    procs_fd = cgroup.open_procs()
+    try:
+        procs_fd = cgroup.open_procs()
+    except (CgroupUnavailable, OSError) as exc:
+        _say(err, f"carbond exec: cannot move the command into its cgroup {cgroup.path}: {exc}")
+        return EXIT_EXEC_FAILED
     mask = set(old_mask)
 
     def enter_cgroup() -> None:  # in the child: two system calls, no locks
@@ -216,6 +227,7 @@ def _spawn(command: Sequence[str], cgroup: RunCgroup, old_mask: set[int],
         return EXIT_NOT_EXECUTABLE
     finally:
         os.close(procs_fd)
+        cgroup.spawned()
 
 
 def _reap(pid: int) -> int | None:
@@ -374,16 +386,19 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
          choice: ZoneChoice, plan: Plan | None, signals: _Signals, err: IO[str]) -> int:
     run_id = str(uuid.uuid4())
     try:
-        cgroup = RunCgroup.create(root, options.project, run_id)
+        cgroup = create_run_cgroup(root, options.project, run_id, config.exec_socket)
     except (CgroupUnavailable, OSError) as exc:
         _say(err, f"carbond exec: {exc}")
         return EXIT_EXEC_FAILED
     notes: list[str] = []
     removed = False
     try:
-        client = daemon_client(config, options.client)
+        project = cgroup.project  # USER/PROJECT when the daemon made it for a user
+        client: DocumentSource = (SocketDocuments(cgroup.client, project)
+                                  if isinstance(cgroup, DaemonRunCgroup)
+                                  else daemon_client(config, options.client))
         before = fetch_consumers(client)
-        run_consumer = Consumer("project", options.project)
+        run_consumer = Consumer("project", project)
         measurement: RunMeasurement | None
         try:
             measurement = RunMeasurement(config, cgroup, run_consumer, TICK_SECONDS)
@@ -399,7 +414,7 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
                 measurement.close()
             return child
         starter = FeedStarter(feed)
-        baseline = (ProjectBaseline(client, options.project, before, config.interval_seconds)
+        baseline = (ProjectBaseline(client, project, before, config.interval_seconds)
                     if before is not None else None)
 
         def tick() -> None:
@@ -420,7 +435,7 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
         pricing.add(0.0, starter.settle())  # prices energy still waiting for the first fetch
         starter.stop()
         summary = RunSummary(
-            project=name_text(options.project), run_id=run_id,
+            project=name_text(project), run_id=run_id,
             command=[name_text(a) for a in options.command], exit_status=status,
             started=started_wall, ended=ended_wall, duration_seconds=duration,
             cpu_seconds=measurement.cpu_seconds if measurement else cgroup.cpu_seconds(),
@@ -451,8 +466,8 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
             cgroup.remove()
 
 
-def _from_daemon(summary: RunSummary, config: Config, client: Client, baseline: ProjectBaseline,
-                 ended_wall: float, signals: _Signals) -> None:
+def _from_daemon(summary: RunSummary, config: Config, client: DocumentSource,
+                 baseline: ProjectBaseline, ended_wall: float, signals: _Signals) -> None:
     """Replace exec's own figures with the daemon's, once its first tick after the end of CMD
     is out; keep exec's (with a note) when that tick does not come in time."""
     stopped: list[int] = []
