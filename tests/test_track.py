@@ -23,10 +23,12 @@ from pathlib import Path
 import pytest
 
 from tests.cgroup_helpers import TestTree, available
+from tests.fakes.nvml import FakeGpu, FakeProcess, Scenario, samples_for
 from tests.helpers import carbond_run
 from tests.powercap import ConstantPower
 
 SESSION = f"s{os.getpid()}"
+GIB = 1 << 30
 
 
 @dataclass
@@ -141,3 +143,66 @@ def test_a_block_equals_the_daemons_counter_for_its_project(place: Place,
     assert recorded["grams"] == pytest.approx(result["grams"], rel=0.02)
     leftovers = [d for d, _, _ in os.walk(place.tree.root) if "carbond.exec" in d]
     assert leftovers == []  # the run cgroup, its project and carbond.exec directories gone
+
+
+WAIT_IN_BLOCK = BURN + """
+import os
+from pathlib import Path
+with carbond.track(sys.argv[1], config=sys.argv[2]) as run:
+    Path(sys.argv[3]).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 90
+    while not os.path.exists(sys.argv[4]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+show(run)
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc needed to build the fake NVML")
+def test_two_tracked_processes_sharing_a_gpu_get_their_sm_shares(
+        place: Place, tmp_path: Path, fake_lib: Path) -> None:
+    """Two processes, each in a block of its own project, on one GPU at 75/25 SM: through
+    the real pynvml over the stand-in libnvidia-ml.so.1 the daemon gives their blocks 75/25
+    of the GPU's energy (memory 1:3 points the other way)."""
+    scenario_file = tmp_path / "scenario.txt"
+    gpu = FakeGpu(0, "GPU-44444444-dddd-4000-8000-000000000000", "NVIDIA Fake H100",
+                  energy_millijoules=1_000_000)
+    scenario = Scenario(gpus=[gpu])
+    scenario.write(scenario_file)
+    env = {"LD_LIBRARY_PATH": str(fake_lib), "FAKE_NVML_SCENARIO": str(scenario_file)}
+    go = tmp_path / "go"
+    projects = [f"gpu-a-{SESSION}", f"gpu-b-{SESSION}"]
+    pid_files = [tmp_path / "a.pid", tmp_path / "b.pid"]
+    scripts: list[subprocess.Popen[str]] = []
+    with ConstantPower(str(tmp_path / "powercap")), daemon(place, tmp_path, env) as carbond:
+        wait_for_socket(place.socket)
+        try:
+            for project, pid_file in zip(projects, pid_files, strict=True):
+                scripts.append(place.script(WAIT_IN_BLOCK, project, place.config,
+                                            str(pid_file), str(go)))
+            deadline = time.monotonic() + 60
+            while not all(p.exists() and p.read_text() for p in pid_files):
+                assert time.monotonic() < deadline
+                assert all(s.poll() is None for s in scripts)
+                time.sleep(0.05)
+            a, b = (int(p.read_text()) for p in pid_files)
+            scenario.processes = [FakeProcess(0, a, 1 * GIB), FakeProcess(0, b, 3 * GIB)]
+            stamp = 1_700_000_000_000_000
+            for _ in range(3):
+                carbond.wait_ticks(1)
+                gpu.energy_millijoules += 400_000  # 400 J
+                scenario.samples += [*samples_for(0, a, 75, stamp, 6),
+                                     *samples_for(0, b, 25, stamp, 6)]
+                stamp += 1_000_000
+                scenario.write(scenario_file)
+            carbond.wait_ticks(2)  # the last change read while both blocks still run
+            go.write_text("")
+            results = [finished(s)[0] for s in scripts]
+        finally:
+            for script in scripts:
+                if script.poll() is None:
+                    script.kill()
+                    script.wait()
+    assert all(r["measured_by"] == "daemon" for r in results), [r["notes"] for r in results]
+    gpu_a, gpu_b = (r["gpu_joules"] for r in results)
+    assert gpu_a + gpu_b == pytest.approx(1200.0, rel=0.01)
+    assert gpu_a / (gpu_a + gpu_b) == pytest.approx(0.75, abs=0.02)
