@@ -9,10 +9,12 @@ also when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,8 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from carbond.workloads.naming import EXEC_PARENT, encode_project
+from carbond.runs.client import RunsClient, RunsRefused
+from carbond.runs.server import ExecSocket
+from carbond.workloads.cgroups import detect_cgroup_root
+from carbond.workloads.naming import EXEC_PARENT, decode_project, encode_project
 from tests.cgroup_helpers import TestTree, available
 from tests.helpers import carbond_run
 from tests.powercap import ConstantPower
@@ -175,3 +182,148 @@ def test_a_user_cannot_have_another_users_process_counted(
     finally:
         victim.kill()
         victim.wait()
+
+
+# ---- the socket itself, hostile input ------------------------------------------------------
+
+
+SOCKET_EXAMPLES = settings(max_examples=40, deadline=None,
+                           suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@dataclass
+class Served:
+    """An ExecSocket in this process over a private tree, with this process moved into the
+    tree's ``work.scope`` (and back afterwards) so that it may ask."""
+
+    tree: TestTree
+    server: ExecSocket
+    client: RunsClient
+    child: subprocess.Popen[bytes]  # a descendant to move
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    why = available("v2")
+    if why:
+        pytest.skip(why)
+    tree = TestTree("v2")
+    shared = Path(tempfile.mkdtemp(prefix="carbond-runs-"))
+    home = cgroup_of(os.getpid())[len("0::"):]
+    server = None
+    child = None
+    try:
+        work = tree.make("work.slice/work.scope")
+        Path(work, "cgroup.procs").write_text(str(os.getpid()))
+        child = subprocess.Popen(["sleep", "300"])
+        server = ExecSocket(str(shared / "exec.sock"), detect_cgroup_root(tree.root))
+        server.start()
+        yield Served(tree, server, RunsClient(str(shared / "exec.sock")), child)
+    finally:
+        Path(tree.base, home.lstrip("/"), "cgroup.procs").write_text(str(os.getpid()))
+        if server is not None:
+            server.stop()
+        if child is not None:
+            child.kill()
+            child.wait()
+        tree.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@SOCKET_EXAMPLES
+@given(st.one_of(st.binary(max_size=300).map(os.fsdecode), st.text(max_size=120)))
+def test_any_project_name_is_one_run_directory_or_refused(served: Served, name: str) -> None:
+    """Any bytes (and any text, lone surrogates included) either name exactly one run
+    directory that decodes back to the name, or are refused with a reason."""
+    try:
+        encoded = encode_project(name)
+    except ValueError:
+        encoded = None
+    try:
+        started = served.client.start(name, pid=served.child.pid)
+    except RunsRefused as exc:
+        assert encoded is None, exc
+        return
+    assert encoded is not None
+    path = os.path.join(served.tree.root, started.cgroup)
+    assert os.path.dirname(started.cgroup) == os.path.join("work.slice", EXEC_PARENT, encoded)
+    assert decode_project(encoded) == name and started.project == name
+    assert str(served.child.pid) in Path(path, "cgroup.procs").read_text().split()
+    served.client.leave(started.run, pid=served.child.pid)
+    assert served.client.end(started.run) is True
+    assert not os.path.exists(path)
+    assert cgroup_of(served.child.pid).endswith("/work.slice/work.scope")
+
+
+@SOCKET_EXAMPLES
+@given(st.binary(min_size=1, max_size=5000))
+def test_garbage_gets_one_refusal_and_the_socket_serves_on(served: Served, garbage: bytes) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(served.client.path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(garbage + b"\n")
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                reply += chunk
+    answer = json.loads(reply)
+    assert answer["ok"] is False and answer["error"]
+    started = served.client.start("after-garbage", pid=served.child.pid)
+    served.client.leave(started.run, pid=served.child.pid)
+    assert served.client.end(started.run)
+
+
+def test_a_client_that_never_finishes_holds_one_handler_for_a_bounded_time(
+        served: Served) -> None:
+    """Slow clients: each is answered with an error once its time is up; while they hang,
+    others are served, and past the connection limit a client is told the daemon is busy."""
+    from carbond.runs.server import MAX_CONNECTIONS
+
+    slow = []
+    try:
+        for _ in range(MAX_CONNECTIONS - 1):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(served.client.path)
+            sock.sendall(b'{"op": "start", "proj')  # and nothing more
+            slow.append(sock)
+        started = served.client.start("meanwhile", pid=served.child.pid)  # the last slot
+        served.client.leave(started.run, pid=served.child.pid)
+        served.client.end(started.run)
+        for sock in slow:
+            sock.settimeout(60)
+            answer = json.loads(sock.recv(4096))
+            assert answer["ok"] is False and "no whole message" in answer["error"]
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_runs_of_one_caller_are_not_anothers(served: Served, login: Login,
+                                             for_others: tuple[str, Path]) -> None:
+    """Run ids are not capabilities: nobody cannot end, leave or join root's run."""
+    python, site = for_others
+    started = served.client.start("roots", pid=served.child.pid)
+    try:
+        script = login.shared / "other.py"
+        script.write_text(
+            "import sys\nfrom carbond.runs.client import RunsClient, RunsRefused\n"
+            "client = RunsClient(sys.argv[1])\n"
+            "for op in ('end', 'leave', 'join'):\n"
+            "    try:\n"
+            "        client.request({'op': op, 'run': sys.argv[2]})\n"
+            "        print(op, 'done')\n"
+            "    except RunsRefused as exc:\n"
+            "        print(op, 'refused', exc)\n")
+        os.chmod(script, 0o644)
+        os.chmod(os.path.dirname(served.client.path), 0o755)
+        result = login.as_nobody(str(script), served.client.path, started.run, site=site,
+                                 python=python)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert [line.split()[:2] for line in lines] == [
+            ["end", "refused"], ["leave", "refused"], ["join", "refused"]], lines
+        assert os.path.isdir(os.path.join(served.tree.root, started.cgroup))
+    finally:
+        served.client.leave(started.run, pid=served.child.pid)
+        served.client.end(started.run)
