@@ -327,3 +327,66 @@ def test_runs_of_one_caller_are_not_anothers(served: Served, login: Login,
     finally:
         served.client.leave(started.run, pid=served.child.pid)
         served.client.end(started.run)
+
+
+REUSE = """
+import os, subprocess, sys, time
+from carbond.runs.client import RunsClient, RunsRefused
+child = subprocess.Popen(["true"])
+child.wait()  # exited and reaped: its pid is free for anyone
+print(child.pid, flush=True)
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+    time.sleep(0.02)
+try:
+    RunsClient(sys.argv[1]).start("reuse", pid=child.pid)
+    print("moved")
+except RunsRefused as exc:
+    print("refused", exc)
+"""
+
+
+def test_a_pid_that_exited_and_was_reused_by_another_user_is_refused(
+        login: Login, tmp_path: Path, for_others: tuple[str, Path]) -> None:
+    """nobody's child exits; root's new process gets its pid (ns_last_pid); nobody names the
+    pid: refused, root's process stays where it was."""
+    python, site = for_others
+    script = login.shared / "reuse.py"
+    script.write_text(REUSE)
+    os.chmod(script, 0o644)
+    go = login.shared / "go"
+    squatter = None
+    with ConstantPower(str(tmp_path / "powercap")), carbond_run(*daemon_args(login, tmp_path)):
+        wait_for_socket(login.socket)
+        inner = shlex.join(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                            "--clear-groups", "env", f"PYTHONPATH={site}", python, str(script),
+                            login.socket, str(go)])
+        move = f"echo $$ > {shlex.quote(os.path.join(login.scope, 'cgroup.procs'))}"
+        client = subprocess.Popen(["sh", "-c", f"{move} && exec {inner}"], cwd="/",
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout is not None
+            freed = int(client.stdout.readline())
+            for _ in range(50):  # other processes on the host may take the pid first
+                Path("/proc/sys/kernel/ns_last_pid").write_text(str(freed - 1))
+                squatter = subprocess.Popen(["sleep", "120"])
+                if squatter.pid == freed:
+                    break
+                squatter.kill()
+                squatter.wait()
+                squatter = None
+            if squatter is None:
+                pytest.skip("could not give the freed pid to a new process")
+            before = cgroup_of(squatter.pid)
+            go.write_text("")
+            out, err = client.communicate(timeout=60)
+            assert client.returncode == 0, err
+            assert out.startswith("refused") and "not yours" in out, out
+            assert cgroup_of(squatter.pid) == before
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+            if squatter is not None:
+                squatter.kill()
+                squatter.wait()

@@ -206,3 +206,114 @@ def test_two_tracked_processes_sharing_a_gpu_get_their_sm_shares(
     gpu_a, gpu_b = (r["gpu_joules"] for r in results)
     assert gpu_a + gpu_b == pytest.approx(1200.0, rel=0.01)
     assert gpu_a / (gpu_a + gpu_b) == pytest.approx(0.75, abs=0.02)
+
+
+NESTED = BURN + """
+with carbond.track(sys.argv[1] + "-outer", config=sys.argv[2]) as outer:
+    burn(1.0)
+    with carbond.track(sys.argv[1] + "-inner", config=sys.argv[2]) as inner:
+        burn(1.0)
+    burn(0.5)
+show(inner)
+show(outer)
+again = carbond.track(sys.argv[1] + "-again", config=sys.argv[2])
+
+@again
+def work():
+    burn(0.5)
+
+for _ in range(2):
+    work()
+    print(json.dumps(dataclasses.asdict(again.result)), flush=True)
+"""
+
+
+def test_nested_and_repeated_blocks_are_each_their_projects(place: Place,
+                                                            tmp_path: Path) -> None:
+    """An inner block is its own project's (the outer one's result leaves it out); a decorated
+    function called twice is two blocks; each agrees with the daemon's counters within 2%."""
+    project = f"nest-{SESSION}"
+    with ConstantPower(str(tmp_path / "powercap")), daemon(place, tmp_path) as carbond:
+        wait_for_socket(place.socket)
+        inner, outer, first, second = finished(place.script(NESTED, project, place.config))
+        carbond.wait_ticks(2)
+    for result in (inner, outer, first, second):
+        assert result["measured_by"] == "daemon", result["notes"]
+    assert inner["cpu_seconds"] == pytest.approx(1.0, abs=0.3)
+    assert outer["cpu_seconds"] == pytest.approx(1.5, abs=0.3)  # without the inner block's
+    recorded = report_projects(tmp_path / "state")
+
+    def joules(result: dict) -> float:
+        return result["cpu_joules"] + result["dram_joules"] + result["gpu_joules"]
+
+    assert recorded[f"{project}-inner"]["joules"] == pytest.approx(joules(inner), rel=0.02)
+    assert recorded[f"{project}-outer"]["joules"] == pytest.approx(joules(outer), rel=0.02)
+    assert recorded[f"{project}-again"]["joules"] == pytest.approx(
+        joules(first) + joules(second), rel=0.02)
+    assert joules(first) > 0 and joules(second) > 0
+
+
+FORKS = BURN + """
+import os
+with carbond.track(sys.argv[1], config=sys.argv[2]) as run:
+    child = os.fork()
+    if child == 0:
+        burn(1.0)  # then leaves the block itself, while the parent waits inside it
+    else:
+        os.waitpid(child, 0)
+if child == 0:  # the child's exit from the block did nothing
+    with open(sys.argv[3], "w") as handle:
+        handle.write(repr(run.result))
+    os._exit(0)
+show(run)
+"""
+
+
+def test_a_block_that_forks_counts_the_child_once(place: Place, tmp_path: Path) -> None:
+    project = f"fork-{SESSION}"
+    marker = tmp_path / "child-result"
+    with ConstantPower(str(tmp_path / "powercap")), daemon(place, tmp_path) as carbond:
+        wait_for_socket(place.socket)
+        (result,) = finished(place.script(FORKS, project, place.config, str(marker)))
+        carbond.wait_ticks(2)
+    assert marker.read_text() == "None"  # the forked child reported nothing of its own
+    assert result["measured_by"] == "daemon", result["notes"]
+    assert result["cpu_seconds"] >= 0.9  # the child's CPU time is the block's
+    joules = result["cpu_joules"] + result["dram_joules"] + result["gpu_joules"]
+    assert report_projects(tmp_path / "state")[project]["joules"] == pytest.approx(joules,
+                                                                                   rel=0.02)
+
+
+def test_a_daemon_that_goes_away_mid_block_leaves_a_result_that_says_so(
+        place: Place, tmp_path: Path) -> None:
+    project = f"gone-{SESSION}"
+    inside, go = tmp_path / "inside", tmp_path / "go"
+    with ConstantPower(str(tmp_path / "powercap")), daemon(place, tmp_path) as carbond:
+        wait_for_socket(place.socket)
+        script = place.script(WAIT_IN_BLOCK, project, place.config, str(inside), str(go))
+        try:
+            deadline = time.monotonic() + 60
+            while not inside.exists():
+                assert time.monotonic() < deadline and script.poll() is None
+                time.sleep(0.05)
+            carbond.process.kill()
+            carbond.process.wait()
+            go.write_text("")
+            (result,) = finished(script)
+        finally:
+            if script.poll() is None:
+                script.kill()
+                script.wait()
+    assert result["measured_by"] == "alone"
+    assert any("went away" in note for note in result["notes"]), result["notes"]
+    assert result["duration_seconds"] > 0 and result["cpu_seconds"] is not None
+
+
+def test_without_a_daemon_the_block_is_measured_alone(place: Place) -> None:
+    """No socket answers: as root the block gets a cgroup of its own and the daemon's
+    pipeline run in-process (the power model here: no RAPL) measures it."""
+    (result,) = finished(place.script(BLOCK, f"alone-{SESSION}", place.config))
+    assert result["measured_by"] == "alone"
+    assert any("no daemon" in note for note in result["notes"]), result["notes"]
+    assert result["cpu_seconds"] >= 2.4
+    assert result["cpu_joules"] > 0 and result["grams"] > 0
