@@ -1,8 +1,11 @@
-"""The IPython extension: `%load_ext carbond`, then `%%carbond [project]` on a cell prints the
-cell's footprint in one line, measured by `carbond.track` (docs/exec.md)."""
+"""The IPython extension: `%load_ext carbond`, then `%%carbond [project] [--config PATH]
+[--socket PATH]` on a cell prints the cell's footprint in one line, measured by
+`carbond.track` (docs/exec.md)."""
 
 from __future__ import annotations
 
+import argparse
+import shlex
 from typing import Any
 
 from carbond.tracking import TrackResult, track
@@ -23,8 +26,18 @@ def one_line(result: TrackResult) -> str:
 
 def carbond_magic(line: str, cell: str, shell: Any) -> None:
     """Run the cell inside a track block; print its footprint, also when the cell raised."""
-    project = line.strip() or DEFAULT_PROJECT
-    block = track(project)
+    parser = argparse.ArgumentParser(prog="%%carbond", add_help=False, exit_on_error=False)
+    parser.add_argument("project", nargs="?", default=DEFAULT_PROJECT)
+    parser.add_argument("--config")
+    parser.add_argument("--socket")
+    try:
+        args, extra = parser.parse_known_args(shlex.split(line))
+        if extra:
+            raise ValueError(f"unknown arguments {' '.join(extra)}")
+        block = track(args.project, config=args.config, socket=args.socket)
+    except (argparse.ArgumentError, ValueError) as exc:
+        print(f"%%carbond: {exc} (usage: %%carbond [PROJECT] [--config PATH] [--socket PATH])")
+        return
     try:
         with block:
             shell.run_cell(cell)
