@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -390,3 +391,24 @@ def test_a_pid_that_exited_and_was_reused_by_another_user_is_refused(
             if squatter is not None:
                 squatter.kill()
                 squatter.wait()
+
+
+# ---- the systemd drop-in -------------------------------------------------------------------
+
+
+def test_the_exec_socket_drop_in_costs_what_it_says(tmp_path: Path) -> None:
+    """The unit with deploy/systemd/carbond-exec-socket.conf applied: still at most 3.0, and the
+    score its comment states; the socket's directory and the cgroup tree are what changed."""
+    from tests.test_deploy_systemd import MAX_EXPOSURE, UNIT, exposure, systemd_analyze
+
+    drop_in = UNIT.parent / "carbond-exec-socket.conf"
+    settings_lines = [line for line in drop_in.read_text().splitlines()
+                      if line and not line.startswith(("#", "["))]
+    assert "RuntimeDirectory=carbond" in settings_lines
+    merged = tmp_path / "carbond.service"
+    merged.write_text(UNIT.read_text().replace(
+        "[Install]", "\n".join(settings_lines) + "\n\n[Install]"))
+    score = exposure(systemd_analyze(), merged)
+    assert score <= MAX_EXPOSURE
+    stated = re.search(r"2\.1 without it, ([0-9.]+) with it", drop_in.read_text())
+    assert stated and float(stated.group(1)) == score
