@@ -412,3 +412,28 @@ def test_the_exec_socket_drop_in_costs_what_it_says(tmp_path: Path) -> None:
     assert score <= MAX_EXPOSURE
     stated = re.search(r"2\.1 without it, ([0-9.]+) with it", drop_in.read_text())
     assert stated and float(stated.group(1)) == score
+
+
+def test_a_run_whose_caller_is_killed_is_swept(served: Served) -> None:
+    """A caller SIGKILLed mid-run never ends its run: the next request removes its cgroup
+    once empty, so the uid's open-run limit is not used up by the dead."""
+    code = ("import sys, time\nfrom carbond.runs.client import RunsClient\n"
+            "print(RunsClient(sys.argv[1]).start('killed').cgroup, flush=True)\n"
+            "time.sleep(300)\n")
+    caller = subprocess.Popen([sys.executable, "-c", code, served.client.path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert caller.stdout is not None
+        path = os.path.join(served.tree.root, caller.stdout.readline().strip())
+        assert str(caller.pid) in Path(path, "cgroup.procs").read_text().split()
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 10
+    while Path(path, "cgroup.procs").read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    started = served.client.start("next", pid=served.child.pid)  # any request sweeps
+    served.client.leave(started.run, pid=served.child.pid)
+    served.client.end(started.run)
+    assert not os.path.exists(path)

@@ -27,7 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from carbond.commands.exec.cgroup import clean_stale, process_starttime, remove_tree, run_leaf
+from carbond.commands.exec.cgroup import (
+    clean_stale,
+    owner_alive,
+    process_starttime,
+    remove_tree,
+    run_leaf,
+)
 from carbond.config import Config
 from carbond.runs.moves import Refused, cgroup_of, check_target, move
 from carbond.runs.protocol import (
@@ -57,6 +63,7 @@ class Run:
     uid: int
     project: str
     path: str
+    owner: tuple[int, int] = (0, 0)  # the caller that started it: pid, start time
     origins: dict[int, str] = field(default_factory=dict)  # pid -> cgroup it came from
 
 
@@ -252,7 +259,7 @@ class ExecSocket:
             os.makedirs(path)
         except OSError as exc:
             raise Refused(f"cannot create {path}: {exc.strerror or exc}") from None
-        run = Run(run_id, peer.uid, key, path)
+        run = Run(run_id, peer.uid, key, path, (peer.pid, owner_start))
         if request.get("enter", True) is not False:
             try:
                 self._move_in(run, request, peer)
@@ -336,9 +343,14 @@ class ExecSocket:
         return gone
 
     def _sweep(self) -> None:
-        """Ended runs whose last processes have left since."""
+        """Ended runs whose last processes have left since; open runs whose caller is gone
+        (killed mid-block) end, so they never count against its uid's limit."""
         with self._lock:
-            ended, self._ended = self._ended, []
+            orphans = [r for r in self._runs.values()
+                       if not owner_alive(*r.owner, proc_root=self.proc_root)]
+            for run in orphans:
+                del self._runs[run.id]
+            ended, self._ended = self._ended + orphans, []
         left = [run for run in ended if not self._remove(run, 0.0)]
         with self._lock:
             self._ended.extend(left)
