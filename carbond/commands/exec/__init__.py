@@ -26,12 +26,17 @@ from typing import IO, Any
 from carbond.carbon import IntensityFeed
 from carbond.carbon.zone import ZoneChoice
 from carbond.commands.build import build_feed
-from carbond.commands.exec.cgroup import CgroupUnavailable, RunCgroup
+from carbond.commands.exec.cgroup import (
+    CgroupUnavailable,
+    DaemonRunCgroup,
+    create_run_cgroup,
+)
 from carbond.commands.exec.greenest import greenest_start
 from carbond.commands.exec.hostfacts import host_facts
 from carbond.commands.exec.measure import FeedStarter, RunMeasurement, RunPricing
 from carbond.commands.exec.plan import Plan
 from carbond.commands.exec.remote import (
+    DocumentSource,
     ProjectBaseline,
     ProjectCounters,
     daemon_client,
@@ -58,8 +63,9 @@ from carbond.commands.exec.supervise import (
 )
 from carbond.config import Config
 from carbond.config.units import parse_seconds
+from carbond.runs.client import SocketDocuments
 from carbond.types import ConfigError, Consumer, name_text
-from carbond.web.client import Client, ClientConfig
+from carbond.web.client import ClientConfig
 from carbond.workloads.cgroups import CgroupRoot, detect_cgroup_root
 from carbond.workloads.naming import encode_project
 
@@ -149,16 +155,19 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
          choice: ZoneChoice, plan: Plan | None, signals: Signals, err: IO[str]) -> int:
     run_id = str(uuid.uuid4())
     try:
-        cgroup = RunCgroup.create(root, options.project, run_id)
+        cgroup = create_run_cgroup(root, options.project, run_id, config.exec_socket)
     except (CgroupUnavailable, OSError) as exc:
         say(err, f"carbond exec: {exc}")
         return EXIT_EXEC_FAILED
     notes: list[str] = []
     removed = False
     try:
-        client = daemon_client(config, options.client)
+        project = cgroup.project  # USER/PROJECT when the daemon made it for a user
+        client: DocumentSource = (SocketDocuments(cgroup.client, project)
+                                  if isinstance(cgroup, DaemonRunCgroup)
+                                  else daemon_client(config, options.client))
         before = fetch_consumers(client)
-        run_consumer = Consumer("project", options.project)
+        run_consumer = Consumer("project", project)
         measurement: RunMeasurement | None
         try:
             measurement = RunMeasurement(config, cgroup, run_consumer, TICK_SECONDS)
@@ -174,7 +183,7 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
                 measurement.close()
             return child
         starter = FeedStarter(feed)
-        baseline = (ProjectBaseline(client, options.project, before, config.interval_seconds)
+        baseline = (ProjectBaseline(client, project, before, config.interval_seconds)
                     if before is not None else None)
 
         def tick() -> None:
@@ -195,7 +204,7 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
         pricing.add(0.0, starter.settle())  # prices energy still waiting for the first fetch
         starter.stop()
         summary = RunSummary(
-            project=name_text(options.project), run_id=run_id,
+            project=name_text(project), run_id=run_id,
             command=[name_text(a) for a in options.command], exit_status=status,
             started=started_wall, ended=ended_wall, duration_seconds=duration,
             cpu_seconds=measurement.cpu_seconds if measurement else cgroup.cpu_seconds(),
@@ -226,8 +235,8 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
             cgroup.remove()
 
 
-def _from_daemon(summary: RunSummary, config: Config, client: Client, baseline: ProjectBaseline,
-                 ended_wall: float, signals: Signals) -> None:
+def _from_daemon(summary: RunSummary, config: Config, client: DocumentSource,
+                 baseline: ProjectBaseline, ended_wall: float, signals: Signals) -> None:
     """Replace exec's own figures with the daemon's, once its first tick after the end of CMD
     is out; keep exec's (with a note) when that tick does not come in time."""
     stopped: list[int] = []

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from carbond.commands.exec.cgroup import RunCgroup
+from carbond.commands.exec.cgroup import CgroupUnavailable, DaemonRunCgroup, RunCgroup
 from carbond.types import name_text
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -56,11 +56,15 @@ def say(err: IO[str], text: str) -> None:
         err.flush()
 
 
-def spawn(command: Sequence[str], cgroup: RunCgroup, old_mask: set[int],
+def spawn(command: Sequence[str], cgroup: RunCgroup | DaemonRunCgroup, old_mask: set[int],
           err: IO[str]) -> subprocess.Popen[bytes] | int:
     """Start CMD inside the run's cgroup: the child writes itself into cgroup.procs and
     restores the signal mask between fork and exec. An exit status when it cannot start."""
-    procs_fd = cgroup.open_procs()
+    try:
+        procs_fd = cgroup.open_procs()
+    except (CgroupUnavailable, OSError) as exc:
+        say(err, f"carbond exec: cannot move the command into its cgroup {cgroup.path}: {exc}")
+        return EXIT_EXEC_FAILED
     mask = set(old_mask)
 
     def enter_cgroup() -> None:  # in the child: two system calls, no locks
@@ -84,6 +88,7 @@ def spawn(command: Sequence[str], cgroup: RunCgroup, old_mask: set[int],
         return EXIT_NOT_EXECUTABLE
     finally:
         os.close(procs_fd)
+        cgroup.spawned()
 
 
 def _reap(pid: int) -> int | None:
