@@ -181,8 +181,14 @@ class HostFacts:
 
 
 def codecarbon_row(run: RunSummary, host: HostFacts) -> dict[str, str]:
-    """One emissions.csv row in CodeCarbon's units: kg, kg/s, W, kWh. Energy columns include
-    the PUE, as CodeCarbon's own energy does; power columns are the run's mean power."""
+    """One emissions.csv row, as text cells."""
+    return {key: csv_cell(value) for key, value in codecarbon_values(run, host).items()}
+
+
+def codecarbon_values(run: RunSummary, host: HostFacts) -> dict[str, Any]:
+    """One emissions.csv row's values in CodeCarbon's units: kg, kg/s, W, kWh ("" where
+    unknown). Energy columns include the PUE, as CodeCarbon's own energy does; power columns
+    are the run's mean power."""
     seconds = run.duration_seconds
 
     def kwh(component: str) -> float:
@@ -240,10 +246,10 @@ def codecarbon_row(run: RunSummary, host: HostFacts) -> dict[str, str]:
         "pue": run.pue,
         "wue": 0.0,
     }
-    return {key: _cell(value) for key, value in values.items()}
+    return values
 
 
-def _cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
     return os.fsencode(value).decode("utf-8", "backslashreplace") if isinstance(value, str) \
