@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import sys
+import time
 import uuid
 import warnings
 from collections import OrderedDict
@@ -104,7 +105,9 @@ class EmissionsTracker:
         self.run_id = str(uuid.uuid4())
         self._carbond = {"config": carbond_config, "socket": carbond_socket,
                          "listen": carbond_listen}
-        self._block: track | None = None
+        self._started: float | None = None  # monotonic, while the run is on
+        self._block: track | None = None  # the run's current block (none during a task)
+        self._segments: list[TrackResult] = []  # the run's ended blocks
         self._task: tuple[str, track] | None = None
         self._tasks: dict[str, TrackResult] = {}
         self.final_emissions: float | None = None
@@ -114,27 +117,27 @@ class EmissionsTracker:
     # ---- CodeCarbon's methods ----------------------------------------------------------------
 
     def start(self) -> None:
-        if self._block is not None:
+        if self._started is not None:
             log.warning("carbond.codecarbon: tracker already started")
             return
         self._tasks.clear()
-        self._block = self._new_block()
-        self._block.__enter__()
+        self._segments.clear()
+        self._started = time.monotonic()
+        self._block = self._enter()
 
     def stop(self) -> float | None:
         """End the run, append its row; kg CO2e (None when it was never started)."""
         if self._task is not None:
             self.stop_task()
-        block, self._block = self._block, None
-        if block is None:
-            if not self._tasks:
-                log.warning("carbond.codecarbon: tracker already stopped or never started")
-                return self.final_emissions
-            parts = list(self._tasks.values())  # start_task/stop_task without start()
-        else:
-            block.__exit__(None, None, None)
-            parts = [*([block.result] if block.result else []), *self._tasks.values()]
-        result = _combined(self.project_name, parts, outer=block is not None)
+        started, self._started = self._started, None
+        if started is None and not self._tasks:
+            log.warning("carbond.codecarbon: tracker already stopped or never started")
+            return self.final_emissions
+        self._leave_run()
+        parts = [*self._segments, *self._tasks.values()]
+        duration = (time.monotonic() - started if started is not None
+                    else sum(p.duration_seconds for p in parts))  # tasks without start()
+        result = _combined(self.project_name, parts, duration)
         self.results = parts
         values = self._row(result)
         self.final_emissions_data = EmissionsData(**values)
@@ -146,17 +149,17 @@ class EmissionsTracker:
         return self.final_emissions
 
     def start_task(self, task_name: str | None = None) -> None:
-        """A task is a nested `carbond.track` block of the same project; the run's total
-        includes it, as CodeCarbon's does."""
+        """A task is a block of its own between two blocks of the run (blocks of one project
+        never overlap, so none is counted twice); the run's total includes its tasks, as
+        CodeCarbon's does."""
         if self._task is not None:
             log.warning("carbond.codecarbon: a task is already under measure")
             return
         name = task_name or str(uuid.uuid4())
         if name in self._tasks:
             name += "_" + str(uuid.uuid4())
-        block = self._new_block()
-        block.__enter__()
-        self._task = (name, block)
+        self._leave_run()
+        self._task = (name, self._enter())
 
     def stop_task(self, task_name: str | None = None) -> Any:
         """The task's EmissionsData; None when no task is running."""
@@ -166,6 +169,8 @@ class EmissionsTracker:
         name, block = self._task
         self._task = None
         block.__exit__(None, None, None)
+        if self._started is not None:
+            self._block = self._enter()  # the run goes on
         if block.result is None:
             return None
         self._tasks[name] = block.result
@@ -186,9 +191,19 @@ class EmissionsTracker:
 
     # ---- the row -----------------------------------------------------------------------------
 
-    def _new_block(self) -> track:
-        return track(self.project_name, listen=self._carbond["listen"],
-                     socket=self._carbond["socket"], config=self._carbond["config"])
+    def _enter(self) -> track:
+        block = track(self.project_name, listen=self._carbond["listen"],
+                      socket=self._carbond["socket"], config=self._carbond["config"])
+        block.__enter__()
+        return block
+
+    def _leave_run(self) -> None:
+        """End the run's current block, keeping its result."""
+        block, self._block = self._block, None
+        if block is not None:
+            block.__exit__(None, None, None)
+            if block.result is not None:
+                self._segments.append(block.result)
 
     def _row(self, result: TrackResult) -> dict[str, Any]:
         pue, proc_root = _settings(self._carbond["config"])
@@ -274,31 +289,27 @@ def _settings(config_path: str | None) -> tuple[float, str]:
     return config.pue, config.proc_root
 
 
-def _combined(project: str, parts: list[TrackResult], outer: bool) -> TrackResult:
-    """The run: the outer block and its tasks (each task a block of its own, which the
-    outer one's figures leave out). Duration is the outer block's, else the tasks' sum."""
+def _combined(project: str, parts: list[TrackResult], duration: float) -> TrackResult:
+    """The run: its blocks and its tasks' (one after another, never overlapping)."""
     if not parts:
-        return TrackResult(project, 0.0, None, 0.0, 0.0, 0.0, None, None, None, "alone",
-                           notes=["nothing was measured"])
-    first = parts[0]
+        now = time.time()
+        return TrackResult(project, duration, None, 0.0, 0.0, 0.0, None, None, None, "alone",
+                           started=now - duration, ended=now, notes=["nothing was measured"])
     cpu = [p.cpu_seconds for p in parts]
     grams = [p.grams for p in parts]
-    total_grams = None if any(g is None for g in grams) else sum(g or 0.0 for g in grams)
     return TrackResult(
-        project=project,
-        duration_seconds=first.duration_seconds if outer else sum(
-            p.duration_seconds for p in parts),
+        project=project, duration_seconds=duration,
         cpu_seconds=None if any(c is None for c in cpu) else sum(c or 0.0 for c in cpu),
         cpu_joules=sum(p.cpu_joules for p in parts),
         dram_joules=sum(p.dram_joules for p in parts),
         gpu_joules=sum(p.gpu_joules for p in parts),
-        grams=total_grams,
+        grams=None if any(g is None for g in grams) else sum(g or 0.0 for g in grams),
         grams_per_kwh=_weighted_intensity(parts),
         provider=next((p.provider for p in parts if p.provider), None),
         measured_by=("daemon" if all(p.measured_by == "daemon" for p in parts) else "alone"),
         zone=next((p.zone for p in parts if p.zone), ""),
         started=min(p.started for p in parts), ended=max(p.ended for p in parts),
-        notes=[note for p in parts for note in p.notes],
+        notes=list(dict.fromkeys(note for p in parts for note in p.notes)),
     )
 
 

@@ -4,6 +4,7 @@ CodeCarbon's pandas reads every row with CodeCarbon's columns."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -16,6 +17,16 @@ from carbond.commands.exec.summary import CODECARBON_COLUMNS
 from tests.cgroup_helpers import available
 from tests.codecarbon_venv import codecarbon_python
 from tests.helpers import free_port
+from tests.powercap import ConstantPower
+from tests.test_track import (  # the daemon on a fake powercap tree, with its exec socket
+    SESSION,
+    Place,
+    daemon,
+    finished,
+    place,  # noqa: F401 (a fixture)
+    report_projects,
+    wait_for_socket,
+)
 
 # CodeCarbon measures a short sleep with its own offline tracker (no network: the country is
 # given), writing to the directory in argv[1] under project "codecarbon-run".
@@ -211,3 +222,51 @@ def test_unsupported_arguments_warn_once_and_never_fail(tmp_path: Path) -> None:
     assert "project_name ''" in warned[1]
     assert json.loads(done.stdout) == {"project": "p", "csv": True, "empty_name": "codecarbon",
                                        "no_csv": False, "stopped": None}
+
+
+DAEMON_MEASURED = """
+import dataclasses, json, sys, time
+from carbond.codecarbon import EmissionsTracker
+
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+tracker = EmissionsTracker(project_name=sys.argv[1], carbond_config=sys.argv[2],
+                           output_dir=sys.argv[3], measure_power_secs=5)
+tracker.start()
+tracker.start_task("warmup")
+burn(0.5)
+task = tracker.stop_task()
+burn(1.5)
+kg = tracker.stop()
+print(json.dumps({"kg": kg, "task_kg": task.emissions, "data": tracker.final_emissions_data.values,
+                  "results": [dataclasses.asdict(r) for r in tracker.results]}))
+"""
+
+
+def test_a_daemon_measures_the_tracker_and_its_task(place: Place, tmp_path: Path) -> None:  # noqa: F811
+    """The run and its task are blocks the daemon measured; the row, `stop()` and the
+    daemon's ledger agree (within 2%: the ledger's flush)."""
+    project = f"cc-{SESSION}"
+    out = tmp_path / "out"
+    out.mkdir()
+    with ConstantPower(str(tmp_path / "powercap")), daemon(place, tmp_path) as carbond:
+        wait_for_socket(place.socket)
+        (run,) = finished(place.script(DAEMON_MEASURED, project, place.config, str(out)))
+        carbond.wait_ticks(2)
+    # the run before the task, after it, and the task
+    assert [r["measured_by"] for r in run["results"]] == ["daemon"] * 3, run["results"]
+    grams = sum(r["grams"] for r in run["results"])
+    joules = sum(r["cpu_joules"] + r["dram_joules"] + r["gpu_joules"] for r in run["results"])
+    assert run["kg"] == pytest.approx(grams / 1e3) and run["kg"] > run["task_kg"] > 0
+    assert sum(r["cpu_seconds"] for r in run["results"]) >= 1.9
+    with open(out / "emissions.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert float(row["emissions"]) == pytest.approx(run["kg"])
+    assert float(row["energy_consumed"]) == pytest.approx(joules / 3.6e6)  # PUE 1
+    assert row["project_name"] == project == run["data"]["project_name"]
+    recorded = report_projects(tmp_path / "state")[project]
+    assert recorded["grams"] == pytest.approx(grams, rel=0.02)
+    assert recorded["joules"] == pytest.approx(joules, rel=0.02)
