@@ -105,9 +105,13 @@ def report_projects(state: Path) -> dict[str, dict]:
     return {row["project"]: row for row in json.loads(result.stdout)["rows"]}
 
 
-def cgroup_of(pid: int) -> str:
+def cgroup_of(pid: int, hierarchy: str = "v2") -> str:
+    """The line of /proc/PID/cgroup for the v2 tree, or the v1 cpuacct tree."""
     with open(f"/proc/{pid}/cgroup") as handle:
-        return next(line for line in handle if line.startswith("0::")).strip()
+        lines = [line.strip() for line in handle]
+    if hierarchy == "v2":
+        return next(line for line in lines if line.startswith("0::"))
+    return next(line for line in lines if "cpuacct" in line.split(":")[1].split(","))
 
 
 # ---- done when: exec from a session scope --------------------------------------------------
@@ -203,14 +207,14 @@ class Served:
     child: subprocess.Popen[bytes]  # a descendant to move
 
 
-@pytest.fixture
-def served() -> Iterator[Served]:
-    why = available("v2")
+@pytest.fixture(params=["v2", "v1"])
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    why = available(request.param)
     if why:
         pytest.skip(why)
-    tree = TestTree("v2")
+    tree = TestTree(request.param)
     shared = Path(tempfile.mkdtemp(prefix="carbond-runs-"))
-    home = cgroup_of(os.getpid())[len("0::"):]
+    home = cgroup_of(os.getpid(), request.param).split(":", 2)[2]
     server = None
     child = None
     try:
@@ -253,7 +257,7 @@ def test_any_project_name_is_one_run_directory_or_refused(served: Served, name: 
     served.client.leave(started.run, pid=served.child.pid)
     assert served.client.end(started.run) is True
     assert not os.path.exists(path)
-    assert cgroup_of(served.child.pid).endswith("/work.slice/work.scope")
+    assert cgroup_of(served.child.pid, served.tree.hierarchy).endswith("/work.slice/work.scope")
 
 
 @SOCKET_EXAMPLES
@@ -291,6 +295,11 @@ def test_a_client_that_never_finishes_holds_one_handler_for_a_bounded_time(
         started = served.client.start("meanwhile", pid=served.child.pid)  # the last slot
         served.client.leave(started.run, pid=served.child.pid)
         served.client.end(started.run)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(served.client.path)  # the last slot taken too
+        slow.append(sock)
+        with pytest.raises(RunsRefused, match="busy"):  # accepted in order: after that one
+            served.client.end(started.run)
         for sock in slow:
             sock.settimeout(60)
             answer = json.loads(sock.recv(4096))
