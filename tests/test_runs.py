@@ -147,6 +147,7 @@ def test_a_user_in_a_session_scope_runs_exec_through_the_daemon(
     assert run["energy_joules"]["total"] > 0 and run["emissions_grams"] > 0
     assert run["cgroup_removed"] is True and not os.path.exists(run["cgroup"])
     recorded = report_projects(state)[f"nobody/{project}"]
+    print("exec", run["energy_joules"]["total"], "J, report", recorded["joules"], "J")
     assert recorded["joules"] == pytest.approx(run["energy_joules"]["total"], rel=0.05)
     assert recorded["grams"] == pytest.approx(run["emissions_grams"], rel=0.05)
 

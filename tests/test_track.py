@@ -139,6 +139,7 @@ def test_a_block_equals_the_daemons_counter_for_its_project(place: Place,
     assert joules > 0 and result["grams"] > 0
     assert result["provider"] and result["grams_per_kwh"] > 0
     recorded = report_projects(tmp_path / "state")[project]
+    print("track", joules, "J, daemon", recorded["joules"], "J")
     assert recorded["joules"] == pytest.approx(joules, rel=0.02)
     assert recorded["grams"] == pytest.approx(result["grams"], rel=0.02)
     leftovers = [d for d, _, _ in os.walk(place.tree.root) if "carbond.exec" in d]
@@ -204,6 +205,7 @@ def test_two_tracked_processes_sharing_a_gpu_get_their_sm_shares(
                     script.wait()
     assert all(r["measured_by"] == "daemon" for r in results), [r["notes"] for r in results]
     gpu_a, gpu_b = (r["gpu_joules"] for r in results)
+    print("gpu", gpu_a, gpu_b, gpu_a / (gpu_a + gpu_b))
     assert gpu_a + gpu_b == pytest.approx(1200.0, rel=0.01)
     assert gpu_a / (gpu_a + gpu_b) == pytest.approx(0.75, abs=0.02)
 
