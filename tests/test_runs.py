@@ -447,3 +447,32 @@ def test_a_run_whose_caller_is_killed_is_swept(served: Served) -> None:
     served.client.leave(started.run, pid=served.child.pid)
     served.client.end(started.run)
     assert not os.path.exists(path)
+
+
+def test_a_second_daemon_leaves_a_served_socket_alone(served: Served) -> None:
+    """A socket that answers is another daemon's: a second one neither unlinks nor takes it."""
+    second = ExecSocket(served.client.path, served.server.root)
+    second.start()
+    try:
+        assert second._sock is None
+        started = served.client.start("still-served", pid=served.child.pid)
+        served.client.leave(started.run, pid=served.child.pid)
+        assert served.client.end(started.run)
+    finally:
+        second.stop()
+    assert os.path.exists(served.client.path)  # stop of the idle second one removed nothing
+
+
+def test_without_a_daemon_a_session_user_gets_125_and_both_reasons(
+        login: Login, tmp_path: Path, for_others: tuple[str, Path]) -> None:
+    python, site = for_others
+    config = login.shared / "carbond.yaml"
+    config.write_text(f"exec_socket: {login.socket}\n")  # nothing listens there
+    os.chmod(config, 0o644)
+    result = login.as_nobody(
+        "-m", "carbond", "exec", "--config", str(config), "--cgroup-root", login.tree.root,
+        "--listen", "127.0.0.1:1", "--state-dir", str(login.shared / "none"), "--project",
+        f"nod-{SESSION}", "--", "true", site=site, python=python)
+    assert result.returncode == 125, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "Permission denied" in line and f"exec socket: {login.socket}" in line

@@ -311,6 +311,27 @@ def test_a_daemon_that_goes_away_mid_block_leaves_a_result_that_says_so(
     assert result["duration_seconds"] > 0 and result["cpu_seconds"] is not None
 
 
+LISTEN = BURN + """
+with carbond.track(sys.argv[1], config=sys.argv[2], listen=sys.argv[3]) as run:
+    burn(1.0)
+show(run)
+"""
+
+
+def test_counters_can_come_from_the_http_api(place: Place, tmp_path: Path) -> None:
+    """`listen=`: the moves over the socket, the counters from /api/v1/consumers."""
+    project = f"http-{SESSION}"
+    with ConstantPower(str(tmp_path / "powercap")), daemon(place, tmp_path) as carbond:
+        wait_for_socket(place.socket)
+        (result,) = finished(place.script(LISTEN, project, place.config,
+                                          f"127.0.0.1:{carbond.port}"))
+        carbond.wait_ticks(2)
+    assert result["measured_by"] == "daemon", result["notes"]
+    joules = result["cpu_joules"] + result["dram_joules"] + result["gpu_joules"]
+    assert report_projects(tmp_path / "state")[project]["joules"] == pytest.approx(joules,
+                                                                                   rel=0.02)
+
+
 def test_without_a_daemon_the_block_is_measured_alone(place: Place) -> None:
     """No socket answers: as root the block gets a cgroup of its own and the daemon's
     pipeline run in-process (the power model here: no RAPL) measures it."""

@@ -94,6 +94,19 @@ def run_parent(origin: str) -> list[str]:
     return parts[:-1]
 
 
+def _answers(path: str) -> bool:
+    """Whether something listens on the socket file at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 class ExecSocket:
     """Listens at `path`; moves callers' processes into run cgroups under `root`."""
 
@@ -120,6 +133,10 @@ class ExecSocket:
         try:
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    if _answers(self.path):
+                        log.warning("exec socket %s: another carbond serves it; not here",
+                                    self.path)
+                        return
                     os.unlink(self.path)  # left by a daemon that was killed
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
