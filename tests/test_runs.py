@@ -476,3 +476,32 @@ def test_without_a_daemon_a_session_user_gets_125_and_both_reasons(
     assert result.returncode == 125, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "Permission denied" in line and f"exec socket: {login.socket}" in line
+
+
+# ---- pure parts ----------------------------------------------------------------------------
+
+COMPONENT = st.text(st.sampled_from("abcz.-_@%"), min_size=1, max_size=8).filter(
+    lambda c: c not in (".", ".."))
+
+
+@given(st.lists(st.one_of(COMPONENT, st.just(EXEC_PARENT)), max_size=8))
+def test_a_run_goes_next_to_its_callers_cgroup_never_inside_a_run(parts: list[str]) -> None:
+    from carbond.runs.server import run_parent
+
+    parent = run_parent("/".join(parts))
+    assert EXEC_PARENT not in parent
+    assert parts[:len(parent)] == parent
+    if EXEC_PARENT not in parts and parts:
+        assert parent == parts[:-1]
+
+
+@given(st.integers(min_value=0, max_value=1 << 31), st.text(min_size=1, max_size=40))
+def test_only_roots_projects_are_recorded_as_given(uid: int, project: str) -> None:
+    from carbond.runs.server import project_key
+
+    key = project_key(uid, project)
+    if uid == 0:
+        assert key == project
+    else:
+        user, _, rest = key.partition("/")
+        assert rest == project and user and "/" not in user
