@@ -139,6 +139,7 @@ def test_a_block_equals_the_daemons_counter_for_its_project(place: Place,
     assert joules > 0 and result["grams"] > 0
     assert result["provider"] and result["grams_per_kwh"] > 0
     recorded = report_projects(tmp_path / "state")[project]
+    print("track", joules, "J, daemon", recorded["joules"], "J")
     assert recorded["joules"] == pytest.approx(joules, rel=0.02)
     assert recorded["grams"] == pytest.approx(result["grams"], rel=0.02)
     leftovers = [d for d, _, _ in os.walk(place.tree.root) if "carbond.exec" in d]
@@ -204,6 +205,7 @@ def test_two_tracked_processes_sharing_a_gpu_get_their_sm_shares(
                     script.wait()
     assert all(r["measured_by"] == "daemon" for r in results), [r["notes"] for r in results]
     gpu_a, gpu_b = (r["gpu_joules"] for r in results)
+    print("gpu", gpu_a, gpu_b, gpu_a / (gpu_a + gpu_b))
     assert gpu_a + gpu_b == pytest.approx(1200.0, rel=0.01)
     assert gpu_a / (gpu_a + gpu_b) == pytest.approx(0.75, abs=0.02)
 
@@ -307,6 +309,27 @@ def test_a_daemon_that_goes_away_mid_block_leaves_a_result_that_says_so(
     assert result["measured_by"] == "alone"
     assert any("went away" in note for note in result["notes"]), result["notes"]
     assert result["duration_seconds"] > 0 and result["cpu_seconds"] is not None
+
+
+LISTEN = BURN + """
+with carbond.track(sys.argv[1], config=sys.argv[2], listen=sys.argv[3]) as run:
+    burn(1.0)
+show(run)
+"""
+
+
+def test_counters_can_come_from_the_http_api(place: Place, tmp_path: Path) -> None:
+    """`listen=`: the moves over the socket, the counters from /api/v1/consumers."""
+    project = f"http-{SESSION}"
+    with ConstantPower(str(tmp_path / "powercap")), daemon(place, tmp_path) as carbond:
+        wait_for_socket(place.socket)
+        (result,) = finished(place.script(LISTEN, project, place.config,
+                                          f"127.0.0.1:{carbond.port}"))
+        carbond.wait_ticks(2)
+    assert result["measured_by"] == "daemon", result["notes"]
+    joules = result["cpu_joules"] + result["dram_joules"] + result["gpu_joules"]
+    assert report_projects(tmp_path / "state")[project]["joules"] == pytest.approx(joules,
+                                                                                   rel=0.02)
 
 
 def test_without_a_daemon_the_block_is_measured_alone(place: Place) -> None:

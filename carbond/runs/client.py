@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,8 @@ class RunsClient:
         try:
             sock.settimeout(REQUEST_SECONDS)
             sock.connect(self.path)
-            sock.sendall(encode(message))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(encode(message))  # a busy daemon answers and closes at once
             reply = read_message(sock, MAX_REPLY_BYTES, self.timeout_seconds)
         except (OSError, ProtocolError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -94,6 +94,19 @@ def run_parent(origin: str) -> list[str]:
     return parts[:-1]
 
 
+def _answers(path: str) -> bool:
+    """Whether something listens on the socket file at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 class ExecSocket:
     """Listens at `path`; moves callers' processes into run cgroups under `root`."""
 
@@ -120,6 +133,10 @@ class ExecSocket:
         try:
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    if _answers(self.path):
+                        log.warning("exec socket %s: another carbond serves it; not here",
+                                    self.path)
+                        return
                     os.unlink(self.path)  # left by a daemon that was killed
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
@@ -130,8 +147,10 @@ class ExecSocket:
                 sock.close()
                 raise
         except OSError as exc:
-            log.warning("exec socket %s: %s; carbond exec and carbond.track measure alone",
-                        self.path, exc.strerror or exc)
+            # no directory: the unit without its exec-socket drop-in (docs/exec.md)
+            level = logging.INFO if isinstance(exc, FileNotFoundError) else logging.WARNING
+            log.log(level, "exec socket %s: %s; users' carbond exec and carbond.track measure "
+                    "alone", self.path, exc.strerror or exc)
             return
         self._sock = sock
         self._thread = threading.Thread(target=self._accept, name="carbond-exec-socket",
@@ -172,14 +191,19 @@ class ExecSocket:
     def _serve(self, conn: socket.socket) -> None:
         peer: Peer | None = None
         try:
-            peer = self._peer(conn)
-            request = read_message(conn, MAX_REQUEST_BYTES, REQUEST_SECONDS)
-            reply = self.handle(request, peer)
-        except (ProtocolError, Refused) as exc:
-            reply = {"ok": False, "error": str(exc)}
-        except Exception as exc:  # a bug answers this request, never ends the daemon
-            log.exception("exec socket: request failed")
-            reply = {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+            try:
+                peer = self._peer(conn)
+                request = read_message(conn, MAX_REQUEST_BYTES, REQUEST_SECONDS)
+                reply = self.handle(request, peer)
+            except (ProtocolError, Refused) as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:  # a bug answers this request, never ends the daemon
+                log.exception("exec socket: request failed")
+                reply = {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+        finally:
+            if peer is not None:
+                os.close(peer.pidfd)
+            self._slots.release()  # before the reply: the caller's next request finds it free
         try:
             conn.settimeout(REQUEST_SECONDS)
             conn.sendall(encode(reply))
@@ -187,9 +211,6 @@ class ExecSocket:
             pass
         finally:
             conn.close()
-            if peer is not None:
-                os.close(peer.pidfd)
-            self._slots.release()
 
     def _peer(self, conn: socket.socket) -> Peer:
         pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
