@@ -133,7 +133,8 @@ def test_each_co2e_total_has_an_equivalence_with_its_factor_and_source() -> None
     assert litres == pytest.approx([3.0, 2.0, 1.0], rel=1e-4)  # total, operational, embodied
     text = " ".join(page.texts)
     assert "\u2248 3.00\u00a0L of petrol burned" in text
-    assert text.count("8,887 g CO2 per US gallon") == 4  # beside each, and under the facts
+    assert text.count("at 2,348 g CO2 per litre (8,887 g per US gallon), US EPA") == 3
+    assert text.count("8,887 g CO2 per US gallon of gasoline") == 1  # in full, in the facts
     assert "EPA-420-F-11-041" in text and PETROL.url in text
     assert PETROL.grams_per_unit == pytest.approx(8887 / LITRES_PER_US_GALLON)
 

@@ -20,6 +20,7 @@ class Equivalence:
     factor: str  # the published figure, as its source states it
     source: str
     url: str
+    brief: str  # factor and source in a few words, for beside each figure
 
     def amount(self, grams: float) -> float:
         return grams / self.grams_per_unit
@@ -39,4 +40,5 @@ PETROL = Equivalence(
     source="US EPA, Greenhouse Gas Emissions from a Typical Passenger Vehicle "
            "(EPA-420-F-11-041)",
     url="https://www.epa.gov/greenvehicles/greenhouse-gas-emissions-typical-passenger-vehicle",
+    brief="2,348 g CO2 per litre (8,887 g per US gallon), US EPA",
 )

@@ -311,8 +311,7 @@ def _equivalent(grams: float, equivalence: Equivalence = PETROL) -> str:
     """The card's everyday equivalence, its factor and source beside it."""
     return (f'<span class="equiv" data-amount="{_num(equivalence.amount(grams))}">'
             f"{html.escape(equivalence.text(grams))}"
-            f'<span class="factor">at {html.escape(equivalence.factor)}, '
-            f"{html.escape(equivalence.source)}</span></span>")
+            f'<span class="factor">at {html.escape(equivalence.brief)}</span></span>')
 
 
 def _table(rows: Sequence[tuple[tuple[str, ...], Usage]], total: Usage, by: str,
