@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from carbond.commands.exec.hostfacts import host_facts
+from carbond.commands.exec.hostfacts import driver_gpu_models, host_facts
 from carbond.commands.exec.summary import (
     CODECARBON_COLUMNS,
     OutputFileError,
@@ -216,7 +216,8 @@ class EmissionsTracker:
             grams=result.grams, grams_per_kwh=result.grams_per_kwh,
             providers=[result.provider] if result.provider else [], zone=result.zone,
             pue=pue, measured_by=result.measured_by, notes=list(result.notes))
-        values = codecarbon_values(summary, host_facts(result.zone, proc_root, []))
+        host = host_facts(result.zone, proc_root, driver_gpu_models(proc_root))
+        values = codecarbon_values(summary, host)
         values["experiment_id"] = self.experiment_id
         return values
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,35 @@ def test_a_daemon_measures_the_tracker_and_its_task(place: Place, tmp_path: Path
     recorded = report_projects(tmp_path / "state")[project]
     assert recorded["grams"] == pytest.approx(grams, rel=0.02)
     assert recorded["joules"] == pytest.approx(joules, rel=0.02)
+
+
+def test_host_columns_from_a_proc_tree(tmp_path: Path) -> None:
+    """The row's host columns from /proc as the kernel and the NVIDIA driver write it."""
+    from carbond.commands.exec.hostfacts import driver_gpu_models, host_facts
+    from carbond.commands.exec.summary import RunSummary, codecarbon_values
+
+    (tmp_path / "meminfo").write_text("MemTotal:       25165824 kB\nMemFree:  1 kB\n"
+                                      "MemAvailable:   18874368 kB\n")
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: AMD EPYC 9654\n")
+    for bus, model in (("0000:c1:00.0", "NVIDIA H100 80GB HBM3"),
+                       ("0000:41:00.0", "NVIDIA H100 80GB HBM3")):
+        (tmp_path / "driver" / "nvidia" / "gpus" / bus).mkdir(parents=True)
+        (tmp_path / "driver" / "nvidia" / "gpus" / bus / "information").write_text(
+            f"Model: \t\t {model}\nIRQ:   \t\t 18\nBus Location: \t {bus}\n")
+    models = driver_gpu_models(str(tmp_path))
+    assert models == ["NVIDIA H100 80GB HBM3"] * 2
+    assert driver_gpu_models(str(tmp_path / "none")) == []
+    run = RunSummary(project="p", run_id="r", command=["x"], exit_status=0, started=0.0,
+                     ended=10.0, duration_seconds=10.0, cpu_seconds=5.0,
+                     joules={"cpu": 100.0, "dram": 0.0, "gpu": 3600.0}, grams=2.0,
+                     grams_per_kwh=400.0, providers=["static"], zone="DE", pue=1.0,
+                     measured_by="daemon")
+    row = codecarbon_values(run, host_facts("DE", str(tmp_path), models))
+    assert list(row) == list(CODECARBON_COLUMNS)
+    assert row["gpu_count"] == 2 and row["gpu_model"] == "NVIDIA H100 80GB HBM3"
+    assert row["gpu_utilization_percent"] == ""  # GPUs, but carbond does not sample it
+    assert row["ram_total_size"] == 24.0 and row["ram_used_gb"] == 6.0  # GiB
+    assert row["ram_utilization_percent"] == pytest.approx(25.0)
+    assert row["cpu_model"] == "AMD EPYC 9654" and row["country_iso_code"] == "DEU"
+    assert row["cpu_utilization_percent"] == pytest.approx(100 * 5.0 / 10.0 / os.cpu_count())
+    assert row["gpu_energy"] == pytest.approx(0.001) and row["emissions"] == 0.002

@@ -57,6 +57,19 @@ def _gib(meminfo_value: str) -> float | None:
         return None
 
 
+def driver_gpu_models(proc_root: str) -> list[str]:
+    """NVIDIA GPUs as the driver lists them (/proc/driver/nvidia/gpus/BUS/information,
+    "Model:"), for a row written without opening NVML; [] without the driver."""
+    top = os.path.join(proc_root, "driver", "nvidia", "gpus")
+    try:
+        buses = sorted(os.listdir(top))
+    except OSError:
+        return []
+    models = [_first_line_value(os.path.join(top, bus, "information"), "Model")
+              for bus in buses]
+    return [model for model in models if model]
+
+
 def host_facts(zone: str, proc_root: str, gpu_models: Sequence[str]) -> HostFacts:
     """The host columns of a CodeCarbon row, from the zone and /proc."""
     cloud = split_cloud_zone(zone)
