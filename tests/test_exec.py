@@ -50,14 +50,15 @@ from tests.powercap import ConstantPower, LoadPower
 
 # CodeCarbon's emissions.csv header, written out here independently of carbond's own
 # constant: the fields of EmissionsData in mlco2/codecarbon
-# codecarbon/output_methods/emissions_data.py (2.x layout), in order.
+# codecarbon/output_methods/emissions_data.py (3.3 layout), in order.
 CODECARBON_HEADER = [
     "timestamp", "project_name", "run_id", "experiment_id", "duration", "emissions",
     "emissions_rate", "cpu_power", "gpu_power", "ram_power", "cpu_energy", "gpu_energy",
-    "ram_energy", "energy_consumed", "country_name", "country_iso_code", "region",
-    "cloud_provider", "cloud_region", "os", "python_version", "codecarbon_version",
+    "ram_energy", "energy_consumed", "water_consumed", "country_name", "country_iso_code",
+    "region", "cloud_provider", "cloud_region", "os", "python_version", "codecarbon_version",
     "cpu_count", "cpu_model", "gpu_count", "gpu_model", "longitude", "latitude",
-    "ram_total_size", "tracking_mode", "on_cloud", "pue",
+    "ram_total_size", "tracking_mode", "cpu_utilization_percent", "gpu_utilization_percent",
+    "ram_utilization_percent", "ram_used_gb", "on_cloud", "pue", "wue",
 ]
 GIB = 1 << 30
 DONE_WHEN_LOOP = 3_000_000  # the issue's own loop count
@@ -798,6 +799,12 @@ def test_output_appends_codecarbon_rows(tmp_path: Path) -> None:
         assert row["pue"] == "1.5" and row["on_cloud"] == "N"
         assert int(row["cpu_count"]) == os.cpu_count()
         assert float(row["ram_total_size"]) > 0
+        assert 0 < float(row["ram_used_gb"]) < float(row["ram_total_size"])
+        assert 0 < float(row["ram_utilization_percent"]) < 100
+        assert float(row["cpu_utilization_percent"]) == pytest.approx(
+            100 * run["cpu_seconds"] / run["duration_seconds"] / os.cpu_count())
+        assert row["water_consumed"] == "0.0" and row["wue"] == "0.0"
+        assert row["gpu_utilization_percent"] == "0.0"  # no GPU here
 
 
 def test_output_follows_the_header_of_an_existing_file(tmp_path: Path) -> None:
@@ -813,7 +820,8 @@ def test_output_follows_the_header_of_an_existing_file(tmp_path: Path) -> None:
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["run_id"] for r in rows] == ["old", summary(result.stderr)["run_id"]]
-    assert rows[1]["water_consumed"] == "" and rows[1]["project_name"] == "true"
+    assert rows[1]["water_consumed"] == "0.0" and rows[1]["project_name"] == "true"
+    assert float(rows[1]["cpu_utilization_percent"]) >= 0
 
 
 # ---- --greenest against a local forecast server (UK grid shape) ---------------------------

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -115,16 +116,18 @@ def test_csv_by_kind_with_a_totals_row(ledger_dir):
     assert rows[-1]["kind"] == "total"
 
 
-def test_table_in_kwh_and_kg(ledger_dir):
+def test_table_in_scaled_units_with_a_total_row(ledger_dir):
     result = report("--state-dir", ledger_dir, *MAY_1_TO_3)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "ENERGY kWh" in lines[1] and "CO2e kg" in lines[1] and "PROVIDERS" in lines[1]
-    job = next(line.split() for line in lines if line.startswith("slurm/42"))
-    assert job[:2] == ["slurm/42", "job"]
-    assert job[5] == "2.000" and job[6] == "0.800" and job[-1] == "electricitymaps"
-    totals = lines[-1].split()
-    assert totals[0] == "TOTAL" and totals[4] == "4.750" and totals[5] == "1.650"
+    header = re.split(r"\s{2,}", lines[1])
+    assert header[:8] == ["CONSUMER", "KIND", "CPU", "DRAM", "GPU", "ENERGY", "CO2e",
+                          "EMBODIED"] and header[-1] == "PROVIDERS"
+    job = re.split(r"\s{2,}", next(line for line in lines if line.startswith("slurm/42")))
+    assert job == ["slurm/42", "job", "1.60 kWh", "400 Wh", "0 J", "2.00 kWh", "800 g",
+                   "20.0 g", "400", "electricitymaps"]
+    totals = re.split(r"\s{2,}", lines[-1].strip())
+    assert totals[0] == "TOTAL" and totals[4:6] == ["4.75 kWh", "1.65 kg"]
 
 
 def test_by_day_follows_the_configured_time_zone(ledger_dir, tmp_path):

@@ -159,7 +159,7 @@ def shown_number(text: str) -> tuple[float, str]:
     return float(match.group(1).replace(",", "")), match.group(2)
 
 
-SCALE = {"g": 1.0, "kg": 1e3, "t": 1e6, "Wh": 3600.0, "kWh": KWH}
+SCALE = {"g": 1.0, "kg": 1e3, "t": 1e6, "J": 1.0, "kJ": 1e3, "Wh": 3600.0, "kWh": KWH}
 
 
 def assert_shown(text: str, base_value: float) -> None:

@@ -237,4 +237,8 @@ def build_daemon(config: Config, *, meters: list[Meter] | None = None,
              lambda: ledger and ledger.close()),  # close flushes the last ticks
         Periodic("idle baseline", save_idle_baseline, PERSIST_SECONDS),
     ])
+    from carbond.exporter.documents import consumers_document
+    from carbond.runs.server import exec_socket_services  # imports commands.exec: not at the top
+    for service in exec_socket_services(config, lambda: consumers_document(daemon.latest())):
+        runner.add(service)
     return daemon, runner

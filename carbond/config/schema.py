@@ -124,6 +124,7 @@ KEYS: tuple[Key, ...] = (
     _key("cgroup_root", "cgroup_root", v.optional_string, RESTART),
     _key("proc_root", "proc_root", v.string, RESTART),
     _key("web_config_file", "web_config_file", v.optional_string, RESTART),
+    _key("exec_socket", "exec_socket", v.optional_string, RESTART),
     _key("log_level", "log_level", v.choice("debug", "info", "warning", "error")),
     _key("meters.rapl.enabled", "rapl_enabled", v.switch, METERS),
     _key("meters.rapl.root", "powercap_root", v.string, METERS),
@@ -232,6 +233,7 @@ class Config:
     cgroup_root: str | None = None  # None: detect
     proc_root: str = "/proc"
     web_config_file: str | None = None
+    exec_socket: str | None = "/run/carbond/exec.sock"  # None: no socket (docs/exec.md)
     log_level: str = "info"
     rapl_enabled: str = "auto"
     powercap_root: str = "/sys/class/powercap"

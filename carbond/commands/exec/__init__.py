@@ -12,33 +12,31 @@ with the same meters and attribution step (`measure.py`). The cgroup is removed 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
-import platform
-import signal
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from importlib import resources
 from typing import IO, Any
 
-from carbond import __version__
-from carbond.carbon import ForecastUnsupported, IntensityFeed, fetch_forecast
-from carbond.carbon.intensity import FetchError
-from carbond.carbon.static import split_cloud_zone
+from carbond.carbon import IntensityFeed
 from carbond.carbon.zone import ZoneChoice
 from carbond.commands.build import build_feed
-from carbond.commands.exec.cgroup import CgroupUnavailable, RunCgroup
+from carbond.commands.exec.cgroup import (
+    CgroupUnavailable,
+    DaemonRunCgroup,
+    create_run_cgroup,
+)
+from carbond.commands.exec.greenest import greenest_start
+from carbond.commands.exec.hostfacts import host_facts
 from carbond.commands.exec.measure import FeedStarter, RunMeasurement, RunPricing
-from carbond.commands.exec.plan import Plan, plan_greenest
+from carbond.commands.exec.plan import Plan
 from carbond.commands.exec.remote import (
+    DocumentSource,
     ProjectBaseline,
     ProjectCounters,
     daemon_client,
@@ -47,7 +45,6 @@ from carbond.commands.exec.remote import (
     wait_for_tick_after,
 )
 from carbond.commands.exec.summary import (
-    HostFacts,
     OutputFileError,
     RunSummary,
     append_codecarbon_row,
@@ -56,24 +53,25 @@ from carbond.commands.exec.summary import (
     format_summary,
     summary_document,
 )
-from carbond.commands.intensity import format_age
+from carbond.commands.exec.supervise import (
+    EXIT_EXEC_FAILED,
+    TICK_SECONDS,
+    Signals,
+    Supervisor,
+    say,
+    spawn,
+)
 from carbond.config import Config
 from carbond.config.units import parse_seconds
+from carbond.runs.client import SocketDocuments
 from carbond.types import ConfigError, Consumer, name_text
-from carbond.web.client import Client, ClientConfig
+from carbond.web.client import ClientConfig
 from carbond.workloads.cgroups import CgroupRoot, detect_cgroup_root
 from carbond.workloads.naming import encode_project
 
 log = logging.getLogger(__name__)
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-WATCHED = (*FORWARDED, signal.SIGCHLD)
-SI_KERNEL = 0x80  # si_code of a signal the kernel sent itself (the terminal's ^C, hangup)
-TICK_SECONDS = 1.0
 DAEMON_WAIT_TICKS = 3  # after CMD ends: how many daemon intervals to wait for its next tick
-EXIT_EXEC_FAILED = 125  # exec itself could not run the command (as env, timeout, nice)
-EXIT_NOT_EXECUTABLE = 126
-EXIT_NOT_FOUND = 127
 
 
 @dataclass(frozen=True)
@@ -99,225 +97,6 @@ def default_project(command: Sequence[str]) -> str:
         except ValueError:
             raw = raw[:-1]
     return "exec"
-
-
-def exit_status(wait_status: int) -> int:
-    """A wait status as a shell reports it: the exit code, or 128+N for signal N."""
-    code = os.waitstatus_to_exitcode(wait_status)
-    return 128 - code if code < 0 else code
-
-
-class _Signals:
-    """SIGINT, SIGTERM, SIGHUP and SIGCHLD blocked in every thread and taken synchronously
-    (sigtimedwait), so they are handled between ticks and carry who sent them."""
-
-    def __init__(self) -> None:
-        self.old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
-
-    def wait(self, seconds: float, which: Sequence[int] = WATCHED) -> Any:
-        return signal.sigtimedwait(which, max(0.0, seconds))
-
-    def pending_stop(self) -> int | None:
-        """A pending SIGINT/SIGTERM/SIGHUP, taken now; None when there is none."""
-        info = signal.sigtimedwait(FORWARDED, 0)
-        return info.si_signo if info is not None else None
-
-    def restore(self) -> None:
-        while signal.sigtimedwait(WATCHED, 0) is not None:  # nothing left to act on
-            pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.old_mask)
-
-
-def _say(err: IO[str], text: str) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        err.write(text if text.endswith("\n") else text + "\n")
-        err.flush()
-
-
-# ---- carbon-aware start ----------------------------------------------------------------------
-
-
-def _local(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-
-
-def describe_plan(plan: Plan, provider: str, zone: str, marginal: bool) -> str:
-    kind = "marginal " if marginal else ""
-    expected = (f"{plan.grams_per_kwh:.0f} gCO2e/kWh {kind}expected over the "
-                f"{format_age(plan.duration_seconds)} run")
-    source = f"({provider} forecast, zone {zone})"
-    if plan.wait_seconds <= 0:
-        return f"carbond exec: greenest start is now: {expected} {source}"
-    return (f"carbond exec: greenest start {_local(plan.start)} (in "
-            f"{format_age(plan.wait_seconds)}): {expected}, against "
-            f"{plan.now_grams_per_kwh:.0f} starting now: {plan.saving_percent:.0f}% less "
-            f"{source}; waiting (SIGINT or SIGTERM cancels)")
-
-
-def greenest_start(feed: IntensityFeed, zone: str, options: ExecOptions, signals: _Signals,
-                   err: IO[str]) -> tuple[Plan | None, int | None]:
-    """Plan and wait. (plan or None, None) to go on; (_, status) when a signal cancelled."""
-    assert options.deadline_seconds is not None and options.duration_seconds is not None
-    now = time.time()
-    try:
-        forecast = fetch_forecast(feed.providers, now)
-        plan = plan_greenest(forecast.points, now, options.deadline_seconds,
-                             options.duration_seconds)
-    except ForecastUnsupported as exc:
-        _say(err, f"carbond exec: no forecast ({exc}): starting now")
-        return None, None
-    except FetchError as exc:
-        _say(err, f"carbond exec: forecast failed ({exc}): starting now")
-        return None, None
-    except ValueError as exc:
-        _say(err, f"carbond exec: forecast unusable ({exc}): starting now")
-        return None, None
-    _say(err, describe_plan(plan, forecast.provider, zone, forecast.marginal))
-    deadline = time.monotonic() + (plan.start - time.time())
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return plan, None
-        info = signals.wait(remaining, FORWARDED)
-        if info is not None:
-            name = signal.Signals(info.si_signo).name
-            _say(err, f"carbond exec: {name} before the planned start: not running the command")
-            return plan, 128 + info.si_signo
-
-
-# ---- the run ---------------------------------------------------------------------------------
-
-
-def _spawn(command: Sequence[str], cgroup: RunCgroup, old_mask: set[int],
-           err: IO[str]) -> subprocess.Popen[bytes] | int:
-    """Start CMD inside the run's cgroup: the child writes itself into cgroup.procs and
-    restores the signal mask between fork and exec. An exit status when it cannot start."""
-    procs_fd = cgroup.open_procs()
-    mask = set(old_mask)
-
-    def enter_cgroup() -> None:  # in the child: two system calls, no locks
-        os.write(procs_fd, b"0")
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-    shown = name_text(command[0])
-    try:
-        return subprocess.Popen(list(command), preexec_fn=enter_cgroup, close_fds=True)
-    except FileNotFoundError:
-        _say(err, f"carbond exec: {shown}: command not found")
-        return EXIT_NOT_FOUND
-    except PermissionError:
-        _say(err, f"carbond exec: {shown}: permission denied (not executable)")
-        return EXIT_NOT_EXECUTABLE
-    except subprocess.SubprocessError:
-        _say(err, f"carbond exec: cannot move the command into its cgroup {cgroup.path}")
-        return EXIT_EXEC_FAILED
-    except OSError as exc:
-        _say(err, f"carbond exec: {shown}: cannot execute: {exc.strerror or exc}")
-        return EXIT_NOT_EXECUTABLE
-    finally:
-        os.close(procs_fd)
-
-
-def _reap(pid: int) -> int | None:
-    try:
-        done, status, _usage = os.wait4(pid, os.WNOHANG)
-    except ChildProcessError:  # reaped elsewhere: cannot know its status
-        return EXIT_EXEC_FAILED
-    return exit_status(status) if done == pid else None
-
-
-def _forward(pid: int, info: Any) -> None:
-    """A signal from the terminal (si_code SI_KERNEL) already reached CMD in the foreground
-    process group; one sent to `exec` by a process (kill) is passed on."""
-    if info.si_code == SI_KERNEL:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, info.si_signo)
-
-
-class _Supervisor:
-    """Waits for CMD, forwarding signals, ticking the measurement every second."""
-
-    def __init__(self, child: subprocess.Popen[bytes], signals: _Signals,
-                 tick: Callable[[], None]) -> None:
-        self.child = child
-        self.signals = signals
-        self.tick = tick
-
-    def wait(self) -> int:
-        next_tick = time.monotonic() + TICK_SECONDS
-        while True:
-            info = self.signals.wait(next_tick - time.monotonic())
-            if info is not None and info.si_signo in FORWARDED:
-                _forward(self.child.pid, info)
-            status = _reap(self.child.pid)
-            if status is not None:
-                self.child.returncode = status
-                return status
-            now = time.monotonic()
-            if now >= next_tick:
-                self.tick()
-                next_tick += TICK_SECONDS
-                if next_tick <= now:  # overran: skip, never pile up
-                    next_tick = now + TICK_SECONDS
-
-
-def _country_rows() -> dict[str, tuple[str, str]]:
-    """ISO2 -> (ISO3, country name) from the shipped table."""
-    text = resources.files("carbond.carbon").joinpath(
-        "data", "grid-intensity-by-country.csv").read_text(encoding="utf-8")
-    rows: dict[str, tuple[str, str]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith(("#", "iso2,")):
-            continue
-        parts = line.split(",")
-        if len(parts) >= 3:
-            rows[parts[0].strip().upper()] = (parts[1].strip(), parts[2].strip())
-    return rows
-
-
-def _cloud_country(provider: str, region: str) -> str:
-    text = resources.files("carbond.carbon").joinpath(
-        "data", "cloud-regions.csv").read_text(encoding="utf-8")
-    for line in text.splitlines():
-        parts = line.split(",")
-        if len(parts) == 4 and parts[0].lower() == provider and parts[1].lower() == region:
-            return parts[3].strip().upper()
-    return ""
-
-
-def _first_line_value(path: str, key: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                name, sep, value = line.partition(":")
-                if sep and name.strip() == key:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
-
-
-def host_facts(zone: str, proc_root: str, gpu_models: Sequence[str]) -> HostFacts:
-    """The host columns of a CodeCarbon row, from the zone and /proc."""
-    cloud = split_cloud_zone(zone)
-    iso2 = zone.split("-", 1)[0].upper() if cloud is None else _cloud_country(*cloud)
-    iso3, country = _country_rows().get(iso2, ("", ""))
-    region = zone if cloud is None and zone.upper() != iso2 else ""
-    memory = _first_line_value(os.path.join(proc_root, "meminfo"), "MemTotal")
-    try:
-        ram_gb = int(memory.split()[0]) * 1024 / 1e9
-    except (IndexError, ValueError):
-        ram_gb = 0.0
-    models = sorted(set(gpu_models))
-    return HostFacts(
-        country_name=country, country_iso_code=iso3, region=region,
-        cloud_provider=cloud[0] if cloud else "", cloud_region=cloud[1] if cloud else "",
-        os=platform.platform(), python_version=platform.python_version(),
-        version=f"carbond {__version__}", cpu_count=os.cpu_count() or 0,
-        cpu_model=_first_line_value(os.path.join(proc_root, "cpuinfo"), "model name"),
-        gpu_count=len(gpu_models), gpu_model=", ".join(models), ram_total_gb=ram_gb,
-    )
 
 
 def _daemon_figures(start: ProjectCounters, after: dict[str, Any], project: str
@@ -356,13 +135,15 @@ def run_exec(config: Config, options: ExecOptions, err: IO[str] | None = None) -
     except ConfigError as exc:
         if config.cgroup_root:  # a configured root that is not one: bad input
             raise
-        _say(err, f"carbond exec: {exc.problem}")
+        say(err, f"carbond exec: {exc.problem}")
         return EXIT_EXEC_FAILED
-    signals = _Signals()  # before any thread starts: every thread inherits the mask
+    signals = Signals()  # before any thread starts: every thread inherits the mask
     try:
         plan: Plan | None = None
         if options.greenest:
-            plan, cancelled = greenest_start(feed, choice.zone, options, signals, err)
+            plan, cancelled = greenest_start(
+                feed, choice.zone, options.deadline_seconds or 0.0,
+                options.duration_seconds or 0.0, signals, err)
             if cancelled is not None:
                 return cancelled
         return _run(config, options, root, feed, choice, plan, signals, err)
@@ -371,19 +152,22 @@ def run_exec(config: Config, options: ExecOptions, err: IO[str] | None = None) -
 
 
 def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: IntensityFeed,
-         choice: ZoneChoice, plan: Plan | None, signals: _Signals, err: IO[str]) -> int:
+         choice: ZoneChoice, plan: Plan | None, signals: Signals, err: IO[str]) -> int:
     run_id = str(uuid.uuid4())
     try:
-        cgroup = RunCgroup.create(root, options.project, run_id)
+        cgroup = create_run_cgroup(root, options.project, run_id, config.exec_socket)
     except (CgroupUnavailable, OSError) as exc:
-        _say(err, f"carbond exec: {exc}")
+        say(err, f"carbond exec: {exc}")
         return EXIT_EXEC_FAILED
     notes: list[str] = []
     removed = False
     try:
-        client = daemon_client(config, options.client)
+        project = cgroup.project  # USER/PROJECT when the daemon made it for a user
+        client: DocumentSource = (SocketDocuments(cgroup.client, project)
+                                  if isinstance(cgroup, DaemonRunCgroup)
+                                  else daemon_client(config, options.client))
         before = fetch_consumers(client)
-        run_consumer = Consumer("project", options.project)
+        run_consumer = Consumer("project", project)
         measurement: RunMeasurement | None
         try:
             measurement = RunMeasurement(config, cgroup, run_consumer, TICK_SECONDS)
@@ -393,13 +177,13 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
             measurement = None
         pricing = RunPricing(config.pue, zone=choice.zone)
         started_wall, started = time.time(), time.monotonic()
-        child = _spawn(options.command, cgroup, signals.old_mask, err)
+        child = spawn(options.command, cgroup, signals.old_mask, err)
         if isinstance(child, int):
             if measurement is not None:
                 measurement.close()
             return child
         starter = FeedStarter(feed)
-        baseline = (ProjectBaseline(client, options.project, before, config.interval_seconds)
+        baseline = (ProjectBaseline(client, project, before, config.interval_seconds)
                     if before is not None else None)
 
         def tick() -> None:
@@ -414,13 +198,13 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
                 measurement.close()
                 measurement = None
 
-        status = _Supervisor(child, signals, tick).wait()
+        status = Supervisor(child, signals, tick).wait()
         ended_wall, duration = time.time(), time.monotonic() - started
         tick()
         pricing.add(0.0, starter.settle())  # prices energy still waiting for the first fetch
         starter.stop()
         summary = RunSummary(
-            project=name_text(options.project), run_id=run_id,
+            project=name_text(project), run_id=run_id,
             command=[name_text(a) for a in options.command], exit_status=status,
             started=started_wall, ended=ended_wall, duration_seconds=duration,
             cpu_seconds=measurement.cpu_seconds if measurement else cgroup.cpu_seconds(),
@@ -451,8 +235,8 @@ def _run(config: Config, options: ExecOptions, root: CgroupRoot, feed: Intensity
             cgroup.remove()
 
 
-def _from_daemon(summary: RunSummary, config: Config, client: Client, baseline: ProjectBaseline,
-                 ended_wall: float, signals: _Signals) -> None:
+def _from_daemon(summary: RunSummary, config: Config, client: DocumentSource,
+                 baseline: ProjectBaseline, ended_wall: float, signals: Signals) -> None:
     """Replace exec's own figures with the daemon's, once its first tick after the end of CMD
     is out; keep exec's (with a note) when that tick does not come in time."""
     stopped: list[int] = []
@@ -490,15 +274,15 @@ def _from_daemon(summary: RunSummary, config: Config, client: Client, baseline: 
 def _report(summary: RunSummary, options: ExecOptions, config: Config,
             gpu_models: Sequence[str], err: IO[str]) -> None:
     if options.json:
-        _say(err, json.dumps(summary_document(summary), separators=(",", ":")))
+        say(err, json.dumps(summary_document(summary), separators=(",", ":")))
     else:
-        _say(err, format_summary(summary))
+        say(err, format_summary(summary))
     if options.output:
         row = codecarbon_row(summary, host_facts(summary.zone, config.proc_root, gpu_models))
         try:
             append_codecarbon_row(options.output, row)
         except OutputFileError as exc:
-            _say(err, f"carbond exec: --output: {exc}")
+            say(err, f"carbond exec: --output: {exc}")
 
 
 def exec_options(args: argparse.Namespace, client: ClientConfig | None = None) -> ExecOptions:

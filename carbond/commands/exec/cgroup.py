@@ -17,9 +17,10 @@ import os
 import time
 from dataclasses import dataclass
 
+from carbond.runs.client import RunsClient, RunsRefused, RunsUnavailable
 from carbond.workloads.cgroups import V2, CgroupRoot, read_counter
 from carbond.workloads.kernfiles import cgroup_line, parse_proc_cgroup, read_proc_cgroup
-from carbond.workloads.naming import EXEC_PARENT, encode_project
+from carbond.workloads.naming import EXEC_PARENT, decode_project, encode_project
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,12 @@ EMPTY_WAIT_SECONDS = 2.0  # exiting tasks may take a moment to leave the cgroup
 
 
 class CgroupUnavailable(Exception):
-    """No cgroup could be made for the run; the message says where and why."""
+    """No cgroup could be made for the run; the message says where and why. `denied`: for
+    want of permission (the daemon's exec socket may help)."""
+
+    def __init__(self, message: str, denied: bool = False) -> None:
+        super().__init__(message)
+        self.denied = denied
 
 
 def process_starttime(pid: int, proc_root: str = "/proc") -> int | None:
@@ -123,6 +129,18 @@ def clean_stale(parent: str, proc_root: str = "/proc") -> list[str]:
     return removed
 
 
+def pids_below(top: str) -> list[int]:
+    """Tasks in a cgroup or below it."""
+    found: list[int] = []
+    for directory, _, _ in os.walk(top):
+        try:
+            with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as handle:
+                found += [int(line) for line in handle if line.strip().isdigit()]
+        except OSError:
+            continue
+    return found
+
+
 def _own_cgroup_v2(proc_root: str) -> str | None:
     text = read_proc_cgroup("self", proc_root)
     line = cgroup_line(parse_proc_cgroup(text)) if text is not None else None
@@ -194,7 +212,7 @@ class RunCgroup:
         raise CgroupUnavailable(
             f"cannot create a cgroup under {where}: {error.strerror or error}"
             + (" (run as root, or where systemd delegates a cgroup sub-tree to you)"
-               if denied else ""))
+               if denied else ""), denied)
 
     @classmethod
     def _make(cls, root: CgroupRoot, parent: str, encoded: str, leaf: str,
@@ -215,6 +233,13 @@ class RunCgroup:
         return cls(root, path, rel, project_dir)
 
     @property
+    def project(self) -> str:
+        return decode_project(os.path.basename(self.project_dir))
+
+    def spawned(self) -> None:
+        """After the fork: nothing to undo (the child entered the cgroup itself)."""
+
+    @property
     def procs_file(self) -> str:
         return os.path.join(self.path, "cgroup.procs")
 
@@ -230,14 +255,7 @@ class RunCgroup:
 
     def pids(self) -> list[int]:
         """Tasks still in the run's cgroup or below it."""
-        found: list[int] = []
-        for directory, _, _ in os.walk(self.path):
-            try:
-                with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as handle:
-                    found += [int(line) for line in handle if line.strip().isdigit()]
-            except OSError:
-                continue
-        return found
+        return pids_below(self.path)
 
     def remove(self) -> bool:
         """Remove the run's cgroup and, when empty, its project directory. False (and the
@@ -248,3 +266,72 @@ class RunCgroup:
             with contextlib.suppress(OSError):  # another run of the project just started
                 os.rmdir(self.project_dir)
         return gone
+
+
+@dataclass
+class DaemonRunCgroup:
+    """A run cgroup the daemon made over its exec socket (runs/), for a caller that may not
+    make one (an SSH session). The daemon moves `exec` itself in just before the fork, so the
+    command is born inside, and out again once it has started: `exec`'s own CPU time in
+    between (the fork) is the run's. `project` is the name the daemon records it under."""
+
+    root: CgroupRoot
+    path: str
+    rel: str
+    project: str
+    client: RunsClient
+    run: str
+
+    @classmethod
+    def create(cls, root: CgroupRoot, project: str, socket_path: str) -> DaemonRunCgroup:
+        client = RunsClient(socket_path)
+        try:
+            started = client.start(project, enter=False)
+        except (RunsUnavailable, RunsRefused) as exc:
+            raise CgroupUnavailable(f"the daemon's exec socket: {exc}") from None
+        return cls(root, os.path.join(root.path, started.cgroup), started.cgroup,
+                   started.project, client, started.run)
+
+    def open_procs(self) -> int:
+        """Joins the run (this process, for the fork) and returns a descriptor the child's
+        `write(fd, "0")` goes to harmlessly: it is inside already."""
+        try:
+            self.client.join(self.run)
+        except (RunsUnavailable, RunsRefused) as exc:
+            raise CgroupUnavailable(f"the daemon's exec socket: {exc}") from None
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+    def spawned(self) -> None:
+        """After the fork (or a failed one): `exec` back where it was."""
+        with contextlib.suppress(RunsUnavailable, RunsRefused):
+            self.client.leave(self.run)
+
+    def cpu_seconds(self) -> float | None:
+        return read_counter(os.path.join(self.path, self.root.usage_file),
+                            self.root.hierarchy == V2)
+
+    def pids(self) -> list[int]:
+        return pids_below(self.path)
+
+    def remove(self) -> bool:
+        """The daemon removes the run's cgroup once empty (now, or at a later request)."""
+        try:
+            return self.client.end(self.run)
+        except (RunsUnavailable, RunsRefused):
+            return not os.path.isdir(self.path)
+
+
+def create_run_cgroup(root: CgroupRoot, project: str, run_id: str,
+                      socket_path: str | None) -> RunCgroup | DaemonRunCgroup:
+    """The run's own cgroup where this process may make one, else one from the daemon's exec
+    socket; CgroupUnavailable naming both reasons when neither works."""
+    try:
+        return RunCgroup.create(root, project, run_id)
+    except CgroupUnavailable as exc:
+        if not exc.denied or not socket_path:
+            raise
+        mine = str(exc)
+    try:
+        return DaemonRunCgroup.create(root, project, socket_path)
+    except CgroupUnavailable as exc:
+        raise CgroupUnavailable(f"{mine}; {exc}", denied=True) from None

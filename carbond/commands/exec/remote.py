@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from carbond.config import Config
 from carbond.types import name_text
@@ -18,6 +18,15 @@ PROBE_TIMEOUT_SECONDS = 1.0
 API_PATH = "/api/v1/consumers"
 
 
+class DocumentSource(Protocol):
+    """Where the consumers document comes from: the HTTP API (`web.client.Client`) or the
+    exec socket (`runs.client.SocketDocuments`)."""
+
+    base: str
+
+    def get_json(self, path: str) -> Any: ...
+
+
 def daemon_client(config: Config, client: ClientConfig | None = None) -> Client:
     """The daemon on this host, at the `listen` address `carbond run` uses (a wildcard address
     is reached on loopback); probes give up quickly."""
@@ -25,7 +34,7 @@ def daemon_client(config: Config, client: ClientConfig | None = None) -> Client:
                   PROBE_TIMEOUT_SECONDS)
 
 
-def fetch_consumers(client: Client) -> dict[str, Any] | None:
+def fetch_consumers(client: DocumentSource) -> dict[str, Any] | None:
     """The document, or None when no carbond answers there (refused, timeout, TLS or basic
     auth in the way, not carbond's JSON)."""
     try:
@@ -102,7 +111,7 @@ class ProjectBaseline:
     baseline.
     """
 
-    def __init__(self, client: Client, project: str, before: dict[str, Any],
+    def __init__(self, client: DocumentSource, project: str, before: dict[str, Any],
                  interval_seconds: float) -> None:
         self.client = client
         self.project = project
@@ -159,7 +168,7 @@ class ProjectBaseline:
         self._stop.set()
 
 
-def wait_for_tick_after(client: Client, moment: float, deadline_seconds: float,
+def wait_for_tick_after(client: DocumentSource, moment: float, deadline_seconds: float,
                         stop: Callable[[], bool] = lambda: False,
                         poll_seconds: float = 0.2) -> dict[str, Any] | None:
     """The first document of a tick that ended after `moment` (wall clock), or None when

@@ -16,18 +16,22 @@ from datetime import datetime, timezone
 from typing import Any
 
 from carbond.commands.exec.plan import Plan
+from carbond.figures import decimal, human_grams, human_joules
 
 JOULES_PER_KWH = 3.6e6
 
 # CodeCarbon's emissions.csv columns, in its order: the fields of `EmissionsData` in
-# codecarbon/output_methods/emissions_data.py (mlco2/codecarbon, the 2.x layout; docs/exec.md).
+# codecarbon/output_methods/emissions_data.py (mlco2/codecarbon 3.3; docs/exec.md). CodeCarbon
+# appends to a file only when its header holds exactly these names (in any order): with any
+# other set it moves the file to .bak and starts anew, so a new file gets exactly these.
 CODECARBON_COLUMNS = (
     "timestamp", "project_name", "run_id", "experiment_id", "duration", "emissions",
     "emissions_rate", "cpu_power", "gpu_power", "ram_power", "cpu_energy", "gpu_energy",
-    "ram_energy", "energy_consumed", "country_name", "country_iso_code", "region",
-    "cloud_provider", "cloud_region", "os", "python_version", "codecarbon_version", "cpu_count",
-    "cpu_model", "gpu_count", "gpu_model", "longitude", "latitude", "ram_total_size",
-    "tracking_mode", "on_cloud", "pue",
+    "ram_energy", "energy_consumed", "water_consumed", "country_name", "country_iso_code",
+    "region", "cloud_provider", "cloud_region", "os", "python_version", "codecarbon_version",
+    "cpu_count", "cpu_model", "gpu_count", "gpu_model", "longitude", "latitude",
+    "ram_total_size", "tracking_mode", "cpu_utilization_percent", "gpu_utilization_percent",
+    "ram_utilization_percent", "ram_used_gb", "on_cloud", "pue", "wue",
 )
 # Without these a file is not an emissions.csv that a row can be appended to.
 REQUIRED_COLUMNS = frozenset({"timestamp", "project_name", "run_id", "duration", "emissions",
@@ -62,38 +66,6 @@ class RunSummary:
     @property
     def total_joules(self) -> float:
         return math.fsum(self.joules.get(c, 0.0) for c in ("cpu", "dram", "gpu"))
-
-
-def decimal(value: float, significant: int = 3) -> str:
-    """`value` with about `significant` digits, never in exponent form (0.00000243, 1234)."""
-    if value == 0 or not math.isfinite(value):
-        return "0" if value == 0 else str(value)
-    places = max(0, significant - 1 - math.floor(math.log10(abs(value))))
-    return f"{value:.{places}f}"
-
-
-def human_joules(joules: float) -> str:
-    """J below 1 kJ, kJ below 100 kJ, Wh below 1 kWh, then kWh."""
-    if not math.isfinite(joules):
-        return "unknown"
-    if abs(joules) < 1e3:
-        return f"{decimal(joules)} J"
-    if abs(joules) < 1e5:
-        return f"{decimal(joules / 1e3)} kJ"
-    if abs(joules) < JOULES_PER_KWH:
-        return f"{decimal(joules / 3600)} Wh"
-    return f"{decimal(joules / JOULES_PER_KWH, 4)} kWh"
-
-
-def human_grams(grams: float | None) -> str:
-    """g below 1 kg (three significant digits, however small), then kg, then t."""
-    if grams is None or not math.isfinite(grams):
-        return "unknown"
-    if abs(grams) < 1e3:
-        return f"{decimal(grams)} g"
-    if abs(grams) < 1e6:
-        return f"{decimal(grams / 1e3, 4)} kg"
-    return f"{decimal(grams / 1e6, 4)} t"
 
 
 def human_seconds(seconds: float) -> str:
@@ -204,12 +176,19 @@ class HostFacts:
     cpu_model: str = ""
     gpu_count: int = 0
     gpu_model: str = ""
-    ram_total_gb: float = 0.0
+    ram_total_gb: float = 0.0  # GiB, as CodeCarbon counts them
+    ram_used_gb: float | None = None  # the host's, when the run ended (MemTotal - MemAvailable)
 
 
 def codecarbon_row(run: RunSummary, host: HostFacts) -> dict[str, str]:
-    """One emissions.csv row in CodeCarbon's units: kg, kg/s, W, kWh. Energy columns include
-    the PUE, as CodeCarbon's own energy does; power columns are the run's mean power."""
+    """One emissions.csv row, as text cells."""
+    return {key: csv_cell(value) for key, value in codecarbon_values(run, host).items()}
+
+
+def codecarbon_values(run: RunSummary, host: HostFacts) -> dict[str, Any]:
+    """One emissions.csv row's values in CodeCarbon's units: kg, kg/s, W, kWh ("" where
+    unknown). Energy columns include the PUE, as CodeCarbon's own energy does; power columns
+    are the run's mean power."""
     seconds = run.duration_seconds
 
     def kwh(component: str) -> float:
@@ -219,6 +198,12 @@ def codecarbon_row(run: RunSummary, host: HostFacts) -> dict[str, str]:
         return run.joules.get(component, 0.0) / seconds if seconds > 0 else 0.0
 
     kg = (run.grams or 0.0) / 1e3
+    cpu_percent: float | str = ""
+    if run.cpu_seconds is not None and seconds > 0 and host.cpu_count > 0:
+        cpu_percent = 100.0 * run.cpu_seconds / (seconds * host.cpu_count)
+    ram_percent: float | str = ""
+    if host.ram_used_gb is not None and host.ram_total_gb > 0:
+        ram_percent = 100.0 * host.ram_used_gb / host.ram_total_gb
     values: dict[str, Any] = {
         "timestamp": datetime.fromtimestamp(run.ended).strftime("%Y-%m-%dT%H:%M:%S"),
         "project_name": run.project,
@@ -234,6 +219,7 @@ def codecarbon_row(run: RunSummary, host: HostFacts) -> dict[str, str]:
         "gpu_energy": kwh("gpu"),
         "ram_energy": kwh("dram"),
         "energy_consumed": kwh("cpu") + kwh("gpu") + kwh("dram"),
+        "water_consumed": 0.0,  # litres: energy x WUE, and carbond has no WUE (CodeCarbon's 0)
         "country_name": host.country_name,
         "country_iso_code": host.country_iso_code,
         "region": host.region,
@@ -250,13 +236,20 @@ def codecarbon_row(run: RunSummary, host: HostFacts) -> dict[str, str]:
         "latitude": "",
         "ram_total_size": round(host.ram_total_gb, 3),
         "tracking_mode": "process",
+        # the run's own share of the host's CPUs (CodeCarbon samples the whole machine's)
+        "cpu_utilization_percent": cpu_percent,
+        # carbond does not sample GPU utilisation: 0 without a GPU, as CodeCarbon writes
+        "gpu_utilization_percent": 0.0 if host.gpu_count == 0 else "",
+        "ram_utilization_percent": ram_percent,
+        "ram_used_gb": "" if host.ram_used_gb is None else round(host.ram_used_gb, 3),
         "on_cloud": "Y" if host.cloud_provider else "N",
         "pue": run.pue,
+        "wue": 0.0,
     }
-    return {key: _cell(value) for key, value in values.items()}
+    return values
 
 
-def _cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
     return os.fsencode(value).decode("utf-8", "backslashreplace") if isinstance(value, str) \

@@ -1,6 +1,7 @@
 """`carbond report`: energy and CO2e over a period, from this host's ledger or from Prometheus.
 
-Tables show kWh and kg CO2e; CSV and JSON keep base units (joules, grams). The pieces:
+Tables show scaled units (J…kWh, g…t) to three significant digits, never exponent form;
+CSV and JSON keep base units (joules, grams). The pieces:
 `sources` (the ledger, PromQL), `model` (what a report is), `render` and `html` (its formats).
 """
 

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone, tzinfo
 
 from carbond import __version__
+from carbond.commands.report.equivalence import PETROL, Equivalence
 from carbond.commands.report.model import DayUsage, PageInfo, Report
+from carbond.figures import ENERGY_UNITS, MASS_UNITS, decimal, unit_for
 from carbond.ledger.ledger import Usage
 
 JOULES_PER_KWH = 3.6e6
@@ -44,21 +46,8 @@ def _name(text: str, limit: int | None = None) -> str:
 
 
 def _fixed(value: float) -> str:
-    """Three significant figures at least, thousands separated."""
-    if not math.isfinite(value):
-        return "-"
-    magnitude = abs(value)
-    if magnitude == 0:
-        return "0"
-    if magnitude >= 100:
-        return f"{value:,.0f}"
-    if magnitude >= 10:
-        return f"{value:.1f}"
-    if magnitude >= 1:
-        return f"{value:.2f}"
-    if magnitude >= 0.001:
-        return f"{value:.3f}"
-    return f"{value:.1e}"
+    """Three significant figures, thousands separated, never in exponent form."""
+    return decimal(value) if math.isfinite(value) else "-"
 
 
 @dataclass(frozen=True)
@@ -70,14 +59,17 @@ class Unit:
         return f"{_fixed(base_value / self.per_base)}\u00a0{self.symbol}"
 
 
+def _unit_for(value: float, units: Sequence[tuple[str, float, float]]) -> Unit:
+    """The unit `carbond.figures` would print `value` in: one per column, from its largest."""
+    return Unit(*unit_for(value, units))
+
+
 def energy_unit(joules: float) -> Unit:
-    return Unit("kWh", JOULES_PER_KWH) if joules >= JOULES_PER_KWH else Unit("Wh", 3600.0)
+    return _unit_for(joules, ENERGY_UNITS)
 
 
 def mass_unit(grams: float) -> Unit:
-    if grams >= 1e6:
-        return Unit("t", 1e6)
-    return Unit("kg", 1000.0) if grams >= 1000.0 else Unit("g", 1.0)
+    return _unit_for(grams, MASS_UNITS)
 
 
 def _percent(part: float, whole: float) -> float:
@@ -163,7 +155,7 @@ def day_chart(days: Sequence[DayUsage], mass: Unit) -> str:
         parts.append(f'<line class="grid" x1="0" x2="100%" y1="{level:.1f}" y2="{level:.1f}"/>')
         if i:
             labels.append(f'<text class="tick" x="0" y="{level - 3:.1f}">'
-                          f'{i * step / mass.per_base:g}\u00a0{mass.symbol}</text>')
+                          f'{_fixed(i * step / mass.per_base)}\u00a0{mass.symbol}</text>')
     for index, entry in enumerate(days):
         usage = entry.usage
         x = gutter + index * slot + (slot - width) / 2
@@ -260,6 +252,8 @@ background:none;border:0;padding:0}
 .card .label{display:block;color:var(--muted);font-size:.85rem}
 .card .value{display:block;font-size:1.45rem;font-weight:650;margin:2px 0}
 .card .note{display:block;color:var(--muted);font-size:.8rem}
+.card .equiv{display:block;font-size:.85rem;margin-top:6px}
+.card .equiv .factor{display:block;color:var(--muted);font-size:.72rem}
 .card.main{border-color:var(--op);box-shadow:inset 4px 0 0 var(--op)}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}
 dt{color:var(--muted)}dd{margin:0;overflow-wrap:anywhere}
@@ -306,10 +300,18 @@ td.key{min-width:0;overflow-wrap:anywhere}
 """
 
 
-def _card(ident: str, label: str, value: str, note: str, attrs: str, main: bool = False) -> str:
+def _card(ident: str, label: str, value: str, note: str, attrs: str, main: bool = False,
+          equivalent: str = "") -> str:
     return (f'<div class="card{" main" if main else ""}" id="{ident}" {attrs}>'
             f'<span class="label">{label}</span><span class="value">{value}</span>'
-            f'<span class="note">{note}</span></div>')
+            f'<span class="note">{note}</span>{equivalent}</div>')
+
+
+def _equivalent(grams: float, equivalence: Equivalence = PETROL) -> str:
+    """The card's everyday equivalence, its factor and source beside it."""
+    return (f'<span class="equiv" data-amount="{_num(equivalence.amount(grams))}">'
+            f"{html.escape(equivalence.text(grams))}"
+            f'<span class="factor">at {html.escape(equivalence.brief)}</span></span>')
 
 
 def _table(rows: Sequence[tuple[tuple[str, ...], Usage]], total: Usage, by: str,
@@ -375,11 +377,14 @@ def render_html(report_: Report, days: Sequence[DayUsage], zone: tzinfo, info: P
     cards = "".join([
         _card("total-co2e", "Total CO2e", mass.show(_co2e(total)),
               "operational + embodied",
-              f'data-grams="{_num(_co2e(total))}"', main=True),
+              f'data-grams="{_num(_co2e(total))}"', main=True,
+              equivalent=_equivalent(_co2e(total))),
         _card("total-operational", "Operational CO2e", mass.show(total.grams),
-              "electricity, PUE included", f'data-grams="{_num(total.grams)}"'),
+              "electricity, PUE included", f'data-grams="{_num(total.grams)}"',
+              equivalent=_equivalent(total.grams)),
         _card("total-embodied", "Embodied CO2e", mass.show(total.embodied_grams),
-              html.escape(embodied_note), f'data-grams="{_num(total.embodied_grams)}"'),
+              html.escape(embodied_note), f'data-grams="{_num(total.embodied_grams)}"',
+              equivalent=_equivalent(total.embodied_grams)),
         _card("total-energy", "Energy", energy.show(total.joules),
               f"CPU {energy.show(total.cpu_joules)} \u00b7 DRAM "
               f"{energy.show(total.dram_joules)}"
@@ -403,6 +408,9 @@ def render_html(report_: Report, days: Sequence[DayUsage], zone: tzinfo, info: P
                          if info.zone_reason else "")))
     facts.append(("Intensity sources", _name(providers)))
     facts.append(("Grouped by", html.escape(report_.by)))
+    facts.append(("Everyday equivalence", f"CO2 from burning petrol: "
+                  f"{html.escape(PETROL.factor)}, {html.escape(PETROL.source)}, "
+                  f"{html.escape(PETROL.url)} (tailpipe CO2 only)"))
     fact_html = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     legend = ('<div class="legend"><span><i class="swatch op"></i>operational</span>'
               '<span><i class="swatch emb"></i>embodied</span></div>')

@@ -11,6 +11,7 @@ from typing import Any
 from carbond.commands.report.html import render_html
 from carbond.commands.report.model import KEY_COLUMNS, DayUsage, PageInfo, Report
 from carbond.commands.report.sources import days_of
+from carbond.figures import decimal, human_grams, human_joules
 from carbond.ledger.ledger import Usage
 
 JOULES_PER_KWH = 3.6e6
@@ -71,15 +72,7 @@ def _csv_number(value: float | None) -> str:
 
 
 def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value == 0:
-        return "0"
-    if abs(value) >= 100:
-        return f"{value:,.1f}"
-    if abs(value) >= 0.001:
-        return f"{value:.3f}"
-    return f"{value:.2e}"
+    return "-" if value is None else decimal(value)
 
 
 def _cell(text: str) -> str:
@@ -88,18 +81,18 @@ def _cell(text: str) -> str:
 
 
 def render_table(report: Report, zone: tzinfo) -> str:
-    """kWh and kg; the PLATFORM column (the node beyond its measured parts) only where a
-    platform meter measured some."""
+    """Scaled units, three significant digits (carbond.figures), and a TOTAL row; the PLATFORM
+    column (the node beyond its measured parts) only where a platform meter measured some."""
     columns = [c.upper() for c in KEY_COLUMNS[report.by]]
     platform = report.total.platform_joules > 0
-    header = [*columns, "CPU kWh", "DRAM kWh", "GPU kWh", *(["PLATFORM kWh"] if platform else []),
-              "ENERGY kWh", "CO2e kg", "EMBODIED kg", "g/kWh", "PROVIDERS"]
+    header = [*columns, "CPU", "DRAM", "GPU", *(["PLATFORM"] if platform else []), "ENERGY",
+              "CO2e", "EMBODIED", "g/kWh", "PROVIDERS"]
 
     def cells(key: tuple[str, ...], usage: Usage) -> list[str]:
         parts = [usage.cpu_joules, usage.dram_joules, usage.gpu_joules,
                  *([usage.platform_joules] if platform else []), usage.joules]
-        return [*(_cell(k) for k in key), *(_number(j / JOULES_PER_KWH) for j in parts),
-                _number(usage.grams / 1000), _number(usage.embodied_grams / 1000),
+        return [*(_cell(k) for k in key), *(human_joules(j) for j in parts),
+                human_grams(usage.grams), human_grams(usage.embodied_grams),
                 _number(_grams_per_kwh(usage)), ",".join(sorted(usage.providers)) or "-"]
 
     lines = [header, *(cells(row.key, row.usage) for row in report.rows),
