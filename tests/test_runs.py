@@ -63,14 +63,14 @@ class Login:
                               text=True, timeout=timeout, cwd="/")
 
 
-@pytest.fixture
-def login() -> Iterator[Login]:
-    why = available("v2")
+@pytest.fixture(params=["v2", "v1"])
+def login(request: pytest.FixtureRequest) -> Iterator[Login]:
+    why = available(request.param)
     if why:
         pytest.skip(why)
     if not shutil.which("setpriv"):
         pytest.skip("needs setpriv to run as nobody")
-    tree = TestTree("v2")
+    tree = TestTree(request.param)
     shared = Path(tempfile.mkdtemp(prefix="carbond-runs-"))
     os.chmod(shared, 0o755)
     try:
@@ -141,8 +141,11 @@ def test_a_user_in_a_session_scope_runs_exec_through_the_daemon(
     slice_dir = os.path.join(login.tree.root, "user.slice", f"user-{NOBODY}.slice")
     assert run["cgroup"].startswith(
         os.path.join(slice_dir, EXEC_PARENT, encode_project(f"nobody/{project}")) + "/")
-    inside = [line for line in result.stdout.splitlines() if line.startswith("0::")]
-    assert inside and inside[0].endswith(run["cgroup"][len(login.tree.base):])
+    shown = [line.split(":", 2) for line in result.stdout.splitlines() if line.count(":") >= 2]
+    inside = [path for _, controllers, path in shown
+              if (controllers == "" if login.tree.hierarchy == "v2"
+                  else "cpuacct" in controllers.split(","))]
+    assert inside == [run["cgroup"][len(login.tree.base):]], result.stdout
     assert run["energy_joules"]["total"] > 0 and run["emissions_grams"] > 0
     assert run["cgroup_removed"] is True and not os.path.exists(run["cgroup"])
     recorded = report_projects(state)[f"nobody/{project}"]
@@ -171,7 +174,7 @@ def test_a_user_cannot_have_another_users_process_counted(
     os.chmod(script, 0o644)
     victim = subprocess.Popen(["sleep", "120"])  # root's process
     try:
-        before = cgroup_of(victim.pid)
+        before = cgroup_of(victim.pid, login.tree.hierarchy)
         with ConstantPower(str(tmp_path / "powercap")), carbond_run(
                 *daemon_args(login, tmp_path)):
             wait_for_socket(login.socket)
@@ -180,7 +183,7 @@ def test_a_user_cannot_have_another_users_process_counted(
         assert result.returncode == 0, result.stderr
         answer = json.loads(result.stdout)
         assert answer["ok"] is False and "not yours" in answer["error"]
-        assert cgroup_of(victim.pid) == before
+        assert cgroup_of(victim.pid, login.tree.hierarchy) == before
         assert not os.path.exists(os.path.join(login.tree.root, "user.slice",
                                                f"user-{NOBODY}.slice", EXEC_PARENT,
                                                encode_project("nobody/steal")))
@@ -387,12 +390,12 @@ def test_a_pid_that_exited_and_was_reused_by_another_user_is_refused(
                 squatter = None
             if squatter is None:
                 pytest.skip("could not give the freed pid to a new process")
-            before = cgroup_of(squatter.pid)
+            before = cgroup_of(squatter.pid, login.tree.hierarchy)
             go.write_text("")
             out, err = client.communicate(timeout=60)
             assert client.returncode == 0, err
             assert out.startswith("refused") and "not yours" in out, out
-            assert cgroup_of(squatter.pid) == before
+            assert cgroup_of(squatter.pid, login.tree.hierarchy) == before
         finally:
             if client.poll() is None:
                 client.kill()

@@ -73,17 +73,21 @@ class DaemonBlock:
         ended_wall, duration = time.time(), time.monotonic() - self.started
         cpu = _cpu_seconds(self.root, self.run.cgroup)
         notes: list[str] = []
+        gone = False
         try:
             self.client.leave(self.run.run)
-        except (RunsUnavailable, RunsRefused) as exc:
+        except RunsUnavailable as exc:
+            gone = True
             notes.append(f"the daemon went away mid-block ({exc}): this process stays in the "
                          f"run's cgroup {self.run.cgroup}, the project's until it exits")
+        except RunsRefused as exc:  # a block in another thread moved the process meanwhile
+            notes.append(f"the daemon did not move this process out of the run: {exc}")
         result = TrackResult(self.project, duration,
                              None if cpu is None else max(0.0, cpu - self.cpu_start),
                              0.0, 0.0, 0.0, None, None, None, "alone",
                              started=self.started_wall, ended=ended_wall, notes=notes)
         after = None
-        if self.baseline is not None and not notes:
+        if self.baseline is not None and not gone:
             wait = WAIT_TICKS * self.config.interval_seconds + 2.0
             after = wait_for_tick_after(self.docs, ended_wall, wait)
         if self.baseline is not None and after is not None:
@@ -95,10 +99,13 @@ class DaemonBlock:
                     joules["gpu"], grams, per_kwh)
                 result.provider = providers[0] if providers else None
                 result.zone, result.measured_by = zone, "daemon"
+            else:
+                notes.append("the daemon does not list the project (folded into 'other' past "
+                             "max_consumers?): energy unknown")
         else:
             if self.baseline is not None:
                 self.baseline.stop()
-            if not notes:
+            if not gone:
                 notes.append("the daemon gave no counters after the block: energy unknown")
         with contextlib.suppress(RunsUnavailable, RunsRefused):
             self.client.end(self.run.run)
