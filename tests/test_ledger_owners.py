@@ -128,6 +128,8 @@ def fed_ledger(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
         # the ended consumers' totals left memory; the file keeps them and their owners
         assert ledger.consumers_in_memory == 1
         assert ledger.labels(LATE) == {}
+        known = ledger.stored_labels()  # what seeds owner budgets at start
+        assert {c: known[c] for c in OWNED} == OWNED
     return state, fed
 
 

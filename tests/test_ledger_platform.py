@@ -95,6 +95,11 @@ def test_platform_energy_is_stored_budgeted_reported_and_restored(tmp_path) -> N
                             cfg.state_dir, "--since", "1d"], capture_output=True, text=True,
                            timeout=60)
     assert "PLATFORM kWh" in table.stdout
+    page = subprocess.run([sys.executable, "-m", "carbond", "report", "--state-dir",
+                           cfg.state_dir, "--since", "1d", "--format", "html"],
+                          capture_output=True, text=True, timeout=60)
+    assert page.returncode == 0, page.stderr
+    assert '<th class="wide" scope="col">Platform ' in page.stdout
 
     with Ledger.open(cfg.state_dir) as ledger:
         restored = ledger.restore()

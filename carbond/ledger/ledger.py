@@ -446,3 +446,17 @@ class Ledger:
         with self._lock:
             return dict(self._book.labels.get(consumer, {}))
 
+    def stored_labels(self) -> dict[Consumer, dict[str, str]]:
+        """Every consumer's owner metadata as last known, written or not: for seeding owner
+        budgets at start, when the resolvers no longer know jobs and pods that have ended."""
+        with self._db_lock:
+            found: dict[Consumer, dict[str, str]] = {}
+            if self._store.conn is not None:
+                try:
+                    found = consumer_labels(self._store.conn)
+                except sqlite3.Error as exc:
+                    self._warn_once(f"query {exc}", "ledger query failed: %s", exc)
+            with self._lock:
+                found.update({c: dict(m) for c, m in self._book.labels.items()})
+        return found
+

@@ -320,7 +320,9 @@ def _table(rows: Sequence[tuple[tuple[str, ...], Usage]], total: Usage, by: str,
     has_gpu = total.gpu_joules > 0 or any(u.gpu_joules > 0 for _, u in rows)
     head = "".join(f'<th class="key{" wide" if i else ""}" scope="col">'
                    f'{COLUMN_TITLES.get(c, c.title())}</th>' for i, c in enumerate(columns))
-    components = [("cpu", "CPU"), ("dram", "DRAM")] + ([("gpu", "GPU")] if has_gpu else [])
+    has_platform = total.platform_joules > 0  # the node beyond its parts (a platform meter)
+    components = [("cpu", "CPU"), ("dram", "DRAM")] + ([("gpu", "GPU")] if has_gpu else []) \
+        + ([("platform", "Platform")] if has_platform else [])
     head += "".join(f'<th class="wide" scope="col">{name} {energy.symbol}</th>'
                     for _, name in components)
     head += (f'<th scope="col">Energy {energy.symbol}</th>'
@@ -388,7 +390,9 @@ def render_html(report_: Report, days: Sequence[DayUsage], zone: tzinfo, info: P
         _card("total-energy", "Energy", energy.show(total.joules),
               f"CPU {energy.show(total.cpu_joules)} \u00b7 DRAM "
               f"{energy.show(total.dram_joules)}"
-              + (f" \u00b7 GPU {energy.show(total.gpu_joules)}" if total.gpu_joules else ""),
+              + (f" \u00b7 GPU {energy.show(total.gpu_joules)}" if total.gpu_joules else "")
+              + (f" \u00b7 platform {energy.show(total.platform_joules)}"
+                 if total.platform_joules else ""),
               f'data-joules="{_num(total.joules)}"'),
         _card("intensity", "Grid intensity",
               "-" if grid is None else f"{_fixed(grid)}\u00a0g/kWh",
