@@ -468,6 +468,8 @@ def main() -> int:
     parser.add_argument("--soak-cgroups", type=int, default=200,
                         help="cgroups made and removed a second in the soak (default 200)")
     parser.add_argument("--soak-max-consumers", type=int, default=200)
+    parser.add_argument("--soak-names", type=int, default=0,
+                        help="reuse cgroup names from a pool of this many (default: all new)")
     parser.add_argument("--soak-warmup", type=parse_seconds, default=300.0,
                         help="growth is measured from this point (default 5m)")
     parser.add_argument("--soak-report", type=parse_seconds, default=60.0,

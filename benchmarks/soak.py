@@ -28,9 +28,10 @@ CHURNER_C = r"""
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-/* churner ROOT RATE LIFETIME_MS: RATE cgroups a second, ROOT/churn-N, each with a process that
-   joins it, uses a few microseconds of CPU and exits; each cgroup is removed LIFETIME_MS after
-   it was made (so that ticks see it). Runs until killed; prints nothing. */
+/* churner ROOT RATE LIFETIME_MS [NAMES]: RATE cgroups a second, ROOT/churn-N, each with a
+   process that joins it, uses a few microseconds of CPU and exits; each cgroup is removed
+   LIFETIME_MS after it was made (so that ticks see it). With NAMES, N runs modulo NAMES (names
+   come back); else every cgroup has a new name. Runs until killed; prints nothing. */
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -40,10 +41,11 @@ int main(int argc, char **argv) {
     const char *root = argv[1];
     double rate = atof(argv[2]), lifetime = atof(argv[3]) / 1000.0;
     long ring = (long)(rate * lifetime) + 1, made = 0;
+    long names = argc > 4 ? atol(argv[4]) : 0;
     char path[4096];
     double next = now();
     for (;;) {
-        snprintf(path, sizeof path, "%s/churn-%ld", root, made);
+        snprintf(path, sizeof path, "%s/churn-%ld", root, names > 0 ? made % names : made);
         if (mkdir(path, 0755) == 0) {
             pid_t child = fork();
             if (child == 0) {
@@ -57,7 +59,8 @@ int main(int argc, char **argv) {
             if (child > 0) waitpid(child, 0, 0);
         }
         if (made >= ring) {
-            snprintf(path, sizeof path, "%s/churn-%ld", root, made - ring);
+            long gone = made - ring;
+            snprintf(path, sizeof path, "%s/churn-%ld", root, names > 0 ? gone % names : gone);
             for (int tries = 0; rmdir(path) != 0 && errno == EBUSY && tries < 100; tries++)
                 usleep(1000);
         }
@@ -112,8 +115,8 @@ def run_soak(args: argparse.Namespace, seconds: float) -> None:
         host.spawn_sleepers(100)
         limit = args.soak_max_consumers
         with Carbond(host, args.interval, {"processes": "on", "max_consumers": limit}) as carbond:
-            churn = subprocess.Popen([churner, host.root, str(args.soak_cgroups), "500"],
-                                     stdin=subprocess.DEVNULL)
+            churn = subprocess.Popen([churner, host.root, str(args.soak_cgroups), "500",
+                                      str(args.soak_names)], stdin=subprocess.DEVNULL)
             host.procs.append(churn)
             stop = threading.Event()
             power = threading.Thread(target=draw, args=(carbond, stop), daemon=True)
@@ -151,7 +154,8 @@ def run_soak(args: argparse.Namespace, seconds: float) -> None:
     rss_after = [m[1] for m in after]
     fds_after = [m[2] for m in after]
     print(f"soak {seconds / 60:.1f} min at a {args.interval * 1000:.0f} ms interval: "
-          f"{ticks:.0f} ticks, {args.soak_cgroups} cgroups/s made and removed, "
+          f"{ticks:.0f} ticks, {args.soak_cgroups} cgroups/s made and removed "
+          f"({f'names from a pool of {args.soak_names}' if args.soak_names else 'new names'}), "
           f"{exits / seconds:.0f} exited tasks/s ({exits:.0f} in all)")
     at = f"{warm[0] / 60:.1f} min"
     print(f"RSS: start {marks[0][1]:.1f} MiB, at {at} {warm[1]:.1f} MiB, end "
