@@ -32,6 +32,7 @@ from carbond.runtime.applied import record_applied, record_refused
 from carbond.runtime.systemd import notify, watchdog_seconds
 from carbond.types import ConfigError, TickRecord
 from carbond.workloads.gpu import GpuUsageTracker
+from carbond.workloads.identity.resolver import MetadataResolver
 from carbond.workloads.naming import CgroupNamer
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Reconfiguration:
     feed: IntensityFeed | None = None
     namer: CgroupNamer | None = None
     budgets: BudgetTracker | None = None
+    metadata_changed: bool = False  # then `resolver` replaces the running one (None: off)
+    resolver: MetadataResolver | None = None
 
 
 class Daemon:
@@ -175,6 +178,8 @@ class Daemon:
             self._rename(new.namer)
         if new.budgets is not None:
             self.budgets = new.budgets
+        if new.metadata_changed:
+            self._swap_resolver(new.resolver)
         self.config = config
         self.pipeline.policy = policy_of(config)
         self.pipeline.cpu_idle.fixed_watts = config.idle_watts_cpu
@@ -184,6 +189,18 @@ class Daemon:
         self._pricing = Pricing.from_config(config.pue, config.embodied_kgco2e,
                                             config.embodied_lifetime_seconds)
         log.info("configuration reloaded")
+
+    def _swap_resolver(self, resolver: MetadataResolver | None) -> None:
+        """The new metadata sources start, then the old ones stop (their threads are
+        daemons: one stuck in a call ends at its deadline, never holding up the ticks)."""
+        names = self.pipeline.names
+        old = names.resolver
+        if resolver is not None:
+            resolver.start()
+        names.use(resolver)
+        stop = getattr(old, "stop", None)
+        if stop is not None:
+            stop(timeout_seconds=0.1)
 
     def _reconfigure(self, reconfigure: Callable[[], Reconfiguration]) -> None:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,3 +284,32 @@ def test_every_socket_hanging_the_interval_holds_and_names_stay_ids(tmp_path):
     assert described[("container", f"podman/{podman_id[:12]}")] == {
         "container_id": podman_id[:12], "runtime": "podman"}
     assert total(last, ERRORS, source="podresources") == 0  # no GPU here: never asked
+
+
+def test_a_reload_starts_the_new_sources_and_names_follow(tmp_path):
+    """`metadata` is reloaded on SIGHUP: off at start (ID names), then the CRI socket (names
+    within a tick or two), then off again (ID names once more). The daemon never restarts."""
+    with kubernetes_node(tmp_path, "v2", "systemd", duty=0.05) as node, \
+            ConstantPower(str(tmp_path / "powercap"), package_watts=50.0):
+        config = tmp_path / "carbond.yaml"
+        config.write_text("attribution: {idle_watts: {cpu: 0}, max_consumers: 10000}\n"
+                          "metadata: {enabled: off}\n")
+        nginx = "team-a/web-7d4b9c/nginx"
+        ident = f"containerd/{node.pods[0].containers[0].id[:12]}"
+        with carbond_run("--config", str(config), "--powercap-root",
+                         str(tmp_path / "powercap"), "--interval", "1s",
+                         "--cgroup-root", node.tree.root) as daemon:
+            before = settle(daemon, lambda s: ident in consumers(s, "container"))
+            assert not {c for c in consumers(before) if c.count("/") == 2}
+            node.config(config)
+            daemon.process.send_signal(signal.SIGHUP)
+            named = settle(daemon, lambda s: nginx in consumers(s, "container"))
+            assert info(named)[("container", nginx)]["namespace"] == "team-a"
+            config.write_text("attribution: {idle_watts: {cpu: 0}, max_consumers: 10000}\n"
+                              "metadata: {enabled: off}\n")
+            daemon.process.send_signal(signal.SIGHUP)
+            first = daemon.wait_ticks(2)
+            later = daemon.wait_ticks(2)
+            assert daemon.process.poll() is None
+    assert grew(first, later, CONSUMER, kind="container", consumer=ident) > 0
+    assert grew(first, later, CONSUMER, kind="container", consumer=nginx) == 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from carbond.carbon import IntensityFeed, build_providers, resolve_zone
 from carbond.carbon.zone import ZoneChoice
-from carbond.config import BUDGETS, FEED, METERS, NAMER, Config, fields_on_reload, load
+from carbond.config import BUDGETS, FEED, METADATA, METERS, NAMER, Config, fields_on_reload, load
 from carbond.daemon import Daemon, Reconfiguration, policy_of
 from carbond.exporter.publisher import COUNTERS_STATE, Publisher
 from carbond.ledger.budgets import BudgetTracker, MetadataLookup, no_metadata
@@ -130,8 +130,11 @@ def reconfigure(config_path: str | None, flags: Mapping[str, Any], old: Config,
     namer = CgroupNamer(new.rules) if changed(NAMER) else None
     budgets = (BudgetTracker(new.budgets, new.budgets_timezone, ledger, metadata=metadata)
                if changed(BUDGETS) else None)
+    metadata_changed = changed(METADATA)
+    resolver = (build_resolver(new.metadata) if metadata_changed and new.metadata.enabled
+                else None)
     return Reconfiguration(new, meters, gpu_usage_of(meters) if meters is not None else None,
-                           feed, namer, budgets)
+                           feed, namer, budgets, metadata_changed, resolver)
 
 
 def open_ledger(config: Config) -> Ledger:
@@ -229,7 +232,7 @@ def build_daemon(config: Config, *, meters: list[Meter] | None = None,
     runner = Runner([
         # first: a tick may ask for a name as soon as there is one (lookups never wait)
         Part("metadata sources", lambda: resolver and resolver.start(),
-             lambda: resolver and resolver.stop()),
+             lambda: getattr(names.resolver, "stop", lambda: None)()),  # a reload's, if any
         Part("pipeline", pipeline.prime, pipeline.close),
         Part("intensity feed", lambda: daemon.feed and daemon.feed.start(),
              lambda: daemon.feed and daemon.feed.stop()),

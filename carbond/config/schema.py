@@ -96,8 +96,8 @@ LIST_SCHEMAS: dict[str, Mapping[str, Any]] = {
 
 # What a SIGHUP reload does with a changed key: applied in place; kept until a restart (the
 # process was started with it); or the part built from it is rebuilt.
-LIVE, RESTART, METERS, FEED, NAMER, BUDGETS = "live", "restart", "meters", "feed", "namer", \
-    "budgets"
+LIVE, RESTART, METERS, FEED, NAMER, BUDGETS, METADATA = "live", "restart", "meters", "feed", \
+    "namer", "budgets", "metadata"
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ KEYS: tuple[Key, ...] = (
     _key("ledger", "ledger_flush_seconds ledger_retention_seconds", _ledger, RESTART),
     _key("budgets_timezone", "budgets_timezone", v.timezone, BUDGETS),
     _key("budgets", "budgets", _budgets, BUDGETS),
-    _key("metadata", "metadata", identity_settings.parse, RESTART),
+    _key("metadata", "metadata", identity_settings.parse, METADATA),
 )
 
 

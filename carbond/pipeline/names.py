@@ -61,6 +61,16 @@ class Names:
         self._labels: dict[tuple[str, str], Mapping[str, str]] = {}  # as exported -> labels
         self.failures = 0  # ticks whose names failed (a bug): they kept their ID names
 
+    def use(self, resolver: Resolver | None) -> None:
+        """Another resolver from the next tick on (a reload of `metadata`). Names already
+        known stay (an ID's name does not change with the source that told it); none: the
+        ID names, as with `metadata.enabled: off`."""
+        self.resolver = resolver
+        self._seen.clear()
+        if resolver is None:
+            self._settled.clear()
+            self._labels.clear()
+
     def labels(self, consumer: tuple[str, str]) -> Mapping[str, str]:
         """The consumer's metadata labels as last known, {} when none (budgets' lookup)."""
         return self._labels.get(consumer, NO_LABELS)

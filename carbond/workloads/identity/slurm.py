@@ -1,13 +1,14 @@
 """Slurm job metadata: `scontrol show job --json ID`, once per job.
 
-Security: carbond runs privileged and this is the one place it starts a program. The program
-is fixed when carbond starts (the configured absolute path, or `scontrol` found on carbond's
-own PATH at start, never looked up again), must be a regular executable file that only root
-(or carbond's own user) can change, in a directory only they can change; the argument vector
-is fixed and the job ID, which comes from a cgroup path anyone who can create cgroups could
-name, must be digits only. No shell, a minimal environment (PATH, LC_ALL, and SLURM_CONF if
-carbond has it), no standard input, stdout read up to a limit and the whole process group
-killed at the deadline, so a hung or chatty `scontrol` costs one worker thread its deadline.
+Security: carbond runs privileged and this is the one place it starts a program. The program is
+fixed when carbond starts (the configured absolute path, or `scontrol` found on carbond's own
+PATH at start, looked up again only by a reload that changes `metadata`), must be a regular
+executable file that only root (or carbond's own user) can change, in a directory only they can
+change; the argument vector is fixed and the job ID, which comes from a cgroup path anyone who
+can create cgroups could name, must be digits only. No shell, a minimal environment (PATH,
+LC_ALL, and SLURM_CONF if carbond has it), no standard input, stdout read up to a limit and the
+whole process group killed at the deadline, so a hung or chatty `scontrol` costs one worker
+thread its deadline.
 """
 
 from __future__ import annotations
