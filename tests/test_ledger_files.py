@@ -19,6 +19,7 @@ from carbond.types import Consumer, TickRecord
 from tests.cgroup_helpers import TestTree
 from tests.helpers import Samples, carbond_run, total, wait_for
 from tests.powercap import ConstantPower
+from tests.test_ledger import fill, tmpfs
 
 HOST = "carbond_host_energy_joules_total"
 CONSUMER = "carbond_consumer_energy_joules_total"
@@ -201,3 +202,35 @@ def test_a_log_deleted_after_the_file_was_written_again_is_noticed_too(tmp_path)
     conn = connect_readonly(str(state))
     assert conn.execute("SELECT SUM(cpu_joules) FROM consumer_hours").fetchone()[0] == 7.0
     conn.close()
+
+
+def test_deleted_on_a_full_disk_the_totals_come_back_from_memory(tmp_path, caplog) -> None:
+    """The copy of the deleted file needs space: on a full disk it fails, the ledger is
+    written from memory once there is room (every total; the hourly rows written before the
+    deletion are gone), and nothing recorded since is lost."""
+    a = Consumer("unit", "a.service")
+    clock = Clock(1_714_521_600 + 60)
+    with tmpfs(tmp_path / "full", "size=1m") as state, \
+            caplog.at_level("WARNING", logger="carbond.ledger.ledger"), \
+            Ledger.open(str(state), clock=clock) as ledger:
+        ledger.record(TickRecord(clock.now, 10.0, {a: {"cpu": 1.0}}, {a: 1e-4}, {}))
+        assert ledger.flush()
+        for path in state.glob(f"{LEDGER_FILE}*"):
+            path.unlink()
+        fill(state / "filler")
+        ledger.record(TickRecord(clock.now + 10, 10.0, {a: {"cpu": 2.0}}, {a: 1e-4}, {}))
+        assert not ledger.flush()
+        assert not ledger.flush()
+        assert ledger.errors_total >= 2
+        assert "could not copy the open file" in caplog.text
+        (state / "filler").unlink()
+        assert ledger.flush()
+        ledger.record(TickRecord(clock.now + 20, 10.0, {a: {"cpu": 4.0}}, {a: 1e-4}, {}))
+        ledger.close()
+        errors = ledger.errors_total
+        with Ledger.open(str(state), clock=clock) as again:
+            assert again.restore().consumer_joules[a] == {"cpu": 7.0}
+            assert again.errors_total == errors
+        conn = connect_readonly(str(state))
+        assert conn.execute("SELECT SUM(cpu_joules) FROM consumer_hours").fetchone()[0] == 6.0
+        conn.close()
