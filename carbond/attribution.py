@@ -146,10 +146,13 @@ def platform_delta(devices: Sequence[DeviceDelta]) -> DeviceDelta | None:
     """The platform reading that is the host total this tick: the preferred source's first
     delta with energy (PLATFORM_SOURCES). A delta of 0 J is no reading: it is the baseline a
     meter gives on its first sighting, and a working node never draws nothing."""
+    # One pass to find the readings (most ticks have none: RAPL and NVML only), then the
+    # preferred source among them; this runs twice a tick over every device.
+    readings = [d for d in devices if d.component == PLATFORM and d.source in PLATFORM_SOURCES
+                and d.joules > 0 and math.isfinite(d.joules)]
     for source in PLATFORM_SOURCES:
-        for delta in devices:
-            if (is_platform_meter(delta) and delta.source == source and delta.joules > 0
-                    and math.isfinite(delta.joules)):
+        for delta in readings:
+            if delta.source == source:
                 return delta
     return None
 
@@ -176,7 +179,8 @@ def counted_devices(
     return tuple(
         d for d in devices
         if (d.source != MODEL_SOURCE or (d.component in standing_in and d.component in MODELLED))
-        and (not is_platform_meter(d) or d is chosen or d.joules == 0)
+        and (d.component != PLATFORM or d.source not in PLATFORM_SOURCES or d is chosen
+             or d.joules == 0)
     )
 
 
