@@ -1,4 +1,4 @@
-"""Figures for people (carbond.figures): three significant digits in a scaled unit, never in
+"""Figures for people (commands/figures.py): three significant digits in a scaled unit, never in
 exponent form, in `carbond exec`'s summary, `carbond report`'s table and its html page; and
 the page's everyday equivalence."""
 
@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carbond.commands.exec.summary import RunSummary, format_summary
+from carbond.commands.figures import decimal, human_grams, human_joules
 from carbond.commands.report.equivalence import LITRES_PER_US_GALLON, PETROL
 from carbond.commands.report.model import PageInfo, Report, ReportRow
 from carbond.commands.report.render import render
-from carbond.figures import decimal, human_grams, human_joules
 from carbond.ledger.ledger import Usage
 
 EXPONENT = re.compile(r"\d(?:\.\d*)?[eE][-+]?\d")

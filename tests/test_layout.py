@@ -23,6 +23,9 @@ MAX_LINES = 500
 STAGES = {"meters", "workloads", "pipeline", "attribution.py", "carbon", "ledger", "exporter"}
 SUPPORT = {"config", "web", "runtime"}  # read by every stage: keys, the HTTP server, lifecycle
 RUNNERS = {"daemon.py", "commands", "cli.py", "types.py", "__init__.py", "__main__.py"}
+# What code calls (docs/exec.md, docs/codecarbon.md): `carbond.track`, `carbond.codecarbon`,
+# `%load_ext carbond`, and the daemon's exec socket (`runs`) that they and `exec` share.
+API = {"tracking.py", "codecarbon.py", "notebook.py", "runs"}
 # The composition root and the command that starts the daemon build the exporter.
 COMPOSITION = ("carbond.commands.build", "carbond.commands.run")
 
@@ -177,7 +180,7 @@ def test_the_checks_see_a_circle_and_a_reach(tmp_path: Path) -> None:
 def test_the_top_level_holds_the_pipelines_stages_and_what_runs_them() -> None:
     present = {path.name for path in PACKAGE.iterdir()
                if path.name != "__pycache__" and (path.suffix == ".py" or path.is_dir())}
-    assert present == STAGES | SUPPORT | RUNNERS
+    assert present == STAGES | SUPPORT | RUNNERS | API
 
 
 @pytest.mark.parametrize("start", ["carbond.attribution", "carbond.exporter"])

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from carbond.commands.exec.plan import Plan
-from carbond.figures import decimal, human_grams, human_joules
+from carbond.commands.figures import decimal, human_grams, human_joules
 
 JOULES_PER_KWH = 3.6e6
 

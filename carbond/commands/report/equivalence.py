@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from carbond.figures import decimal
+from carbond.commands.figures import decimal
 
 LITRES_PER_US_GALLON = 3.785411784  # exact, by definition of the US gallon
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone, tzinfo
 
 from carbond import __version__
+from carbond.commands.figures import ENERGY_UNITS, MASS_UNITS, decimal, unit_for
 from carbond.commands.report.equivalence import PETROL, Equivalence
 from carbond.commands.report.model import DayUsage, PageInfo, Report
-from carbond.figures import ENERGY_UNITS, MASS_UNITS, decimal, unit_for
 from carbond.ledger.ledger import Usage
 
 JOULES_PER_KWH = 3.6e6
@@ -60,7 +60,7 @@ class Unit:
 
 
 def _unit_for(value: float, units: Sequence[tuple[str, float, float]]) -> Unit:
-    """The unit `carbond.figures` would print `value` in: one per column, from its largest."""
+    """The unit `figures` would print `value` in: one per column, from its largest."""
     return Unit(*unit_for(value, units))
 
 

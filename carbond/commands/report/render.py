@@ -8,10 +8,10 @@ import json
 from datetime import datetime, tzinfo
 from typing import Any
 
+from carbond.commands.figures import decimal, human_grams, human_joules
 from carbond.commands.report.html import render_html
 from carbond.commands.report.model import KEY_COLUMNS, DayUsage, PageInfo, Report
 from carbond.commands.report.sources import days_of
-from carbond.figures import decimal, human_grams, human_joules
 from carbond.ledger.ledger import Usage
 
 JOULES_PER_KWH = 3.6e6
@@ -81,7 +81,7 @@ def _cell(text: str) -> str:
 
 
 def render_table(report: Report, zone: tzinfo) -> str:
-    """Scaled units, three significant digits (carbond.figures), and a TOTAL row; the PLATFORM
+    """Scaled units, three significant digits (commands.figures), and a TOTAL row; the PLATFORM
     column (the node beyond its measured parts) only where a platform meter measured some."""
     columns = [c.upper() for c in KEY_COLUMNS[report.by]]
     platform = report.total.platform_joules > 0
