@@ -224,3 +224,24 @@ def test_namer_caches_per_path() -> None:
     namer("x/b")
     namer("x/c")  # over max_cached: the cache starts over, results stay right
     assert namer("x/a") == Consumer("project", "a")
+
+
+NOBODY = pwd.getpwuid(65534).pw_name
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    # a user's delegated sub-tree: the user names the directory, the project is theirs
+    ("user.slice/user-65534.slice/user@65534.service/app.slice/carbond.exec/train/run.1.2.x",
+     f"{NOBODY}/train"),
+    # naming another user's project (or root's) from one's own tree keeps it one's own
+    ("user.slice/user-65534.slice/user@65534.service/carbond.exec/root%2Ftrain/run.1.2.x",
+     f"{NOBODY}/root/train"),
+    # the exec socket's runs under the caller's slice already carry the prefix: not doubled
+    (f"user.slice/user-65534.slice/carbond.exec/{NOBODY}%2Ftrain/run.1.2.x", f"{NOBODY}/train"),
+    # root's own slice and trees only root writes: the name as given
+    ("user.slice/user-0.slice/carbond.exec/train/run.1.2.x", "train"),
+    ("carbond.exec/train/run.1.2.x", "train"),
+    ("system.slice/carbond.exec/a%2Fb/run.1.2.x", "a/b"),
+])
+def test_a_project_under_a_users_slice_is_that_users(path: str, expected: str) -> None:
+    assert consumer_for_cgroup(path) == Consumer("project", expected)

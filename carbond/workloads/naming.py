@@ -205,13 +205,29 @@ def _vm(parts: list[str]) -> Consumer | None:
     return None
 
 
-def _project(parts: list[str]) -> Consumer | None:
-    """The deepest `carbond exec` run: EXEC_PARENT/<project>[/<run>[/…]]."""
+def project_name(parts: list[str]) -> str | None:
+    """The project of the deepest `carbond exec` run in a path, EXEC_PARENT/<project>[/<run>…]
+    (None outside one). Under a user's slice (`user.slice/user-UID.slice/…`, UID not 0) the
+    project is that user's, `USER/PROJECT`, whoever named the directory: a user who may write
+    their delegated sub-tree cannot add to another user's project, nor to root's."""
     for index in range(len(parts) - 2, -1, -1):
         if parts[index] == EXEC_PARENT:
             name = decode_project(parts[index + 1])
-            return Consumer("project", name) if name else None
+            if not name:
+                return None
+            found = _USER_SLICE.match(parts[1]) if len(parts) > 2 and parts[0] == "user.slice" \
+                else None
+            if found and int(found["uid"]) != 0:
+                owner = user_name(int(found["uid"])) + "/"
+                if not name.startswith(owner):
+                    name = owner + name
+            return name
     return None
+
+
+def _project(parts: list[str]) -> Consumer | None:
+    name = project_name(parts)
+    return Consumer("project", name) if name else None
 
 
 def _builtin(parts: list[str]) -> Consumer:

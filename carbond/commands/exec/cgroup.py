@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from carbond.runs.client import RunsClient, RunsRefused, RunsUnavailable
 from carbond.workloads.cgroups import V2, CgroupRoot, read_counter
 from carbond.workloads.kernfiles import cgroup_line, parse_proc_cgroup, read_proc_cgroup
-from carbond.workloads.naming import EXEC_PARENT, decode_project, encode_project
+from carbond.workloads.naming import EXEC_PARENT, decode_project, encode_project, project_name
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,9 @@ class RunCgroup:
 
     @property
     def project(self) -> str:
-        return decode_project(os.path.basename(self.project_dir))
+        """The name the daemon records the run under (naming.project_name of its path)."""
+        return project_name(self.rel.split(os.sep)) or decode_project(
+            os.path.basename(self.project_dir))
 
     def spawned(self) -> None:
         """After the fork: nothing to undo (the child entered the cgroup itself)."""
