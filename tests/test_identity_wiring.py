@@ -232,3 +232,16 @@ def test_info_rows_carry_only_their_labels_escaped():
         ({"kind": "container", "consumer": "ns/p/c", "namespace": "ns", "pod": 'say "hi"\n'},
          1.0),
         ({"kind": "job", "consumer": "slurm/1", "account": "physics"}, 1.0)]
+
+
+def test_metadata_errors_continue_across_a_restart():
+    """carbond_metadata_errors_total never goes back: the count exported at the stop is
+    carried in the ledger's state and added to the next run's."""
+    first = Publisher(10)
+    first.publish(record({}, {}), Health(metadata_errors_total={"cri": 2, "slurm": 0}))
+    state = first.state()
+    assert state["carried"]["metadata_errors"] == {"cri": 2, "slurm": 0}
+    second = Publisher(10)
+    second.restore({}, {}, {}, {}, {}, 0.0, state)
+    snap = second.publish(record({}, {}), Health(metadata_errors_total={"cri": 1, "slurm": 0}))
+    assert snap.metadata_errors_total == {"cri": 3.0, "slurm": 0.0}
