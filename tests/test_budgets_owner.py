@@ -92,3 +92,32 @@ def test_the_configuration_takes_the_metadata_section(tmp_path):
     with pytest.raises(ConfigError) as info:
         config.load(str(path), {})
     assert info.value.key == "metadata.podman.sockett"
+
+
+def test_after_a_restart_owners_of_ended_jobs_come_from_the_ledger(tmp_path):
+    """The daemon's owner lookup (commands/build.owners): a job that ended before the restart
+    is known to no resolver any more; its account, kept in the ledger, still counts it."""
+    import dataclasses
+
+    from carbond.commands.build import owners
+    from carbond.types import TickRecord
+
+    start = at("2024-05-02T00:00:00")
+    clock = Clock(start + 2 * HOUR)
+    budget = Budget("physics", {"account": "physics"}, "day", 100.0)
+    cfg = dataclasses.replace(config.load(None, {}), budgets=(budget,))
+    with Ledger.open(str(tmp_path), clock=clock) as ledger:
+        ledger.record(TickRecord(start + 1800, 60.0, {JOB: {"cpu": 1.0}, POD: {"cpu": 1.0}},
+                                 {JOB: 7.0, POD: 3.0}, {}, metadata={JOB: JOB_LABELS}))
+    with Ledger.open(str(tmp_path), clock=clock) as ledger:
+        nothing_live = owners(cfg, ledger, lambda consumer: {})
+        (physics,) = BudgetTracker([budget], "UTC", ledger, clock=clock,
+                                   metadata=nothing_live).status()
+        assert physics.used_grams == pytest.approx(7.0)
+        without = BudgetTracker([budget], "UTC", ledger, clock=clock,
+                                metadata=lambda consumer: {}).status()
+    assert without[0].used_grams == 0.0  # what the lookup adds: the ledger's owners
+    plain = dataclasses.replace(cfg, budgets=(Budget("all", {}, "day", 1.0),))
+    live = lambda consumer: {}  # noqa: E731
+    with Ledger.open(str(tmp_path), clock=clock) as ledger:
+        assert owners(plain, ledger, live) is live  # no owner budget: the ledger is not read

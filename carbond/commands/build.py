@@ -17,7 +17,7 @@ from carbond.carbon.zone import ZoneChoice
 from carbond.config import BUDGETS, FEED, METADATA, METERS, NAMER, Config, fields_on_reload, load
 from carbond.daemon import Daemon, Reconfiguration, policy_of
 from carbond.exporter.publisher import COUNTERS_STATE, Publisher
-from carbond.ledger.budgets import BudgetTracker, MetadataLookup, no_metadata
+from carbond.ledger.budgets import OWNER_KEYS, BudgetTracker, MetadataLookup, no_metadata
 from carbond.ledger.ledger import Ledger, LedgerError
 from carbond.meters.base import Meter
 from carbond.meters.nvml import NvmlMeter
@@ -25,7 +25,7 @@ from carbond.meters.platform import build_platform_meters
 from carbond.meters.power_model import ModelMeter
 from carbond.meters.rapl import RaplMeter
 from carbond.pipeline.idle import IdleBaseline
-from carbond.pipeline.names import Names
+from carbond.pipeline.names import NO_LABELS, Names
 from carbond.pipeline.tick import READ_DEADLINE_SECONDS, CpuSource, Pipeline
 from carbond.runtime.lifecycle import Part, Periodic, Runner
 from carbond.types import ConfigError
@@ -128,13 +128,26 @@ def reconfigure(config_path: str | None, flags: Mapping[str, Any], old: Config,
     feed = build_feed(new)[0] if changed(FEED) else None
     meters = build_meters(new) if changed(METERS) else None
     namer = CgroupNamer(new.rules) if changed(NAMER) else None
-    budgets = (BudgetTracker(new.budgets, new.budgets_timezone, ledger, metadata=metadata)
+    budgets = (BudgetTracker(new.budgets, new.budgets_timezone, ledger,
+                             metadata=owners(new, ledger, metadata))
                if changed(BUDGETS) else None)
     metadata_changed = changed(METADATA)
     resolver = (build_resolver(new.metadata) if metadata_changed and new.metadata.enabled
                 else None)
     return Reconfiguration(new, meters, gpu_usage_of(meters) if meters is not None else None,
                            feed, namer, budgets, metadata_changed, resolver)
+
+
+def owners(config: Config, ledger: Ledger | None, live: MetadataLookup) -> MetadataLookup:
+    """Owner labels for budgets: the running resolver's, else the ledger's as last known. A
+    budget reads the ledger's rows of its period at start and after a clock step, and jobs and
+    pods that ended before are known only to the ledger. Read only where a budget matches by
+    owner, and once."""
+    if ledger is None or not any(key in budget.match for budget in config.budgets
+                                 for key in OWNER_KEYS):
+        return live
+    stored = ledger.stored_labels()
+    return lambda consumer: live(consumer) or stored.get(consumer, NO_LABELS)
 
 
 def open_ledger(config: Config) -> Ledger:
@@ -207,7 +220,7 @@ def build_daemon(config: Config, *, meters: list[Meter] | None = None,
                               totals.device_joules, totals.host_grams,
                               ledger.get_state(COUNTERS_STATE))
         budgets = BudgetTracker(config.budgets, config.budgets_timezone, ledger,
-                                clock=wall_clock, metadata=names.labels)
+                                clock=wall_clock, metadata=owners(config, ledger, names.labels))
     except BaseException:
         if ledger is not None:
             ledger.close()
