@@ -245,3 +245,26 @@ def test_metadata_errors_continue_across_a_restart():
     second.restore({}, {}, {}, {}, {}, 0.0, state)
     snap = second.publish(record({}, {}), Health(metadata_errors_total={"cri": 1, "slurm": 0}))
     assert snap.metadata_errors_total == {"cri": 3.0, "slurm": 0.0}
+
+
+def test_other_continues_across_a_restart_with_what_was_folded_into_it():
+    """With more consumers than max_consumers, `other` holds the folded ones: at a restart it
+    continues from its exported value (the ledger's state), not from the ledger's own
+    `other` consumer, which holds only attribution's; a malformed state starts from that."""
+    first = Publisher(1, clock=lambda: 1.0)
+    for _ in range(3):
+        snap = first.publish(record({container(i): 10.0 + i for i in range(5)}, {}), Health())
+    def other_joules(snap):
+        return sum(s.joules_total for s in snap.consumers if s.consumer == OTHER)
+    before = other_joules(snap)
+    assert before > 0  # four of five consumers were folded into it
+    state = first.state()
+    ledger_other = {OTHER: {"cpu": 1.0}}  # what the ledger holds under the name `other`
+    second = Publisher(1, clock=lambda: 2.0)
+    second.restore(ledger_other, {}, {}, {}, {}, 0.0, state)
+    after = other_joules(second.publish(record({}, {}), Health()))
+    assert after >= before
+    third = Publisher(1, clock=lambda: 2.0)
+    third.restore(ledger_other, {}, {}, {}, {}, 0.0,
+                  dict(state, other={"joules": {"cpu": "nan"}}))
+    assert other_joules(third.publish(record({}, {}), Health())) == 1.0

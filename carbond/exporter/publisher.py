@@ -155,6 +155,13 @@ class Publisher:
                              dict(consumer_embodied_grams), dict(consumer_age_seconds))
         self._device_joules.update(device_joules)
         self._counters = Counters.from_state(state, host_grams)
+        folded = state.get("other") if isinstance(state, dict) else None
+        if isinstance(folded, dict):
+            try:
+                self._series.continue_folded(folded)
+            except (AttributeError, TypeError, ValueError):
+                log.warning("ledger state %r: `other` is malformed; it continues from the "
+                            "ledger's totals", COUNTERS_STATE)
 
     def latest(self) -> Snapshot:
         return self._snapshot
@@ -249,6 +256,7 @@ class Publisher:
             "exited_tasks": snap.exited_tasks_total,
             "tick_failures": snap.tick_failures_total,
             "platform_excess_joules": snap.platform_excess_joules_total,
+            "other": self._series.folded(),
             "carried": {
                 "meter_errors": snap.meter_errors_total,
                 "fetch_errors": snap.intensity_fetch_errors_total,

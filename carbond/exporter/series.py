@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from carbond.types import IDLE, OTHER, Consumer
 
@@ -31,6 +32,14 @@ class SeriesSample:
     component: str  # cpu, dram, gpu
     joules_total: float
     watts: float
+
+
+def _finite(value: object) -> float:
+    """A stored count: a finite number >= 0, else ValueError (the state is outside data)."""
+    number = float(value)  # type: ignore[arg-type]  # TypeError/ValueError for non-numbers
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"not a count: {number!r}")
+    return number
 
 
 @dataclass
@@ -107,6 +116,24 @@ class ConsumerSeries:
                 self._memory.move_to_end(consumer)
         while len(self._memory) > self._remember:
             self._memory.popitem(last=False)
+
+    def folded(self) -> dict[str, Any]:
+        """The `other` series as exported, for the next start: it holds the consumers folded
+        into it besides attribution's own `other`, which is all the ledger knows by that name."""
+        other = self._series[OTHER]
+        return {"joules": dict(other.joules), "grams": other.grams,
+                "embodied_grams": other.embodied_grams}
+
+    def continue_folded(self, state: Mapping[str, Any]) -> None:
+        """After `restore`: `other` continues from its value at the stop (`folded()`), never
+        from the ledger's smaller `other` alone: a counter does not go back."""
+        other = self._series[OTHER]
+        for component, joules in dict(state.get("joules", {})).items():
+            other.joules[str(component)] = max(other.joules.get(str(component), 0.0),
+                                                _finite(joules))
+        other.grams = max(other.grams, _finite(state.get("grams", 0.0)))
+        other.embodied_grams = max(other.embodied_grams,
+                                   _finite(state.get("embodied_grams", 0.0)))
 
     def _rank(self, live: Mapping[Consumer, float], interval: float) -> None:
         alpha = 1.0 if interval <= 0 else 1.0 - math.exp(-interval / self.smoothing_seconds)
