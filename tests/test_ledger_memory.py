@@ -115,3 +115,26 @@ def test_totals_in_the_file_equal_what_was_fed_whatever_leaves_memory(ticks, kee
         for consumer, joules in fed.items():
             assert stored(state, consumer).get("cpu", 0.0) == pytest.approx(joules, rel=1e-9,
                                                                             abs=1e-9)
+
+
+def test_under_churn_memory_holds_at_most_keep_consumers(tmp_path):
+    """Thousands of consumers a minute, all within keep_seconds: memory holds the most recently
+    booked `keep_consumers`, once written; the rest are read back when they return, and a
+    restart loads no more than that either."""
+    state, clock = str(tmp_path), Clock(T0)
+    churn = [Consumer("cgroup", f"churn-{i}") for i in range(300)]
+    with Ledger.open(state, clock=clock, keep_consumers=50) as ledger:
+        for second, consumer in enumerate(churn):
+            book(ledger, clock, T0 + second, {consumer: 1.0, B: 1.0})
+            if second % 60 == 59:
+                assert ledger.flush()
+                assert ledger.consumers_in_memory <= 50
+        assert ledger.flush()
+        assert ledger.consumers_in_memory <= 50
+        book(ledger, clock, T0 + 400, {churn[0]: 2.0})  # long gone from memory: it returns
+        assert ledger.flush()
+        assert ledger.restore().consumer_joules[churn[0]]["cpu"] == 3.0
+        assert ledger.restore().consumer_joules[B]["cpu"] == 300.0  # booked every tick: kept
+    with Ledger.open(state, clock=clock, keep_consumers=50) as ledger:
+        assert ledger.consumers_in_memory <= 50
+        assert stored(state, churn[1]) == {"cpu": 1.0, "platform": 0.1}

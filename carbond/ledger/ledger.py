@@ -13,6 +13,7 @@ The schema and its migrations: `schema`.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -68,6 +69,9 @@ RETENTION_EVERY_SECONDS = 3600.0
 # Totals of a consumer not booked for this long leave memory (they stay in the file and are
 # read back when it returns): memory holds the consumers of the last hours, not of 400 days.
 DEFAULT_KEEP_SECONDS = 6 * 3600.0
+# ... and at most this many, the most recently booked (under churn, thousands of consumers a
+# minute, 6 hours' worth would still grow without bound): about 6 MiB of totals.
+DEFAULT_KEEP_CONSUMERS = 10_000
 ERRORS_STATE = "ledger_errors_total"  # the error counter continues across restarts too
 
 
@@ -81,11 +85,13 @@ class Ledger:
 
     def __init__(self, state_dir: str, retention_seconds: float,
                  clock: Callable[[], float],
-                 keep_seconds: float = DEFAULT_KEEP_SECONDS) -> None:
+                 keep_seconds: float = DEFAULT_KEEP_SECONDS,
+                 keep_consumers: int = DEFAULT_KEEP_CONSUMERS) -> None:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, LEDGER_FILE)
         self.retention_seconds = retention_seconds
         self.keep_seconds = keep_seconds
+        self.keep_consumers = keep_consumers
         self._clock = clock
         self._lock = threading.Lock()  # memory: the book
         self._db_lock = threading.RLock()  # the store; held through a flush
@@ -109,6 +115,7 @@ class Ledger:
         retention_seconds: float = DEFAULT_RETENTION_SECONDS,
         clock: Callable[[], float] = time.time,
         keep_seconds: float = DEFAULT_KEEP_SECONDS,
+        keep_consumers: int = DEFAULT_KEEP_CONSUMERS,
     ) -> Ledger:
         """Lock the directory, open (create, migrate) the ledger and load its totals.
 
@@ -117,7 +124,7 @@ class Ledger:
         that cannot be written (read-only, full, missing) is not an error here: the ledger
         works from memory, counts the failure in `errors_total` and retries on every flush.
         """
-        ledger = cls(state_dir, retention_seconds, clock, keep_seconds)
+        ledger = cls(state_dir, retention_seconds, clock, keep_seconds, keep_consumers)
         ledger._store.take_lock()
         try:
             with ledger._db_lock:
@@ -149,7 +156,7 @@ class Ledger:
 
     def _load(self) -> None:
         """Provider bits and (the first time) the totals, from the open database."""
-        totals, labels, providers = self._store.load(self.keep_seconds)
+        totals, labels, providers = self._store.load(self.keep_seconds, self.keep_consumers)
         with self._lock:
             book = self._book
             for name, index in providers.items():
@@ -301,10 +308,14 @@ class Ledger:
 
     def _evict(self) -> None:
         with self._lock:
-            newest = max(self._book.totals.consumer_updated.values(), default=None)
+            updated = self._book.totals.consumer_updated
+            newest = max(updated.values(), default=None)
             if newest is None:
                 return
-            gone = self._book.evict(newest - self.keep_seconds)
+            before = newest - self.keep_seconds
+            if len(updated) > self.keep_consumers:
+                before = max(before, heapq.nlargest(self.keep_consumers, updated.values())[-1])
+            gone = self._book.evict(before)
         self._store.forget(gone)
 
     def _recreate(self) -> None:

@@ -135,14 +135,19 @@ class Store:
 
     # ---- reading ---------------------------------------------------------------------------
 
-    def load(self, keep_since: float | None) -> tuple[Totals, dict[Consumer, dict[str, str]],
-                                                      dict[str, int]]:
-        """Totals (consumers booked within `keep_since` of the newest), their labels and the
-        stored provider bits, from the open file."""
+    def load(self, keep_since: float | None, keep_consumers: int | None = None
+             ) -> tuple[Totals, dict[Consumer, dict[str, str]], dict[str, int]]:
+        """Totals (consumers booked within `keep_since` of the newest, at most the
+        `keep_consumers` most recent), their labels and the stored provider bits."""
         conn = self.conn
         assert conn is not None
         newest = conn.execute("SELECT MAX(updated) FROM consumer_totals").fetchone()[0]
         since = newest - keep_since if newest is not None and keep_since is not None else None
+        if newest is not None and keep_consumers is not None:
+            nth = conn.execute("SELECT updated FROM consumer_totals ORDER BY updated DESC"
+                               " LIMIT 1 OFFSET ?", (keep_consumers - 1,)).fetchone()
+            if nth is not None:
+                since = nth[0] if since is None else max(since, nth[0])
         totals = read_totals(conn, since)
         self.ids = read_consumer_totals(conn, Totals(), since)
         labels = read_labels(conn, self.ids)
