@@ -279,7 +279,9 @@ class CgroupNamer:
     `rules_skipped` counts paths named without the user rules because they were longer than
     MAX_RULE_PATH_CHARS (each path once per time it is named, not per cached lookup)."""
 
-    def __init__(self, rules: Iterable[Rule] = (), max_cached: int = 65536) -> None:
+    # 16,384 paths hold a large node's live tree (1,000 pods are about 5,000 cgroups) and,
+    # under churn, cost a few MiB at most before the cache starts over.
+    def __init__(self, rules: Iterable[Rule] = (), max_cached: int = 16384) -> None:
         self.rules = tuple(rules)
         self.max_cached = max_cached
         self._cache: dict[str, Consumer] = {}
