@@ -253,3 +253,33 @@ def test_root_cgroup_process_is_named_like_the_cpu_side(tmp_path: Path, fake_lib
            for k, v in select(after, CONSUMER, component="gpu").items() if v > 0}
     assert grew(before, after, CONSUMER, component="gpu", consumer="sleep", kind="process") == \
         pytest.approx(2_000.0, rel=1e-9), gpu
+
+
+def test_nvml_hanging_at_start_leaves_the_gpus_out_until_it_answers(
+        tmp_path: Path, fake_lib: Path) -> None:
+    """The GPU's energy call blocks from the start (the stand-in's `hang`, as a wedged driver
+    does): the daemon starts within its start deadline and ticks with the CPU, `nvml` down
+    with its reason; once NVML answers, the GPU joins and is counted from then on."""
+    path = tmp_path / "scenario.txt"
+    sc = two_gpus()
+    sc.gpu(0).faults.add("hang")
+    sc.write(path)
+    run = setup(tmp_path, fake_lib, path)
+    with carbond_run(*run.args, env=run.env) as daemon:
+        hung = daemon.wait_ticks(2)
+        assert total(hung, "carbond_meter_up", meter="nvml") == 0
+        assert not select(hung, HOST, component="gpu")
+        sc.gpu(0).faults.clear()  # the driver answers again
+        sc.write(path)
+        for _ in range(40):
+            joined = daemon.wait_ticks(1)
+            if total(joined, "carbond_meter_up", meter="nvml") == 1:
+                break
+        assert total(joined, "carbond_meter_up", meter="nvml") == 1
+        sc.gpu(0).energy_millijoules += 1_000_000
+        sc.gpu(1).energy_millijoules += 2_000_000
+        write_after_tick(daemon, sc, path)
+        later = daemon.wait_ticks(2)
+    assert daemon.process.returncode == 0
+    assert grew(joined, later, HOST, device="gpu-0") == pytest.approx(1_000.0, rel=1e-9)
+    assert grew(joined, later, HOST, device="gpu-1") == pytest.approx(2_000.0, rel=1e-9)

@@ -41,6 +41,11 @@ from carbond.workloads.taskstats import TaskstatsListener
 log = logging.getLogger(__name__)
 
 
+# nvmlInit and the first look at each GPU: seconds on a large node without persistence mode;
+# a driver that hangs there leaves the GPUs out until it answers, never the daemon.
+NVML_START_DEADLINE_SECONDS = 10.0
+
+
 def build_meters(config: Config, *, sampler: bool = True) -> list[Meter]:
     meters: list[Meter] = []
     if config.rapl_enabled != "off":
@@ -55,7 +60,8 @@ def build_meters(config: Config, *, sampler: bool = True) -> list[Meter]:
             )
         )
     if config.nvml_enabled != "off":
-        meters.append(NvmlMeter(start_sampler=sampler))
+        meters.append(NvmlMeter(start_sampler=sampler,
+                                start_deadline_seconds=NVML_START_DEADLINE_SECONDS))
     return meters + build_platform_meters(config, start_threads=sampler)
 
 

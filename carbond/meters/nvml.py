@@ -19,7 +19,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -28,11 +27,9 @@ from carbond.meters.base import (
     ERROR,
     DeviceEnergy,
     DeviceReport,
-    EnergyCounter,
     MeterReading,
 )
 from carbond.meters.nvml_errors import (
-    STATUS_ERROR,
     STATUS_LOST,
     STATUS_NO_PERMISSION,
     STATUS_NOT_SUPPORTED,
@@ -43,6 +40,7 @@ from carbond.meters.nvml_errors import (
     load_pynvml,
     status_for,
 )
+from carbond.meters.nvml_gpu import GpuInfo, GpuState, MigInstance
 
 METHOD_COUNTER = "energy counter"
 METHOD_POWER = "power integration"
@@ -51,66 +49,6 @@ __all__ = ["STATUS_LOST", "GpuInfo", "MigInstance", "NvmlMeter", "describe", "er
            "load_pynvml", "status_for"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MigInstance:
-    """A MIG device of a GPU. It has no energy counter of its own: its share of the parent's
-    energy comes from its processes' usage (see carbond.workloads.gpu)."""
-
-    slot: int  # index for nvmlDeviceGetMigDeviceHandleByIndex
-    uuid: str
-    gpu_instance_id: int
-    compute_instance_id: int
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    """What is known about one GPU, for `carbond_gpu_info` and `carbond check`."""
-
-    index: int  # NVML index
-    device: str  # "gpu-N", the `device` label
-    uuid: str  # "" when the GPU was never readable
-    name: str
-    status: str  # ok, lost, not supported, no permission, error
-    reason: str  # why it is down; "" when ok
-    method: str  # "energy counter", "power integration", or "" while down
-    mig_enabled: bool
-    mig_instances: tuple[MigInstance, ...]
-
-
-class _Gpu:
-    """Mutable per-GPU state; only touched under NvmlMeter._lock."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.device = f"gpu-{index}"
-        self.uuid = ""
-        self.name = ""
-        self.handle: Any = None
-        self.status = STATUS_ERROR
-        self.reason = "not yet read"
-        self.method = ""
-        # mJ; no range: a decrease is a reset. mW is mJ/s: the bound is in the counter's units.
-        self.max_milliwatts = CEILING_WATTS * 1000.0
-        self.counter = EnergyCounter(None, self.max_milliwatts)
-        self.rejecting = False  # the last energy or power value was impossible
-        self.power_millijoules = 0.0  # integrated power
-        self.last_power_milliwatts: int | None = None
-        self.last_power_time = 0.0
-        self.last_retry = float("-inf")
-        self.mig_enabled = False
-        self.mig_instances: tuple[MigInstance, ...] = ()
-
-    @property
-    def joules(self) -> float:
-        return (self.counter.total_units + self.power_millijoules) / 1000.0
-
-    def info(self) -> GpuInfo:
-        return GpuInfo(self.index, self.device, self.uuid, self.name, self.status,
-                       "" if self.status == STATUS_OK else self.reason,
-                       self.method if self.status == STATUS_OK else "",
-                       self.mig_enabled, self.mig_instances)
 
 
 class NvmlMeter:
@@ -126,7 +64,11 @@ class NvmlMeter:
         power_interval_s: float = 1.0,
         retry_interval_s: float = 10.0,
         start_sampler: bool = True,
+        start_deadline_seconds: float | None = None,
     ) -> None:
+        """`start_deadline_seconds`: how long the constructor waits for NVML to answer (None:
+        for ever). A driver that hangs at start leaves the meter down, never the daemon; its
+        GPUs join when NVML answers."""
         if not 0 < power_interval_s <= 1.0:
             raise ValueError("power_interval_s must be in (0, 1] seconds")
         self._nvml = nvml if nvml is not None else load_pynvml()
@@ -137,7 +79,7 @@ class NvmlMeter:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
-        self._gpus: list[_Gpu] = []
+        self._gpus: list[GpuState] = []
         self._initialised = False
         self._closed = False
         self._reason = ""  # why the whole meter is down
@@ -146,7 +88,29 @@ class NvmlMeter:
         self._up = False
         self.errors_total = 0  # cumulative failed reads, for carbond_meter_errors_total
         self.driver_version = ""
-        self._init()
+        self._starting: threading.Thread | None = None
+        if start_deadline_seconds is None:
+            self._init()
+            return
+        self._starting = threading.Thread(target=self._start, name="carbond-nvml-start",
+                                          daemon=True)
+        self._starting.start()
+        self._starting.join(start_deadline_seconds)
+        if self._starting.is_alive():
+            self._reason = (f"NVML did not answer within {start_deadline_seconds:g} s of the "
+                            "start; its GPUs join when it does")
+            log.warning("nvml meter down: %s", self._reason)
+
+    def _start(self) -> None:
+        try:
+            with self._lock:
+                self._init()
+        except Exception:  # never let the start die silently
+            log.exception("nvml meter start")
+
+    def _still_starting(self) -> bool:
+        """NVML has not answered the start yet: every call answers from nothing, at once."""
+        return self._starting is not None and self._starting.is_alive()
 
     @property
     def _api(self) -> ModuleType:
@@ -185,7 +149,7 @@ class NvmlMeter:
             self._reason = "NVML found no GPUs"
         now = self._clock()
         for index in range(count):
-            gpu = _Gpu(index)
+            gpu = GpuState(index)
             self._gpus.append(gpu)
             self._acquire(gpu, now)
 
@@ -200,7 +164,7 @@ class NvmlMeter:
             return "no permission to open the NVIDIA device files"
         return f"nvmlInit failed: {describe(exc)}"
 
-    def _acquire(self, gpu: _Gpu, now: float) -> None:
+    def _acquire(self, gpu: GpuState, now: float) -> None:
         """(Re)get a GPU's handle and pick its energy method; marks it ok or down."""
         nvml = self._api
         gpu.last_retry = now
@@ -229,7 +193,7 @@ class NvmlMeter:
         self._refresh_mig(gpu)
         self._choose_method(gpu, now)
 
-    def _choose_method(self, gpu: _Gpu, now: float) -> None:
+    def _choose_method(self, gpu: GpuState, now: float) -> None:
         nvml = self._api
         try:
             raw = int(nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
@@ -255,7 +219,7 @@ class NvmlMeter:
         self._mark_ok(gpu, METHOD_POWER)
         self._ensure_sampler()
 
-    def _read_limit(self, gpu: _Gpu) -> None:
+    def _read_limit(self, gpu: GpuState) -> None:
         """Bound what a reading may imply by twice the enforced power limit (boost passes it
         briefly; the limit can be changed at run time, so it is read again with MIG), else
         CEILING_WATTS: more is a glitch, an error sample, never energy."""
@@ -267,7 +231,7 @@ class NvmlMeter:
         gpu.max_milliwatts = 2.0 * limit_milliwatts if plausible else CEILING_WATTS * 1000.0
         gpu.counter.max_units_per_second = gpu.max_milliwatts
 
-    def _power(self, gpu: _Gpu) -> float | None:
+    def _power(self, gpu: GpuState) -> float | None:
         """nvmlDeviceGetPowerUsage in mW; None for an impossible value (NaN, negative, above
         the bound), which is an error sample; NVML failures raise."""
         value = self._api.nvmlDeviceGetPowerUsage(gpu.handle)
@@ -276,7 +240,7 @@ class NvmlMeter:
             return float(value)
         return None
 
-    def _rejected(self, gpu: _Gpu, what: str, value: object) -> bool:
+    def _rejected(self, gpu: GpuState, what: str, value: object) -> bool:
         """Count an impossible value; warn once per run of them. Always False (no sample)."""
         self.errors_total += 1
         if not gpu.rejecting:
@@ -285,7 +249,7 @@ class NvmlMeter:
         gpu.rejecting = True
         return False
 
-    def _refresh_mig(self, gpu: _Gpu) -> None:
+    def _refresh_mig(self, gpu: GpuState) -> None:
         """List MIG instances; a GPU or driver without MIG simply has none."""
         nvml = self._api
         instances: list[MigInstance] = []
@@ -310,12 +274,12 @@ class NvmlMeter:
                     continue  # empty slot (NotFound) or unreadable instance
         gpu.mig_enabled, gpu.mig_instances = enabled, tuple(instances)
 
-    def _mark_ok(self, gpu: _Gpu, method: str) -> None:
+    def _mark_ok(self, gpu: GpuState, method: str) -> None:
         if gpu.status != STATUS_OK:
             log.info("%s (%s) readable via %s", gpu.device, gpu.uuid, method)
         gpu.status, gpu.reason, gpu.method = STATUS_OK, "", method
 
-    def _mark_down(self, gpu: _Gpu, exc: BaseException, what: str,
+    def _mark_down(self, gpu: GpuState, exc: BaseException, what: str,
                    reason: str | None = None) -> None:
         status = status_for(exc, self._api)
         reason = reason or f"{what}: {describe(exc)}"
@@ -345,6 +309,8 @@ class NvmlMeter:
     def sample_power(self) -> None:
         """Integrate power once for every GPU read by power integration (the sampler calls this
         every `power_interval_s`; tests with an injected clock call it directly)."""
+        if self._still_starting():
+            return
         with self._lock:
             if not self._initialised:
                 return
@@ -353,7 +319,7 @@ class NvmlMeter:
                 if gpu.status == STATUS_OK and gpu.method == METHOD_POWER:
                     self._sample_gpu_power(gpu, now)
 
-    def _sample_gpu_power(self, gpu: _Gpu, now: float) -> bool:
+    def _sample_gpu_power(self, gpu: GpuState, now: float) -> bool:
         try:
             milliwatts = self._power(gpu)
         except Exception as exc:
@@ -374,6 +340,8 @@ class NvmlMeter:
     def read(self) -> MeterReading:
         """Cumulative joules for every GPU that could be read now."""
         reading = MeterReading()
+        if self._still_starting():
+            return reading
         with self._lock:
             errors_before = self.errors_total
             now = self._clock()
@@ -408,7 +376,7 @@ class NvmlMeter:
         if now - self._last_init_try >= self.retry_interval_s:
             self._init()
 
-    def _read_counter(self, gpu: _Gpu, reading: MeterReading) -> bool:
+    def _read_counter(self, gpu: GpuState, reading: MeterReading) -> bool:
         nvml = self._api
         try:
             raw = int(nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle))
@@ -440,11 +408,15 @@ class NvmlMeter:
 
     def gpus(self) -> list[GpuInfo]:
         """Every GPU NVML reported, up or down (for carbond_gpu_info and check); no NVML call."""
+        if self._still_starting():
+            return []
         with self._lock:
             return [gpu.info() for gpu in self._gpus]
 
     def handles(self) -> dict[str, Any]:
         """device -> NVML handle for the GPUs that are up, for carbond.workloads.gpu."""
+        if self._still_starting():
+            return {}
         with self._lock:
             return {gpu.device: gpu.handle for gpu in self._gpus if gpu.status == STATUS_OK}
 
@@ -454,6 +426,8 @@ class NvmlMeter:
 
     def report(self) -> list[DeviceReport]:
         """Lines for `carbond check`: driver, then each GPU with its UUID, method or fault."""
+        if self._still_starting():
+            return [DeviceReport("nvml", self._reason, False)]
         with self._lock:
             if not self._initialised:
                 return [DeviceReport("nvml", self._reason or "not initialised", False)]
@@ -479,6 +453,9 @@ class NvmlMeter:
         sampler = self._sampler
         if sampler is not None:
             sampler.join(timeout=2.0)
+        if self._still_starting():  # NVML never answered: nothing to shut down yet
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return
