@@ -315,44 +315,61 @@ def test_a_reload_starts_the_new_sources_and_names_follow(tmp_path):
     assert grew(first, later, CONSUMER, kind="container", consumer=nginx) == 0
 
 
-def test_report_by_namespace_after_the_pods_ended_equals_the_counters(tmp_path):
-    """Three namespaces of pods through `carbond run`; the pods' processes stop and the runtime
-    goes away (their energy stops, no source can name them any more), the counters freeze; after
-    the daemon stopped, `carbond report --by namespace` from its ledger equals the frozen
-    counters summed per namespace (joined on carbond_consumer_info, as PromQL would)."""
+def test_report_by_owner_after_the_pods_and_jobs_ended_equals_the_counters(tmp_path):
+    """Three namespaces of pods and Slurm job 4242 (account physics, a stand-in scontrol)
+    through `carbond run`; their processes stop and the sources go away (their energy stops,
+    nothing can name them any more), the counters freeze; after the daemon stopped, `carbond
+    report --by namespace` and `--by account` from its ledger equal the frozen counters summed
+    per owner (joined on carbond_consumer_info, as PromQL would)."""
     import json
     import subprocess
     import sys
 
+    from tests.test_identity_slurm import stand_in
+
     state = str(tmp_path / "state")
-    with kubernetes_node(tmp_path, "v2", "systemd", duty=0.05) as node, \
-            ConstantPower(str(tmp_path / "powercap"), package_watts=50.0), carbond_run(
-                "--config", node.config(tmp_path / "carbond.yaml"), "--state-dir", state,
-                "--powercap-root", str(tmp_path / "powercap"), "--interval", "1s",
-                "--cgroup-root", node.tree.root) as daemon:
-        containers = set(node.pids)
-        settle(daemon, lambda s: containers <= consumers(s, "container"))
-        daemon.wait_ticks(3)
-        for directory, _, _ in os.walk(node.tree.root):  # the pods end: nothing runs on
-            with open(os.path.join(directory, "cgroup.procs")) as procs:
-                for pid in procs.read().split():
-                    os.kill(int(pid), signal.SIGSTOP)
-        node.cri.stop()
-        node.kubelet.stop()
-        daemon.wait_ticks(2)
-        frozen = daemon.wait_ticks(2)
-    owners = {key: labels.get("namespace") for key, labels in info(frozen).items()}
-    counted: dict[str, float] = {}
-    for key, joules in select(frozen, CONSUMER).items():
-        labels = dict(key)
-        namespace = owners.get((labels["kind"], labels["consumer"]))
-        if namespace:
-            counted[namespace] = counted.get(namespace, 0.0) + joules
-    assert set(counted) == {"team-a", "ml-prod", "kube-system"}
-    result = subprocess.run([sys.executable, "-m", "carbond", "report", "--state-dir", state,
-                             "--since", "1d", "--by", "namespace", "--format", "json"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    rows = {row["namespace"]: row["joules"] for row in json.loads(result.stdout)["rows"]}
-    for namespace, joules in counted.items():
-        assert rows[namespace] == pytest.approx(joules, rel=0.005), namespace
+    scontrol, _ = stand_in(tmp_path / "bin")
+    burners = Burners()
+    with kubernetes_node(tmp_path, "v2", "systemd", duty=0.05) as node:
+        try:
+            node.tree.make(LAYOUTS["v2"])
+            burners.start(0.05, node.tree.procs(LAYOUTS["v2"]))
+            config = Path(node.config(tmp_path / "carbond.yaml"))
+            config.write_text(config.read_text().replace(
+                "slurm: {scontrol: off}", f"slurm: {{scontrol: '{scontrol}'}}"))
+            with ConstantPower(str(tmp_path / "powercap"), package_watts=50.0), carbond_run(
+                    "--config", str(config), "--state-dir", state, "--interval", "1s",
+                    "--powercap-root", str(tmp_path / "powercap"),
+                    "--cgroup-root", node.tree.root) as daemon:
+                containers = set(node.pids)
+                settle(daemon, lambda s: containers <= consumers(s, "container")
+                       and ("job", "slurm/4242") in info(s))
+                daemon.wait_ticks(3)
+                for directory, _, _ in os.walk(node.tree.root):  # nothing runs on
+                    with open(os.path.join(directory, "cgroup.procs")) as procs:
+                        for pid in procs.read().split():
+                            os.kill(int(pid), signal.SIGSTOP)
+                node.cri.stop()
+                node.kubelet.stop()
+                os.remove(scontrol)
+                daemon.wait_ticks(2)
+                frozen = daemon.wait_ticks(2)
+        finally:
+            burners.stop_all()
+    for by, owners in (("namespace", {"team-a", "ml-prod", "kube-system"}),
+                       ("account", {"physics"})):
+        of = {key: labels.get(by) for key, labels in info(frozen).items()}
+        counted: dict[str, float] = {}
+        for key, joules in select(frozen, CONSUMER).items():
+            labels = dict(key)
+            owner = of.get((labels["kind"], labels["consumer"]))
+            if owner:
+                counted[owner] = counted.get(owner, 0.0) + joules
+        assert set(counted) == owners
+        result = subprocess.run([sys.executable, "-m", "carbond", "report", "--state-dir",
+                                 state, "--since", "1d", "--by", by, "--format", "json"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        rows = {row[by]: row["joules"] for row in json.loads(result.stdout)["rows"]}
+        for owner, joules in counted.items():
+            assert rows[owner] == pytest.approx(joules, rel=0.005), (by, owner)
