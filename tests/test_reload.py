@@ -114,19 +114,23 @@ def test_an_invalid_file_fails_with_one_line_and_nothing_is_signalled(tmp_path):
 
 
 @contextlib.contextmanager
-def nobody_daemon(shared: Path, text: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """`carbond run` as uid 65534, the dynamic user's stand-in, on a state dir it owns."""
+def nobody_daemon(shared: Path, text: str, for_others: tuple[str, Path]
+                  ) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """`carbond run` as uid 65534, the dynamic user's stand-in, on a state dir it owns, from
+    a copy of carbond that user can read (the clone may sit in a 0700 directory)."""
+    python, site = for_others
     state = shared / "state"
     state.mkdir()
     os.chown(state, NOBODY, NOBODY)
     (shared / "carbond.yaml").write_text(text)
     port = free_port()
     process = subprocess.Popen(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-m", "carbond", "run", "--config", str(shared / "carbond.yaml"),
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "env",
+         f"PYTHONPATH={site}", python, "-m", "carbond", "run", "--config",
+         str(shared / "carbond.yaml"),
          "--listen", f"127.0.0.1:{port}", "--interval", "1s", "--state-dir", str(state),
          "--powercap-root", str(shared / "powercap")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=shared, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def serving() -> bool:
             with contextlib.suppress(OSError):
@@ -153,16 +157,19 @@ def shared_dir() -> Iterator[Path]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as another user")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
-def test_a_file_only_the_daemon_cannot_take_fails_with_the_daemons_reason(shared_dir):
+def test_a_file_only_the_daemon_cannot_take_fails_with_the_daemons_reason(shared_dir,
+                                                                          for_others):
     """The reload validates as root; the daemon runs as its own user and cannot read the
     token file: the daemon keeps its configuration, and the reload says so and why."""
     FakePowercap(str(shared_dir / "powercap")).add("intel-rapl:0", "package-0")
     token = shared_dir / "em.token"
     token.write_text("secret-token\n")
     token.chmod(0o600)  # root's
-    with nobody_daemon(shared_dir, BUDGET_1KG) as (process, port):
+    with nobody_daemon(shared_dir, BUDGET_1KG, for_others) as (process, port):
         state = shared_dir / "state"
         config = shared_dir / "carbond.yaml"
+        # the daemon serves before it records what it applied: wait for the record
+        assert wait_for(lambda: read_applied(str(state)) is not None)
         before = read_applied(str(state))
         assert before is not None and before.pid == process.pid
         config.write_text(BUDGET_2KG + "intensity: {zone: DE, providers: [{electricitymaps: "
