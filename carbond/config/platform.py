@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from carbond.config.units import parse_seconds
+from carbond.config.validators import choice, duration, show
 from carbond.types import ConfigError, did_you_mean
 
 DEFAULT_HWMON_ROOT = "/sys/class/hwmon"
@@ -52,32 +52,21 @@ class RedfishSettings:
 Check = Callable[[Any, str], Any]
 
 
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing"
-
-
 def _path(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
-        raise ConfigError(key, f"expected a path, got {_show(value)}")
+        raise ConfigError(key, f"expected a path, got {show(value)}")
     return value
 
 
 def _text(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"expected a non-empty string, got {_show(value)}")
+        raise ConfigError(key, f"expected a non-empty string, got {show(value)}")
     return value
-
-
-def _seconds(value: Any, key: str) -> float:
-    try:
-        return parse_seconds(value)
-    except ValueError as exc:
-        raise ConfigError(key, str(exc)) from None
 
 
 def _boolean(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(key, f"expected true or false, got {_show(value)}")
+        raise ConfigError(key, f"expected true or false, got {show(value)}")
     return value
 
 
@@ -94,7 +83,7 @@ def _switch(*allowed: str) -> Check:
         if normal not in allowed:
             words = {"on": "true/on", "off": "false/off", "auto": "auto"}
             raise ConfigError(key, f"expected {', '.join(words[a] for a in allowed)}, "
-                              f"got {_show(value)}")
+                              f"got {show(value)}")
         return normal
 
     return check
@@ -126,23 +115,14 @@ def _chassis(value: Any, key: str) -> str:
     return text
 
 
-def _choice(*choices: str) -> Check:
-    def check(value: Any, key: str) -> str:
-        if value not in choices:
-            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {_show(value)}")
-        return str(value)
-
-    return check
-
-
 ACPI_SCHEMA: dict[str, Check] = {"enabled": _switch("auto", "on", "off"), "root": _path}
 IPMI_SCHEMA: dict[str, Check] = {"enabled": _switch("auto", "on", "off"), "device": _path,
-                                 "interval": _seconds}
+                                 "interval": duration}
 REDFISH_SCHEMA: dict[str, Check] = {
     "enabled": _switch("on", "off"), "url": _https_url, "username_file": _path,
     "password_file": _path, "ca_file": _path, "insecure": _boolean, "chassis": _chassis,
-    "interval": _seconds, "timeout": _seconds, "stale_after": _seconds,
-    "auth": _choice(AUTH_SESSION, AUTH_BASIC),
+    "interval": duration, "timeout": duration, "stale_after": duration,
+    "auth": choice(AUTH_SESSION, AUTH_BASIC),
 }
 # the settings field each key sets, where the names differ
 _FIELDS = {"interval": "interval_seconds", "timeout": "timeout_seconds",
@@ -151,7 +131,7 @@ _FIELDS = {"interval": "interval_seconds", "timeout": "timeout_seconds",
 
 def _section(value: Any, key: str, schema: Mapping[str, Check]) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(key, f"expected a mapping, got {_show(value)}")
+        raise ConfigError(key, f"expected a mapping, got {show(value)}")
     result = {}
     for name, item in value.items():
         check = schema.get(name)
