@@ -7,7 +7,7 @@ import math
 from datetime import datetime
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from carbond.carbon.embodied import SECONDS_PER_YEAR, embodied_grams_per_second, share_embodied
@@ -265,6 +265,7 @@ def test_embodied_rate():
     assert embodied_grams_per_second(0, SECONDS_PER_YEAR) == 0.0
 
 
+@example(1.5, {ALICE: {"cpu": 5e-324}})  # 1.5 * 5e-324 rounds up to 1e-323
 @given(st.floats(0, 1e3), st.dictionaries(
     st.sampled_from([ALICE, BOB, JOB, IDLE]),
     st.dictionaries(st.sampled_from(["cpu", "dram", "gpu"]), st.floats(0, 1e6)),
@@ -275,7 +276,7 @@ def test_embodied_shares_sum_to_the_host_figure(grams, energy):
     total = math.fsum(math.fsum(p.values()) for p in energy.values())
     for consumer, share in shares.items():
         if total > 0:
-            assert share == pytest.approx(grams * math.fsum(energy[consumer].values()) / total)
+            assert share == pytest.approx(grams * (math.fsum(energy[consumer].values()) / total))
         else:
             assert consumer == IDLE
 

@@ -38,4 +38,6 @@ def share_embodied(grams: float, energy: Mapping[K, Mapping[str, float]],
     host_joules = math.fsum(joules.values())
     if not host_joules > 0:
         return {fallback: grams}
-    return {key: grams * value / host_joules for key, value in joules.items() if value > 0}
+    # The fraction first: grams * value can round in the subnormal range (1.5 * 5e-324 is
+    # 1e-323), and dividing that by host_joules would then give more than `grams`.
+    return {key: grams * (value / host_joules) for key, value in joules.items() if value > 0}
