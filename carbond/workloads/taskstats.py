@@ -263,12 +263,14 @@ class TaskstatsListener:
         self.rcvbuf_bytes = rcvbuf_bytes
         self.max_pending = max_pending
         self.max_learned = max_learned
-        self._learned: dict[int, str] = {}  # pid -> its cgroup while it was alive (own thread)
+        self._learned: dict[int, str] = {}  # pid -> its cgroup while it was alive
         self.reason: str | None = None
         self.overruns = 0  # receive-buffer overruns: the kernel dropped exit records
         self.failed_datagrams = 0
         self._pending: list[TaskExit] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending
+        self._reading = threading.Lock()  # one reader of the socket at a time; guards _learned
+        self._sock: socket.socket | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -286,7 +288,23 @@ class TaskstatsListener:
             self.reason = "taskstats: no answer from the kernel"
         return self.running
 
-    def drain(self) -> list[TaskExit]:
+    def drain(self, catch_up_seconds: float = 0.5) -> list[TaskExit]:
+        """The exits since the last drain, every one the kernel has queued by now included.
+
+        The kernel queues a task's record before its parent can reap it, but the thread may
+        lag behind the queue on a busy host: a record left there would come a tick late,
+        after its reaper's exact time was used to rescale its siblings, and as a parent it
+        would look as if it had lived elsewhere. So the queue is read here first, unless
+        the thread holds it longer than `catch_up_seconds` (then it is reading it anyway).
+        """
+        if self._sock is not None and self._reading.acquire(timeout=catch_up_seconds):
+            try:
+                if self._sock is not None:
+                    self._read_queued(self._sock)
+            except OSError as exc:  # the thread meets it too, and reports it
+                log.debug("taskstats: catching up before a drain failed: %s", exc)
+            finally:
+                self._reading.release()
         with self._lock:
             exits, self._pending = self._pending, []
         return exits
@@ -328,36 +346,45 @@ class TaskstatsListener:
             self.reason = f"taskstats unavailable: {exc}"
             self._ready.set()
             return
-        self._ready.set()
         sock = socket.socket(fileno=os.dup(fd))
         sock.setblocking(False)
+        self._sock = sock
+        self._ready.set()
         try:
             while not self._stop.is_set():
                 readable, _, _ = select.select([sock], [], [], 0.25)
-                while readable:
-                    try:
-                        data = sock.recv(1 << 20)
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:
-                        if exc.errno == errno.ENOBUFS:
-                            self.overruns += 1  # records dropped: their time stays in root
-                            continue
-                        raise
-                    try:
-                        for task, group_seconds in exits_from_datagram(data):
-                            self._handle(task, group_seconds)
-                    except Exception:  # one bad record must not end the listener
-                        self.failed_datagrams += 1
-                        log.exception("taskstats: a datagram could not be handled")
+                if readable:
+                    with self._reading:
+                        self._read_queued(sock)
         except Exception as exc:
             self.reason = f"taskstats stopped: {exc}"
             log.error("%s: exit records are no longer read", self.reason)
         finally:
-            sock.close()
+            with self._reading:
+                self._sock = None
+                sock.close()
             with contextlib.suppress(Exception):
                 ts.deregister_mask(self.cpus)
             ts.close()
+
+    def _read_queued(self, sock: socket.socket) -> None:
+        """Every datagram queued on the socket now (the caller holds `_reading`)."""
+        while True:
+            try:
+                data = sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.overruns += 1  # records dropped: their time stays in root
+                    continue
+                raise
+            try:
+                for task, group_seconds in exits_from_datagram(data):
+                    self._handle(task, group_seconds)
+            except Exception:  # one bad record must not end the listener
+                self.failed_datagrams += 1
+                log.exception("taskstats: a datagram could not be handled")
 
     def _handle(self, task: RawStats, group_seconds: float | None) -> None:
         tgid = task.tgid or task.pid
