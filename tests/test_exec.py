@@ -537,7 +537,9 @@ def test_on_its_own_exec_agrees_with_a_daemon_watching_the_same_run(
                 str(tmp_path / "exec-state"), "--", "sh", "-c",
                 # twice the loop: the other load on the host varies within a tick, so
                 # each side's first and last tick differ by up to ~1 % of a 5 s run's CPU
-                # joules (seen: -0.7 to +1.2 %); over 10 s that edge halves
+                # joules (seen: -0.7 to +1.2 %); over 10 s that edge halves. With LoadPower's
+                # draw following /proc/stat's samples, 10 s runs still came -0.9 to +1.1 %
+                # apart; following the exact cpuacct count, +0.06 to +0.5 % in 9 runs.
                 f"echo $$ > {shlex.quote(str(pid_file))}; "
                 + BUSY.format(n=2 * DONE_WHEN_LOOP), env=env)
             daemon.wait_ticks(2)  # the daemon's ticks after the run: none of it unrecorded
