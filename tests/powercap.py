@@ -9,6 +9,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from carbond.workloads.cpu import host_cpuacct_root
 
 INTEL_PACKAGE_RANGE_UJ = 262_143_328_850
 INTEL_DRAM_RANGE_UJ = 65_712_999_613
@@ -186,18 +189,11 @@ def host_cpu_seconds_reader() -> Callable[[], float]:
     (every task, per ns, as the scheduler charges it, which is what carbond splits by), else
     /proc/stat. RAPL's energy is physical: it has no sampling error of its own, so a stand-in
     whose draw followed /proc/stat's ticks would add noise carbond's side does not have."""
-    usage = "/sys/fs/cgroup/cpuacct/cpuacct.usage"
-    try:
-        with open(usage) as handle:
-            int(handle.read())
-    except (OSError, ValueError):
+    root = host_cpuacct_root()
+    if root is None:
         return busy_cpu_seconds
-
-    def read() -> float:
-        with open(usage) as handle:
-            return int(handle.read()) / 1e9
-
-    return read
+    usage = f"{root}/cpuacct.usage"
+    return lambda: int(Path(usage).read_text()) / 1e9
 
 
 class LoadPower:
