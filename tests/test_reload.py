@@ -202,7 +202,9 @@ def test_a_daemon_that_exits_on_sighup_fails_the_reload(tmp_path):
     """A process that dies of the signal (not carbond, or a carbond that crashed)."""
     config = tmp_path / "carbond.yaml"
     config.write_text(BUDGET_1KG)
-    victim = subprocess.Popen(["sleep", "60"])
+    # SIGHUP's default back: under nohup (or a runner that ignores it) sleep inherits SIG_IGN
+    victim = subprocess.Popen(["sleep", "60"],
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         record_applied(str(tmp_path), None, pid=victim.pid)
         done = reload(config, victim.pid, tmp_path)
